@@ -1,0 +1,3 @@
+//! candle network definitions, one network per file.
+
+pub mod tf_ops;
