@@ -1,1 +1,5 @@
+//! toonbot: photos in, cartoon stickers and avatars out.
+
+pub mod config;
+pub mod imageops;
 pub mod nets;

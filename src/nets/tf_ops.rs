@@ -82,7 +82,10 @@ impl ConvConfig {
     }
 
     pub fn without_bias(self) -> Self {
-        Self { bias: false, ..self }
+        Self {
+            bias: false,
+            ..self
+        }
     }
 
     pub fn valid(self) -> Self {
@@ -155,11 +158,11 @@ pub fn depthwise_conv(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tens
     let mut acc: Option<Tensor> = None;
     for i in 0..kh {
         for j in 0..kw {
-            let tap = weight.narrow(2, i, 1)?.narrow(3, j, 1)?.reshape((1, c, 1, 1))?;
-            let term = x
-                .narrow(2, i, oh)?
-                .narrow(3, j, ow)?
-                .broadcast_mul(&tap)?;
+            let tap = weight
+                .narrow(2, i, 1)?
+                .narrow(3, j, 1)?
+                .reshape((1, c, 1, 1))?;
+            let term = x.narrow(2, i, oh)?.narrow(3, j, ow)?.broadcast_mul(&tap)?;
             acc = Some(match acc {
                 Some(a) => (a + term)?,
                 None => term,

@@ -1,0 +1,137 @@
+//! Configuration: `config.toml` (or the built-in copy of it) plus environment overrides.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+const DEFAULT_CONFIG: &str = include_str!("../config.toml");
+const ENV_PREFIX: &str = "TOONBOT_";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub limits: Limits,
+    pub models: Models,
+    pub faces: Faces,
+}
+
+/// Input size limits, checked before a photo is decoded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_bytes: u64,
+    pub max_pixels: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Models {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faces {
+    pub max_faces: usize,
+    pub min_score: f32,
+    pub min_face_px: f32,
+}
+
+impl Config {
+    /// Reads `path`, or `./config.toml` when it exists, or the built-in defaults; then
+    /// applies `TOONBOT_<SECTION>__<KEY>` environment variables.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let local = Path::new("config.toml");
+        let (text, base) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?,
+                p.parent().map(Path::to_path_buf).unwrap_or_default(),
+            ),
+            None if local.exists() => (
+                std::fs::read_to_string(local).context("reading ./config.toml")?,
+                PathBuf::new(),
+            ),
+            None => (DEFAULT_CONFIG.to_string(), PathBuf::new()),
+        };
+        Self::from_toml(&text, &base, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment overrides; relative paths are
+    /// resolved against `base`.
+    pub fn from_toml(
+        text: &str,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        let mut value: toml::Table = toml::from_str(text).context("parsing config")?;
+        for (key, raw) in env {
+            let Some(path) = key.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, field)) = path.split_once("__") else {
+                continue;
+            };
+            let (section, field) = (section.to_lowercase(), field.to_lowercase());
+            let Some(toml::Value::Table(table)) = value.get_mut(&section) else {
+                bail!("{key}: no config section [{section}]");
+            };
+            table.insert(field, parse_env_value(&raw));
+        }
+        let mut config: Config = toml::Value::Table(value)
+            .try_into()
+            .context("invalid config")?;
+        if config.models.dir.is_relative() {
+            config.models.dir = base.join(&config.models.dir);
+        }
+        Ok(config)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::from_toml(DEFAULT_CONFIG, Path::new(""), []).expect("the built-in config is valid")
+    }
+}
+
+/// An environment value as TOML when it parses as a scalar (number, bool), else a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table())
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_config_parses() {
+        let c = Config::default();
+        assert!(c.limits.max_pixels > 1_000_000);
+        assert_eq!(c.models.dir, PathBuf::from("models"));
+    }
+
+    #[test]
+    fn environment_overrides_numbers_and_paths() {
+        let env = [
+            ("TOONBOT_LIMITS__MAX_PIXELS".to_string(), "1234".to_string()),
+            ("TOONBOT_MODELS__DIR".to_string(), "/opt/models".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::from_toml(DEFAULT_CONFIG, Path::new("/etc/toonbot"), env).unwrap();
+        assert_eq!(c.limits.max_pixels, 1234);
+        assert_eq!(c.models.dir, PathBuf::from("/opt/models"));
+    }
+
+    #[test]
+    fn unknown_sections_and_bad_values_are_errors() {
+        let env = [("TOONBOT_NOPE__X".to_string(), "1".to_string())];
+        assert!(Config::from_toml(DEFAULT_CONFIG, Path::new(""), env).is_err());
+        let env = [("TOONBOT_LIMITS__MAX_BYTES".to_string(), "lots".to_string())];
+        assert!(Config::from_toml(DEFAULT_CONFIG, Path::new(""), env).is_err());
+    }
+}

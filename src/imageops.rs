@@ -1,0 +1,389 @@
+//! Image decoding with limits, geometry (affine warps, crops) and tensor conversion.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Rgb, RgbImage};
+
+use crate::config::Limits;
+
+/// Why an input could not be turned into an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("file is {bytes} bytes, over the limit of {limit} bytes")]
+    TooManyBytes { bytes: u64, limit: u64 },
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels")]
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
+    #[error("not a PNG, JPEG or WebP image")]
+    NotAnImage,
+    #[error("unsupported image format {0:?}: send a PNG, JPEG or WebP")]
+    UnsupportedFormat(ImageFormat),
+    #[error("the image data is corrupt or truncated: {0}")]
+    Corrupt(String),
+    #[error("cannot read the file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads a photo from disk, checking its size before reading it whole.
+pub fn load_photo(path: &Path, limits: &Limits) -> Result<RgbImage, DecodeError> {
+    let bytes = std::fs::metadata(path)?.len();
+    if bytes > limits.max_bytes {
+        return Err(DecodeError::TooManyBytes {
+            bytes,
+            limit: limits.max_bytes,
+        });
+    }
+    decode_photo(&std::fs::read(path)?, limits)
+}
+
+/// Decodes PNG/JPEG/WebP bytes to RGB with the EXIF orientation applied, refusing
+/// inputs over the byte or pixel limits before allocating the pixels.
+pub fn decode_photo(bytes: &[u8], limits: &Limits) -> Result<RgbImage, DecodeError> {
+    if bytes.len() as u64 > limits.max_bytes {
+        return Err(DecodeError::TooManyBytes {
+            bytes: bytes.len() as u64,
+            limit: limits.max_bytes,
+        });
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(DecodeError::Io)?;
+    match reader.format() {
+        None => return Err(DecodeError::NotAnImage),
+        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
+        Some(other) => return Err(DecodeError::UnsupportedFormat(other)),
+    }
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(DecodeError::TooManyPixels {
+            width,
+            height,
+            pixels,
+            limit: limits.max_pixels,
+        });
+    }
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    image.apply_orientation(orientation);
+    Ok(image.to_rgb8())
+}
+
+/// A 2-D affine map `(x, y) -> (a x + b y + c, d x + e y + f)` in continuous pixel
+/// coordinates (pixel `i` covers `[i, i + 1)`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    pub a: f32,
+    pub b: f32,
+    pub c: f32,
+    pub d: f32,
+    pub e: f32,
+    pub f: f32,
+}
+
+impl Affine {
+    pub const IDENTITY: Self = Self {
+        a: 1.0,
+        b: 0.0,
+        c: 0.0,
+        d: 0.0,
+        e: 1.0,
+        f: 0.0,
+    };
+
+    pub fn translation(dx: f32, dy: f32) -> Self {
+        Self {
+            c: dx,
+            f: dy,
+            ..Self::IDENTITY
+        }
+    }
+
+    pub fn scale(s: f32) -> Self {
+        Self {
+            a: s,
+            e: s,
+            ..Self::IDENTITY
+        }
+    }
+
+    /// Rotation by `radians` about `(cx, cy)`; positive turns +x towards +y (clockwise on
+    /// screen, since y points down).
+    pub fn rotation_about(radians: f32, cx: f32, cy: f32) -> Self {
+        let (sin, cos) = radians.sin_cos();
+        let rot = Self {
+            a: cos,
+            b: -sin,
+            c: 0.0,
+            d: sin,
+            e: cos,
+            f: 0.0,
+        };
+        Self::translation(cx, cy)
+            .then_after(rot)
+            .then_after(Self::translation(-cx, -cy))
+    }
+
+    /// `self ∘ inner`: applies `inner` first, then `self`.
+    pub fn then_after(self, inner: Self) -> Self {
+        Self {
+            a: self.a * inner.a + self.b * inner.d,
+            b: self.a * inner.b + self.b * inner.e,
+            c: self.a * inner.c + self.b * inner.f + self.c,
+            d: self.d * inner.a + self.e * inner.d,
+            e: self.d * inner.b + self.e * inner.e,
+            f: self.d * inner.c + self.e * inner.f + self.f,
+        }
+    }
+
+    pub fn apply(&self, [x, y]: [f32; 2]) -> [f32; 2] {
+        [
+            self.a * x + self.b * y + self.c,
+            self.d * x + self.e * y + self.f,
+        ]
+    }
+
+    pub fn inverse(&self) -> Self {
+        let det = self.a * self.e - self.b * self.d;
+        let (a, b, d, e) = (self.e / det, -self.b / det, -self.d / det, self.a / det);
+        Self {
+            a,
+            b,
+            c: -(a * self.c + b * self.f),
+            d,
+            e,
+            f: -(d * self.c + e * self.f),
+        }
+    }
+
+    /// How much the map scales lengths (the square root of its determinant).
+    pub fn scale_factor(&self) -> f32 {
+        (self.a * self.e - self.b * self.d).abs().sqrt()
+    }
+}
+
+/// Renders `out_w x out_h` pixels of `src` seen through `to_dst` (source -> output
+/// coordinates), bilinear, with `fill` outside the source.
+///
+/// When the map shrinks the image by more than 2x, the source is first box-averaged so
+/// the bilinear sampling does not alias.
+pub fn warp_affine(
+    src: &RgbImage,
+    to_dst: Affine,
+    out_w: u32,
+    out_h: u32,
+    fill: Rgb<u8>,
+) -> RgbImage {
+    let shrink = (1.0 / to_dst.scale_factor()).floor() as u32;
+    if shrink >= 2 {
+        let small = image::imageops::resize(
+            src,
+            src.width().div_ceil(shrink),
+            src.height().div_ceil(shrink),
+            image::imageops::FilterType::Triangle,
+        );
+        let sx = small.width() as f32 / src.width() as f32;
+        let sy = small.height() as f32 / src.height() as f32;
+        let from_small = to_dst.then_after(Affine {
+            a: 1.0 / sx,
+            e: 1.0 / sy,
+            ..Affine::IDENTITY
+        });
+        return warp_bilinear(&small, from_small, out_w, out_h, fill);
+    }
+    warp_bilinear(src, to_dst, out_w, out_h, fill)
+}
+
+fn warp_bilinear(
+    src: &RgbImage,
+    to_dst: Affine,
+    out_w: u32,
+    out_h: u32,
+    fill: Rgb<u8>,
+) -> RgbImage {
+    let inv = to_dst.inverse();
+    let (w, h) = (src.width() as i64, src.height() as i64);
+    let fill = fill.0.map(f32::from);
+    let texel = |x: i64, y: i64| -> [f32; 3] {
+        if x < 0 || y < 0 || x >= w || y >= h {
+            fill
+        } else {
+            src.get_pixel(x as u32, y as u32).0.map(f32::from)
+        }
+    };
+    RgbImage::from_fn(out_w, out_h, |u, v| {
+        let [sx, sy] = inv.apply([u as f32 + 0.5, v as f32 + 0.5]);
+        let (fx, fy) = (sx - 0.5, sy - 0.5);
+        let (x0, y0) = (fx.floor(), fy.floor());
+        let (tx, ty) = (fx - x0, fy - y0);
+        let (x0, y0) = (x0 as i64, y0 as i64);
+        let (p00, p10, p01, p11) = (
+            texel(x0, y0),
+            texel(x0 + 1, y0),
+            texel(x0, y0 + 1),
+            texel(x0 + 1, y0 + 1),
+        );
+        let mut out = [0u8; 3];
+        for k in 0..3 {
+            let top = p00[k] + (p10[k] - p00[k]) * tx;
+            let bottom = p01[k] + (p11[k] - p01[k]) * tx;
+            out[k] = (top + (bottom - top) * ty).round().clamp(0.0, 255.0) as u8;
+        }
+        Rgb(out)
+    })
+}
+
+/// Area-style downscale (or bilinear upscale) to an exact size.
+pub fn resize_rgb(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle)
+}
+
+/// HWC u8 RGB -> `1 x 3 x H x W` f32 tensor with `value * scale + offset`.
+pub fn rgb_to_tensor(
+    img: &RgbImage,
+    scale: f32,
+    offset: f32,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&p| f32::from(p) * scale + offset)
+        .collect();
+    Tensor::from_vec(data, (1, h as usize, w as usize, 3), device)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()
+}
+
+/// A soft mask (`1 x 1 x H x W` or `H x W` tensor with values in [0, 1]) as 8-bit grey.
+pub fn mask_to_gray(mask: &Tensor) -> candle_core::Result<GrayImage> {
+    let (h, w) = {
+        let dims = mask.dims();
+        (dims[dims.len() - 2], dims[dims.len() - 1])
+    };
+    let values = mask.flatten_all()?.to_vec1::<f32>()?;
+    let bytes = values
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    Ok(GrayImage::from_raw(w as u32, h as u32, bytes).expect("mask size matches its data"))
+}
+
+/// `rgb * m + 255 * (1 - m)`: composites the image over white with the soft mask.
+pub fn whiten(img: &RgbImage, mask: &GrayImage) -> RgbImage {
+    RgbImage::from_fn(img.width(), img.height(), |x, y| {
+        let m = f32::from(mask.get_pixel(x, y).0[0]) / 255.0;
+        Rgb(img
+            .get_pixel(x, y)
+            .0
+            .map(|c| (f32::from(c) * m + 255.0 * (1.0 - m)).round() as u8))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_bytes: 1 << 20,
+            max_pixels: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn affine_inverse_and_composition_round_trip() {
+        let m = Affine::rotation_about(0.3, 10.0, 20.0)
+            .then_after(Affine::scale(2.0))
+            .then_after(Affine::translation(3.0, -4.0));
+        let p = [7.0, 11.0];
+        let q = m.inverse().apply(m.apply(p));
+        assert!(
+            (q[0] - p[0]).abs() < 1e-4 && (q[1] - p[1]).abs() < 1e-4,
+            "{q:?}"
+        );
+        assert!((m.scale_factor() - 2.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn rotation_keeps_its_centre() {
+        let m = Affine::rotation_about(1.0, 5.0, 6.0);
+        let c = m.apply([5.0, 6.0]);
+        assert!((c[0] - 5.0).abs() < 1e-5 && (c[1] - 6.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn identity_warp_copies_and_outside_is_filled() {
+        let src = RgbImage::from_fn(8, 6, |x, y| Rgb([x as u8 * 10, y as u8 * 10, 7]));
+        let same = warp_affine(&src, Affine::IDENTITY, 8, 6, Rgb([255, 255, 255]));
+        assert_eq!(same, src);
+        let shifted = warp_affine(
+            &src,
+            Affine::translation(4.0, 0.0),
+            8,
+            6,
+            Rgb([255, 255, 255]),
+        );
+        assert_eq!(shifted.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(shifted.get_pixel(5, 2), src.get_pixel(1, 2));
+    }
+
+    #[test]
+    fn rejects_non_images_and_oversized_inputs() {
+        assert!(matches!(
+            decode_photo(b"hello, not a picture", &limits()),
+            Err(DecodeError::NotAnImage)
+        ));
+        let mut png = Vec::new();
+        RgbImage::new(2048, 1024)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let big = Limits {
+            max_bytes: 1 << 30,
+            max_pixels: 1 << 20,
+        };
+        assert!(matches!(
+            decode_photo(&png, &big),
+            Err(DecodeError::TooManyPixels { .. })
+        ));
+        let tiny_bytes = Limits {
+            max_bytes: 100,
+            max_pixels: 1 << 30,
+        };
+        assert!(matches!(
+            decode_photo(&png, &tiny_bytes),
+            Err(DecodeError::TooManyBytes { .. })
+        ));
+        let mut small = Vec::new();
+        RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8, y as u8, 3]))
+            .write_to(&mut Cursor::new(&mut small), ImageFormat::Png)
+            .unwrap();
+        assert!(decode_photo(&small, &big).is_ok());
+        assert!(matches!(
+            decode_photo(&small[..small.len() / 2], &big),
+            Err(DecodeError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn whiten_keeps_masked_pixels_and_whitens_the_rest() {
+        let img = RgbImage::from_pixel(2, 1, Rgb([10, 20, 30]));
+        let mask = GrayImage::from_raw(2, 1, vec![255, 0]).unwrap();
+        let out = whiten(&img, &mask);
+        assert_eq!(out.get_pixel(0, 0).0, [10, 20, 30]);
+        assert_eq!(out.get_pixel(1, 0).0, [255, 255, 255]);
+    }
+}
