@@ -177,8 +177,8 @@ impl Affine {
 /// Renders `out_w x out_h` pixels of `src` seen through `to_dst` (source -> output
 /// coordinates), bilinear, with `fill` outside the source.
 ///
-/// When the map shrinks the image by more than 2x, the source is first box-averaged so
-/// the bilinear sampling does not alias.
+/// When the map shrinks the image by more than 2x, the part of the source that is seen is
+/// first box-averaged so the bilinear sampling does not alias.
 pub fn warp_affine(
     src: &RgbImage,
     to_dst: Affine,
@@ -187,23 +187,58 @@ pub fn warp_affine(
     fill: Rgb<u8>,
 ) -> RgbImage {
     let shrink = (1.0 / to_dst.scale_factor()).floor() as u32;
-    if shrink >= 2 {
-        let small = image::imageops::resize(
-            src,
-            src.width().div_ceil(shrink),
-            src.height().div_ceil(shrink),
-            image::imageops::FilterType::Triangle,
-        );
-        let sx = small.width() as f32 / src.width() as f32;
-        let sy = small.height() as f32 / src.height() as f32;
-        let from_small = to_dst.then_after(Affine {
-            a: 1.0 / sx,
-            e: 1.0 / sy,
+    if shrink < 2 {
+        return warp_bilinear(src, to_dst, out_w, out_h, fill);
+    }
+    let Some([x0, y0, x1, y1]) = source_region(src, &to_dst, out_w, out_h, shrink) else {
+        return RgbImage::from_pixel(out_w, out_h, fill);
+    };
+    let region = image::imageops::crop_imm(src, x0, y0, x1 - x0, y1 - y0).to_image();
+    let small = image::imageops::resize(
+        &region,
+        region.width().div_ceil(shrink),
+        region.height().div_ceil(shrink),
+        image::imageops::FilterType::Triangle,
+    );
+    let from_small = to_dst
+        .then_after(Affine::translation(x0 as f32, y0 as f32))
+        .then_after(Affine {
+            a: region.width() as f32 / small.width() as f32,
+            e: region.height() as f32 / small.height() as f32,
             ..Affine::IDENTITY
         });
-        return warp_bilinear(&small, from_small, out_w, out_h, fill);
-    }
-    warp_bilinear(src, to_dst, out_w, out_h, fill)
+    warp_bilinear(&small, from_small, out_w, out_h, fill)
+}
+
+/// The pixel rectangle `[x0, y0, x1, y1)` of `src` that the output of `to_dst` samples,
+/// with a margin for the filters; `None` when the output lies wholly outside `src`.
+fn source_region(
+    src: &RgbImage,
+    to_dst: &Affine,
+    out_w: u32,
+    out_h: u32,
+    margin: u32,
+) -> Option<[u32; 4]> {
+    let inv = to_dst.inverse();
+    let corners = [
+        [0.0, 0.0],
+        [out_w as f32, 0.0],
+        [0.0, out_h as f32],
+        [out_w as f32, out_h as f32],
+    ]
+    .map(|p| inv.apply(p));
+    let m = margin as f32 + 1.0;
+    let lo = |i: usize, limit: u32| {
+        (corners.iter().map(|c| c[i]).fold(f32::MAX, f32::min) - m).clamp(0.0, limit as f32) as u32
+    };
+    let hi = |i: usize, limit: u32| {
+        (corners.iter().map(|c| c[i]).fold(f32::MIN, f32::max) + m)
+            .ceil()
+            .clamp(0.0, limit as f32) as u32
+    };
+    let (x0, x1) = (lo(0, src.width()), hi(0, src.width()));
+    let (y0, y1) = (lo(1, src.height()), hi(1, src.height()));
+    (x1 > x0 && y1 > y0).then_some([x0, y0, x1, y1])
 }
 
 fn warp_bilinear(
@@ -339,6 +374,41 @@ mod tests {
         );
         assert_eq!(shifted.get_pixel(0, 0).0, [255, 255, 255]);
         assert_eq!(shifted.get_pixel(5, 2), src.get_pixel(1, 2));
+    }
+
+    #[test]
+    fn shrinking_warp_of_a_region_matches_resizing_that_region() {
+        let src = RgbImage::from_fn(400, 300, |x, y| {
+            Rgb([
+                (x * 6 / 10) as u8,
+                (y * 8 / 10) as u8,
+                ((x + y) * 3 / 10) as u8,
+            ])
+        });
+        // Output shows the 200x200 square at (100, 50) shrunk 4x.
+        let m = Affine::scale(0.25).then_after(Affine::translation(-100.0, -50.0));
+        let warped = warp_affine(&src, m, 50, 50, Rgb([255, 255, 255]));
+        let region = image::imageops::crop_imm(&src, 100, 50, 200, 200).to_image();
+        let reference = resize_rgb(&region, 50, 50);
+        let worst = warped
+            .pixels()
+            .zip(reference.pixels())
+            .flat_map(|(a, b)| {
+                a.0.iter()
+                    .zip(b.0)
+                    .map(|(&p, q)| (i32::from(p) - i32::from(q)).abs())
+            })
+            .max()
+            .unwrap();
+        assert!(worst <= 3, "max channel difference {worst}");
+        let outside = warp_affine(
+            &src,
+            Affine::scale(0.25).then_after(Affine::translation(-5000.0, 0.0)),
+            8,
+            8,
+            Rgb([1, 2, 3]),
+        );
+        assert!(outside.pixels().all(|p| p.0 == [1, 2, 3]));
     }
 
     #[test]

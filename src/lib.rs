@@ -1,5 +1,7 @@
 //! toonbot: photos in, cartoon stickers and avatars out.
 
+pub mod cli;
 pub mod config;
+pub mod face;
 pub mod imageops;
 pub mod nets;

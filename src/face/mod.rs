@@ -1,0 +1,349 @@
+//! The face pipeline (DESIGN §3): photo -> detected faces -> 68 landmarks -> level-eyed,
+//! expanded square crops -> soft portrait masks -> whitened 256x256 faces.
+
+pub mod align;
+pub mod windows;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use image::{GrayImage, Rgb, RgbImage};
+
+use crate::config::{self, Config};
+use crate::imageops::{self, Affine};
+use crate::nets::face_detector::{self, keypoint, FaceDetector};
+use crate::nets::landmarks68::{self, FaceLandmark68Net};
+use crate::nets::segmenter::{self, SelfieSegmenter};
+use align::{Alignment, Landmarks};
+use windows::Window;
+
+/// Side of the aligned face crops (the generator's input).
+pub const ALIGNED_SIZE: u32 = 256;
+/// Detections from different windows overlapping by more than this are one face.
+const MERGE_IOU: f32 = 0.3;
+/// The landmark net sees a square this many times the landmarks' extent (face-api's
+/// detector boxes frame the face about this loosely).
+const LANDMARK_CROP_SCALE: f32 = 1.25;
+/// ... and the first look, framed from the detector's box, this many times its side.
+const DETECTION_CROP_SCALE: f32 = 1.5;
+
+/// A face found by the detector, in photo pixel coordinates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectedFace {
+    pub score: f32,
+    /// `[x, y, width, height]`.
+    pub bbox: [f32; 4],
+    /// The detector's six keypoints, indexed by [`keypoint`].
+    pub keypoints: [[f32; 2]; face_detector::NUM_KEYPOINTS],
+}
+
+impl DetectedFace {
+    fn area(&self) -> f32 {
+        self.bbox[2] * self.bbox[3]
+    }
+}
+
+/// A face carried through the whole pipeline.
+#[derive(Debug, Clone)]
+pub struct Face {
+    pub detection: DetectedFace,
+    /// In photo pixel coordinates.
+    pub landmarks: Landmarks,
+    pub alignment: Alignment,
+    /// The aligned crop before whitening.
+    pub crop: RgbImage,
+    /// Soft portrait mask of the crop (255 = person).
+    pub mask: GrayImage,
+    /// The crop composited over white with the mask: the generator's input.
+    pub aligned: RgbImage,
+}
+
+/// Milliseconds spent in each stage for one photo.
+#[derive(Debug, Clone, Default)]
+pub struct StageTimings {
+    pub detect: f64,
+    pub landmarks: f64,
+    pub align: f64,
+    pub segment: f64,
+}
+
+impl StageTimings {
+    pub fn as_map(&self) -> BTreeMap<&'static str, f64> {
+        BTreeMap::from([
+            ("detect", self.detect),
+            ("landmarks", self.landmarks),
+            ("align", self.align),
+            ("segment", self.segment),
+        ])
+    }
+}
+
+/// Every face of one photo, largest first.
+#[derive(Debug, Clone)]
+pub struct PhotoFaces {
+    pub width: u32,
+    pub height: u32,
+    pub faces: Vec<Face>,
+    pub timings: StageTimings,
+}
+
+/// The loaded networks for the face pipeline.
+pub struct FacePipeline {
+    detector: FaceDetector,
+    landmarker: FaceLandmark68Net,
+    segmenter: SelfieSegmenter,
+    settings: config::Faces,
+    device: Device,
+}
+
+/// Memory-maps `dir/name.safetensors`.
+pub fn load_weights(dir: &Path, name: &str, device: &Device) -> Result<VarBuilder<'static>> {
+    let path = dir.join(format!("{name}.safetensors"));
+    anyhow::ensure!(
+        path.is_file(),
+        "model file {} is missing: run tools/import-models.sh (see models/README.md)",
+        path.display()
+    );
+    // SAFETY: the weight files are only read, and nothing rewrites them while mapped.
+    unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+        .with_context(|| format!("loading {}", path.display()))
+}
+
+impl FacePipeline {
+    pub fn load(config: &Config, device: &Device) -> Result<Self> {
+        let dir = &config.models.dir;
+        Ok(Self {
+            detector: FaceDetector::new(
+                &Default::default(),
+                load_weights(dir, "face_detector", device)?,
+            )?,
+            landmarker: FaceLandmark68Net::new(
+                &Default::default(),
+                load_weights(dir, "landmarks68", device)?,
+            )?,
+            segmenter: SelfieSegmenter::new(
+                &Default::default(),
+                load_weights(dir, "segmenter", device)?,
+            )?,
+            settings: config.faces.clone(),
+            device: device.clone(),
+        })
+    }
+
+    /// Runs every stage on a decoded photo.
+    pub fn find_faces(&self, photo: &RgbImage) -> Result<PhotoFaces> {
+        let mut timings = StageTimings::default();
+        let mut clock = Instant::now();
+        let mut lap = |slot: &mut f64| {
+            *slot = clock.elapsed().as_secs_f64() * 1e3;
+            clock = Instant::now();
+        };
+        let detections = self.detect(photo)?;
+        lap(&mut timings.detect);
+        let landmarks = self.locate_landmarks(photo, &detections)?;
+        lap(&mut timings.landmarks);
+        let (alignments, crops): (Vec<_>, Vec<_>) = landmarks
+            .iter()
+            .map(|lm| {
+                let alignment = align::align(lm, ALIGNED_SIZE);
+                let crop = imageops::warp_affine(
+                    photo,
+                    alignment.to_crop,
+                    ALIGNED_SIZE,
+                    ALIGNED_SIZE,
+                    Rgb([255; 3]),
+                );
+                (alignment, crop)
+            })
+            .unzip();
+        lap(&mut timings.align);
+        let masks = self.segment(&crops)?;
+        lap(&mut timings.segment);
+        let faces = detections
+            .into_iter()
+            .zip(landmarks)
+            .zip(alignments.into_iter().zip(crops).zip(masks))
+            .map(|((detection, landmarks), ((alignment, crop), mask))| Face {
+                aligned: imageops::whiten(&crop, &mask),
+                detection,
+                landmarks,
+                alignment,
+                crop,
+                mask,
+            })
+            .collect();
+        Ok(PhotoFaces {
+            width: photo.width(),
+            height: photo.height(),
+            faces,
+            timings,
+        })
+    }
+
+    /// Step 2: every face above the score and size floors, largest first, at most
+    /// `max_faces`. Small photos are searched whole; large ones also in tiles.
+    pub fn detect(&self, photo: &RgbImage) -> Result<Vec<DetectedFace>> {
+        let size = face_detector::INPUT_SIZE as u32;
+        let windows = windows::detection_windows(photo.width(), photo.height());
+        let inputs: Vec<RgbImage> = windows
+            .iter()
+            .map(|w| imageops::warp_affine(photo, w.to_input(size), size, size, Rgb([0; 3])))
+            .collect();
+        let batch = face_detector::preprocess(&self.rgb_batch(&inputs)?)?;
+        let per_window = self.detector.detect(&batch, self.settings.min_score)?;
+        let candidates: Vec<DetectedFace> = windows
+            .iter()
+            .zip(per_window)
+            .flat_map(|(window, found)| {
+                found
+                    .into_iter()
+                    .map(|d| to_photo(window, size, &d))
+                    .filter(|f| !window.cuts(f.bbox))
+            })
+            .collect();
+        let scored: Vec<(f32, [f32; 4])> = candidates.iter().map(|f| (f.score, f.bbox)).collect();
+        let mut faces: Vec<DetectedFace> = windows::suppress_overlaps(&scored, MERGE_IOU)
+            .into_iter()
+            .map(|i| candidates[i].clone())
+            .filter(|f| f.bbox[2] >= self.settings.min_face_px)
+            .collect();
+        faces.sort_by(|a, b| b.area().total_cmp(&a.area()));
+        faces.truncate(self.settings.max_faces);
+        Ok(faces)
+    }
+
+    /// Step 3: 68 landmarks per face in photo coordinates. A first look from the
+    /// detector's box (rotated upright by its eye keypoints) frames a second, tighter look
+    /// from the first look's landmarks.
+    pub fn locate_landmarks(
+        &self,
+        photo: &RgbImage,
+        faces: &[DetectedFace],
+    ) -> Result<Vec<Landmarks>> {
+        if faces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let first_views: Vec<Affine> = faces.iter().map(view_from_detection).collect();
+        let first = self.landmarks_in_views(photo, &first_views)?;
+        let second_views: Vec<Affine> = first.iter().map(view_from_landmarks).collect();
+        self.landmarks_in_views(photo, &second_views)
+    }
+
+    fn landmarks_in_views(&self, photo: &RgbImage, views: &[Affine]) -> Result<Vec<Landmarks>> {
+        let size = landmarks68::INPUT_SIZE as u32;
+        let inputs: Vec<RgbImage> = views
+            .iter()
+            .map(|v| imageops::warp_affine(photo, *v, size, size, Rgb([0; 3])))
+            .collect();
+        let raw = self
+            .landmarker
+            .forward(&landmarks68::normalize(&self.rgb_batch(&inputs)?)?)?;
+        let raw = raw.to_vec2::<f32>()?;
+        Ok(raw
+            .iter()
+            .zip(views)
+            .map(|(values, view)| {
+                let back = view.inverse();
+                let mut points = [[0.0; 2]; 68];
+                for (p, xy) in points.iter_mut().zip(values.chunks_exact(2)) {
+                    *p = back.apply([xy[0] * size as f32, xy[1] * size as f32]);
+                }
+                Landmarks(points)
+            })
+            .collect())
+    }
+
+    /// Step 6: soft portrait masks of the aligned crops.
+    pub fn segment(&self, crops: &[RgbImage]) -> Result<Vec<GrayImage>> {
+        if crops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let size = segmenter::INPUT_SIZE as u32;
+        let resized: Vec<RgbImage> = crops
+            .iter()
+            .map(|c| {
+                if c.width() == size && c.height() == size {
+                    c.clone()
+                } else {
+                    imageops::resize_rgb(c, size, size)
+                }
+            })
+            .collect();
+        let masks = self
+            .segmenter
+            .forward(&segmenter::normalize(&self.rgb_batch(&resized)?)?)?;
+        (0..crops.len())
+            .map(|i| {
+                let mask = imageops::mask_to_gray(&masks.get(i)?)?;
+                let (w, h) = crops[i].dimensions();
+                Ok(if mask.dimensions() == (w, h) {
+                    mask
+                } else {
+                    image::imageops::resize(&mask, w, h, image::imageops::FilterType::Triangle)
+                })
+            })
+            .collect()
+    }
+
+    /// Same-sized RGB images -> one `N x 3 x H x W` tensor of 0..255 values.
+    fn rgb_batch(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let tensors = images
+            .iter()
+            .map(|img| imageops::rgb_to_tensor(img, 1.0, 0.0, &self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&tensors, 0)?)
+    }
+}
+
+/// A detection from a window's input frame mapped back to photo pixels.
+fn to_photo(window: &Window, input_size: u32, d: &face_detector::Detection) -> DetectedFace {
+    let back = window.to_input(input_size).inverse();
+    let s = input_size as f32;
+    let point = |[x, y]: [f32; 2]| back.apply([x * s, y * s]);
+    let [x, y] = point([d.bbox[0], d.bbox[1]]);
+    let scale = window.side;
+    DetectedFace {
+        score: d.score,
+        bbox: [x, y, d.bbox[2] * scale, d.bbox[3] * scale],
+        keypoints: d.keypoints.map(point),
+    }
+}
+
+/// Photo -> landmark-net input for a square of `side` centred on `centre`, rotated by
+/// `angle` (radians) so that angle becomes horizontal.
+fn landmark_view(centre: [f32; 2], side: f32, angle: f32) -> Affine {
+    let size = landmarks68::INPUT_SIZE as f32;
+    Affine::scale(size / side)
+        .then_after(Affine::translation(
+            side / 2.0 - centre[0],
+            side / 2.0 - centre[1],
+        ))
+        .then_after(Affine::rotation_about(-angle, centre[0], centre[1]))
+}
+
+fn view_from_detection(face: &DetectedFace) -> Affine {
+    let [x, y, w, h] = face.bbox;
+    let [rx, ry] = face.keypoints[keypoint::RIGHT_EYE];
+    let [lx, ly] = face.keypoints[keypoint::LEFT_EYE];
+    let angle = (ly - ry).atan2(lx - rx);
+    landmark_view(
+        [x + w / 2.0, y + h / 2.0],
+        w.max(h) * DETECTION_CROP_SCALE,
+        angle,
+    )
+}
+
+fn view_from_landmarks(landmarks: &Landmarks) -> Affine {
+    let [l, t, r, b] = landmarks.bounds();
+    let [[lx, ly], [rx, ry]] = landmarks.eye_centres();
+    let angle = (ry - ly).atan2(rx - lx);
+    landmark_view(
+        [(l + r) / 2.0, (t + b) / 2.0],
+        (r - l).max(b - t) * LANDMARK_CROP_SCALE,
+        angle,
+    )
+}
