@@ -448,6 +448,37 @@ mod tests {
         ));
     }
 
+    /// A JPEG with an EXIF APP1 segment carrying only an orientation tag.
+    fn jpeg_with_orientation(img: &RgbImage, orientation: u8) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
+        let mut tiff = b"MM\0\x2a\0\0\0\x08\0\x01".to_vec();
+        tiff.extend([0x01, 0x12, 0x00, 0x03, 0, 0, 0, 1, 0, orientation, 0, 0]);
+        tiff.extend([0, 0, 0, 0]);
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend(tiff);
+        let len = (app1.len() + 2) as u16;
+        let mut out = jpeg[..2].to_vec();
+        out.extend([0xFF, 0xE1]);
+        out.extend(len.to_be_bytes());
+        out.extend(app1);
+        out.extend(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // Left half dark, right half bright, 40x20.
+        let img = RgbImage::from_fn(40, 20, |x, _| if x < 20 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) });
+        let plain = decode_photo(&jpeg_with_orientation(&img, 1), &limits()).unwrap();
+        assert_eq!(plain.dimensions(), (40, 20));
+        // Orientation 6: the stored image must be turned 90 degrees clockwise to display.
+        let turned = decode_photo(&jpeg_with_orientation(&img, 6), &limits()).unwrap();
+        assert_eq!(turned.dimensions(), (20, 40));
+        assert!(turned.get_pixel(10, 5).0[0] < 40, "top was the dark left half");
+        assert!(turned.get_pixel(10, 35).0[0] > 215, "bottom was the bright right half");
+    }
+
     #[test]
     fn whiten_keeps_masked_pixels_and_whitens_the_rest() {
         let img = RgbImage::from_pixel(2, 1, Rgb([10, 20, 30]));

@@ -7,6 +7,9 @@ use crate::imageops::Affine;
 const TILE_FROM_SHORT_SIDE: u32 = 768;
 /// Tiles overlap by this fraction of their side.
 const TILE_OVERLAP: f32 = 0.25;
+/// A second whole-photo window this much larger than the photo finds close-ups whose
+/// face runs past the photo's edges.
+const ZOOMED_OUT: f32 = 1.6;
 /// A tile detection this close to an inner tile edge (fraction of the tile side) is cut
 /// off by the tile; the neighbouring tile or the whole-photo pass sees the face whole.
 const EDGE_MARGIN: f32 = 0.02;
@@ -42,17 +45,18 @@ impl Window {
     }
 }
 
-/// The whole photo as one letterboxed square, then, on large photos, a grid of square
-/// tiles of half the short side overlapping by a quarter.
+/// The whole photo as one letterboxed square and once more zoomed out, then, on large
+/// photos, a grid of square tiles of half the short side overlapping by a quarter.
 pub fn detection_windows(width: u32, height: u32) -> Vec<Window> {
     let (w, h) = (width as f32, height as f32);
     let side = w.max(h);
-    let mut windows = vec![Window {
+    let whole = |side: f32| Window {
         left: (w - side) / 2.0,
         top: (h - side) / 2.0,
         side,
         inner_edges: [false; 4],
-    }];
+    };
+    let mut windows = vec![whole(side), whole(side * ZOOMED_OUT)];
     if width.min(height) < TILE_FROM_SHORT_SIDE {
         return windows;
     }
@@ -117,9 +121,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn small_photos_get_one_letterboxed_window() {
+    fn small_photos_get_whole_photo_windows() {
         let windows = detection_windows(640, 480);
-        assert_eq!(windows.len(), 1);
+        assert_eq!(windows.len(), 2);
+        assert_eq!(windows[1].side, 640.0 * ZOOMED_OUT);
         let w = windows[0];
         assert_eq!((w.left, w.top, w.side), (0.0, -80.0, 640.0));
         let m = w.to_input(192);
@@ -130,7 +135,7 @@ mod tests {
     fn large_photos_are_covered_by_overlapping_tiles() {
         let (width, height) = (1920u32, 1280u32);
         let windows = detection_windows(width, height);
-        let tiles = &windows[1..];
+        let tiles = &windows[2..];
         assert!(tiles.len() >= 6, "{} tiles", tiles.len());
         // Every point of the photo lies in some tile, and every tile lies in the photo.
         for y in (0..height).step_by(37) {
