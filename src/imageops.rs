@@ -451,7 +451,8 @@ mod tests {
     /// A JPEG with an EXIF APP1 segment carrying only an orientation tag.
     fn jpeg_with_orientation(img: &RgbImage, orientation: u8) -> Vec<u8> {
         let mut jpeg = Vec::new();
-        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
+        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
         let mut tiff = b"MM\0\x2a\0\0\0\x08\0\x01".to_vec();
         tiff.extend([0x01, 0x12, 0x00, 0x03, 0, 0, 0, 1, 0, orientation, 0, 0]);
         tiff.extend([0, 0, 0, 0]);
@@ -469,14 +470,26 @@ mod tests {
     #[test]
     fn exif_orientation_is_applied() {
         // Left half dark, right half bright, 40x20.
-        let img = RgbImage::from_fn(40, 20, |x, _| if x < 20 { Rgb([0, 0, 0]) } else { Rgb([255, 255, 255]) });
+        let img = RgbImage::from_fn(40, 20, |x, _| {
+            if x < 20 {
+                Rgb([0, 0, 0])
+            } else {
+                Rgb([255, 255, 255])
+            }
+        });
         let plain = decode_photo(&jpeg_with_orientation(&img, 1), &limits()).unwrap();
         assert_eq!(plain.dimensions(), (40, 20));
         // Orientation 6: the stored image must be turned 90 degrees clockwise to display.
         let turned = decode_photo(&jpeg_with_orientation(&img, 6), &limits()).unwrap();
         assert_eq!(turned.dimensions(), (20, 40));
-        assert!(turned.get_pixel(10, 5).0[0] < 40, "top was the dark left half");
-        assert!(turned.get_pixel(10, 35).0[0] > 215, "bottom was the bright right half");
+        assert!(
+            turned.get_pixel(10, 5).0[0] < 40,
+            "top was the dark left half"
+        );
+        assert!(
+            turned.get_pixel(10, 35).0[0] > 215,
+            "bottom was the bright right half"
+        );
     }
 
     #[test]

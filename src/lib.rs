@@ -1,5 +1,6 @@
 //! toonbot: photos in, cartoon stickers and avatars out.
 
+pub mod cartoon;
 pub mod cli;
 pub mod config;
 pub mod face;

@@ -1,0 +1,362 @@
+//! Turning a cartoon face (256x256 on white, with its soft mask) into what users get: a
+//! sticker, an avatar, and the photo with the face replaced (DESIGN §3 step 9).
+
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::{GrayImage, ImageEncoder, Luma, Rgb, RgbImage, Rgba, RgbaImage};
+
+use crate::imageops::Affine;
+
+/// Discord's sticker size and file limit.
+pub const STICKER_SIZE: u32 = 320;
+pub const STICKER_MAX_BYTES: usize = 512 * 1024;
+pub const AVATAR_SIZE: u32 = 512;
+/// Width of the optional white sticker outline, in sticker pixels.
+const OUTLINE_PX: u32 = 6;
+/// Transparent margin around the sticker's subject, in sticker pixels.
+const STICKER_MARGIN: u32 = OUTLINE_PX + 4;
+/// Blur of the outline's edge, in sticker pixels (anti-aliasing).
+const OUTLINE_SOFTNESS: f32 = 0.7;
+/// Alpha below this (of 255) does not count as subject when framing the sticker.
+const SUBJECT_ALPHA: u8 = 16;
+
+/// Options for [`sticker`] and [`avatar`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ComposeOptions {
+    pub outline: bool,
+    pub round_avatar: bool,
+}
+
+/// A 320x320 RGBA sticker: the masked cartoon framed on its subject, with a clean edge and
+/// optionally a white outline.
+///
+/// The segmenter's mask is nearly binary; scaling it up to the sticker with a cubic filter
+/// gives the edge its anti-aliasing.
+pub fn sticker(cartoon: &RgbImage, mask: &GrayImage, outline: bool) -> RgbaImage {
+    let cutout = RgbaImage::from_fn(cartoon.width(), cartoon.height(), |x, y| {
+        let [r, g, b] = cartoon.get_pixel(x, y).0;
+        Rgba([r, g, b, mask.get_pixel(x, y).0[0]])
+    });
+    let framed = frame_subject(&cutout, STICKER_SIZE - 2 * STICKER_MARGIN);
+    let mut canvas = RgbaImage::new(STICKER_SIZE, STICKER_SIZE);
+    let offset = (STICKER_SIZE - framed.width()) / 2;
+    image::imageops::overlay(
+        &mut canvas,
+        &framed,
+        i64::from(offset),
+        i64::from((STICKER_SIZE - framed.height()) / 2),
+    );
+    if outline {
+        add_outline(&canvas, OUTLINE_PX)
+    } else {
+        canvas
+    }
+}
+
+/// The smallest square around the opaque subject (centred, transparent where it runs past
+/// the image), scaled to `side`.
+fn frame_subject(cutout: &RgbaImage, side: u32) -> RgbaImage {
+    let (w, h) = cutout.dimensions();
+    let (mut l, mut t, mut r, mut b) = (w, h, 0, 0);
+    for (x, y, p) in cutout.enumerate_pixels() {
+        if p.0[3] >= SUBJECT_ALPHA {
+            (l, t, r, b) = (l.min(x), t.min(y), r.max(x + 1), b.max(y + 1));
+        }
+    }
+    if r <= l || b <= t {
+        (l, t, r, b) = (0, 0, w, h);
+    }
+    let square = (r - l).max(b - t);
+    let (left, top) = (
+        i64::from(l) - i64::from(square - (r - l)) / 2,
+        i64::from(t) - i64::from(square - (b - t)) / 2,
+    );
+    let mut region = RgbaImage::new(square, square);
+    image::imageops::overlay(&mut region, cutout, -left, -top);
+    image::imageops::resize(&region, side, side, image::imageops::FilterType::CatmullRom)
+}
+
+/// Puts a white silhouette, grown by `width` pixels, behind the image.
+fn add_outline(image: &RgbaImage, width: u32) -> RgbaImage {
+    let solid = GrayImage::from_fn(image.width(), image.height(), |x, y| {
+        Luma([if image.get_pixel(x, y).0[3] >= 128 {
+            255
+        } else {
+            0
+        }])
+    });
+    let grown = image::imageops::blur(&dilate(&solid, width), OUTLINE_SOFTNESS);
+    RgbaImage::from_fn(image.width(), image.height(), |x, y| {
+        over(
+            *image.get_pixel(x, y),
+            Rgba([255, 255, 255, grown.get_pixel(x, y).0[0]]),
+        )
+    })
+}
+
+/// Dilation with a disc of `radius` pixels.
+fn dilate(alpha: &GrayImage, radius: u32) -> GrayImage {
+    let r = radius as i64;
+    let offsets: Vec<(i64, i64)> = (-r..=r)
+        .flat_map(|dy| (-r..=r).map(move |dx| (dx, dy)))
+        .filter(|(dx, dy)| dx * dx + dy * dy <= r * r)
+        .collect();
+    let (w, h) = (alpha.width() as i64, alpha.height() as i64);
+    GrayImage::from_fn(alpha.width(), alpha.height(), |x, y| {
+        let max = offsets
+            .iter()
+            .filter_map(|(dx, dy)| {
+                let (sx, sy) = (x as i64 + dx, y as i64 + dy);
+                (sx >= 0 && sy >= 0 && sx < w && sy < h)
+                    .then(|| alpha.get_pixel(sx as u32, sy as u32).0[0])
+            })
+            .max()
+            .unwrap_or(0);
+        Luma([max])
+    })
+}
+
+/// Porter-Duff "over" of straight-alpha pixels.
+fn over(top: Rgba<u8>, bottom: Rgba<u8>) -> Rgba<u8> {
+    let ta = f32::from(top.0[3]) / 255.0;
+    let ba = f32::from(bottom.0[3]) / 255.0;
+    let out_a = ta + ba * (1.0 - ta);
+    if out_a <= 0.0 {
+        return Rgba([0, 0, 0, 0]);
+    }
+    let mut out = [0u8; 4];
+    for c in 0..3 {
+        let v = (f32::from(top.0[c]) * ta + f32::from(bottom.0[c]) * ba * (1.0 - ta)) / out_a;
+        out[c] = v.round().clamp(0.0, 255.0) as u8;
+    }
+    out[3] = (out_a * 255.0).round() as u8;
+    Rgba(out)
+}
+
+/// A 512x512 avatar of the whole cartoon crop; `round` cuts it to an anti-aliased disc.
+pub fn avatar(cartoon: &RgbImage, round: bool) -> RgbaImage {
+    let big = image::imageops::resize(
+        cartoon,
+        AVATAR_SIZE,
+        AVATAR_SIZE,
+        image::imageops::FilterType::CatmullRom,
+    );
+    let radius = AVATAR_SIZE as f32 / 2.0;
+    RgbaImage::from_fn(AVATAR_SIZE, AVATAR_SIZE, |x, y| {
+        let [r, g, b] = big.get_pixel(x, y).0;
+        let alpha = if round {
+            let d = ((x as f32 + 0.5 - radius).powi(2) + (y as f32 + 0.5 - radius).powi(2)).sqrt();
+            ((radius - d + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8
+        } else {
+            255
+        };
+        Rgba([r, g, b, alpha])
+    })
+}
+
+/// Blends a cartoon crop back into the photo through the inverse of its alignment,
+/// weighted by its mask.
+pub fn paste_back(photo: &mut RgbImage, cartoon: &RgbImage, mask: &GrayImage, to_crop: &Affine) {
+    let from_crop = to_crop.inverse();
+    let (cw, ch) = (cartoon.width() as f32, cartoon.height() as f32);
+    let corners = [[0.0, 0.0], [cw, 0.0], [0.0, ch], [cw, ch]].map(|p| from_crop.apply(p));
+    let span = |i: usize, limit: u32| {
+        let lo = corners
+            .iter()
+            .map(|c| c[i])
+            .fold(f32::MAX, f32::min)
+            .floor()
+            .max(0.0) as u32;
+        let hi = corners
+            .iter()
+            .map(|c| c[i])
+            .fold(f32::MIN, f32::max)
+            .ceil()
+            .clamp(0.0, limit as f32) as u32;
+        lo.min(limit)..hi
+    };
+    for y in span(1, photo.height()) {
+        for x in span(0, photo.width()) {
+            let [u, v] = to_crop.apply([x as f32 + 0.5, y as f32 + 0.5]);
+            let Some([m]) = sample(mask, u, v) else {
+                continue;
+            };
+            let Some::<[f32; 3]>(colour) = sample(cartoon, u, v) else {
+                continue;
+            };
+            let m = m / 255.0;
+            let p = photo.get_pixel_mut(x, y);
+            for c in 0..3 {
+                p.0[c] = (colour[c] * m + f32::from(p.0[c]) * (1.0 - m))
+                    .round()
+                    .clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+}
+
+/// Bilinear sample at continuous coordinates; `None` outside the image.
+fn sample<P: image::Pixel<Subpixel = u8>, const N: usize>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+    u: f32,
+    v: f32,
+) -> Option<[f32; N]> {
+    let (w, h) = (img.width() as f32, img.height() as f32);
+    if u < 0.0 || v < 0.0 || u >= w || v >= h {
+        return None;
+    }
+    let (fx, fy) = ((u - 0.5).clamp(0.0, w - 1.0), (v - 0.5).clamp(0.0, h - 1.0));
+    let (x0, y0) = (fx.floor() as u32, fy.floor() as u32);
+    let (x1, y1) = (
+        (x0 + 1).min(img.width() - 1),
+        (y0 + 1).min(img.height() - 1),
+    );
+    let (tx, ty) = (fx - x0 as f32, fy - y0 as f32);
+    let px = |x, y| img.get_pixel(x, y).channels().to_owned();
+    let (p00, p10, p01, p11) = (px(x0, y0), px(x1, y0), px(x0, y1), px(x1, y1));
+    let mut out = [0.0; N];
+    for (c, o) in out.iter_mut().enumerate() {
+        let top = f32::from(p00[c]) + (f32::from(p10[c]) - f32::from(p00[c])) * tx;
+        let bottom = f32::from(p01[c]) + (f32::from(p11[c]) - f32::from(p01[c])) * tx;
+        *o = top + (bottom - top) * ty;
+    }
+    Some(out)
+}
+
+/// The generator's `[-1, 1]` output composited on white with the mask:
+/// `((y + 1) * 127.5) * m + 255 * (1 - m)`.
+pub fn cartoon_on_white(generated: &[f32], mask: &GrayImage) -> RgbImage {
+    let (w, h) = mask.dimensions();
+    let plane = (w * h) as usize;
+    RgbImage::from_fn(w, h, |x, y| {
+        let i = (y * w + x) as usize;
+        let m = f32::from(mask.get_pixel(x, y).0[0]) / 255.0;
+        Rgb([0, 1, 2].map(|c| {
+            let v = (generated[c * plane + i] + 1.0) * 127.5;
+            (v * m + 255.0 * (1.0 - m)).round().clamp(0.0, 255.0) as u8
+        }))
+    })
+}
+
+/// PNG bytes, compressed hard (stickers must stay under Discord's 512 KiB).
+pub fn encode_png<P: image::PixelWithColorType<Subpixel = u8>>(
+    img: &image::ImageBuffer<P, Vec<u8>>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PngEncoder::new_with_quality(&mut out, CompressionType::Best, FilterType::Adaptive)
+        .write_image(img.as_raw(), img.width(), img.height(), P::COLOR_TYPE)
+        .expect("encoding a PNG into memory cannot fail");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disc_mask(size: u32, radius: f32) -> GrayImage {
+        let c = size as f32 / 2.0;
+        GrayImage::from_fn(size, size, |x, y| {
+            let d = ((x as f32 - c).powi(2) + (y as f32 - c).powi(2)).sqrt();
+            Luma([if d < radius { 255 } else { 0 }])
+        })
+    }
+
+    fn noisy_cartoon(size: u32) -> RgbImage {
+        // Worst case for PNG size: every pixel different.
+        let mut state = 0x2545_f491_u32;
+        RgbImage::from_fn(size, size, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            Rgb(state.to_le_bytes()[..3].try_into().unwrap())
+        })
+    }
+
+    #[test]
+    fn sticker_is_320_rgba_framed_on_the_subject_and_small_enough() {
+        for outline in [false, true] {
+            let s = sticker(&noisy_cartoon(256), &disc_mask(256, 60.0), outline);
+            assert_eq!(s.dimensions(), (STICKER_SIZE, STICKER_SIZE));
+            assert_eq!(s.get_pixel(0, 0).0[3], 0, "corners are transparent");
+            assert_eq!(s.get_pixel(160, 160).0[3], 255, "the subject is opaque");
+            // The 120-px disc (plus its softened edge) is scaled to fill the sticker minus
+            // its margin.
+            let opaque_row = (0..STICKER_SIZE)
+                .filter(|&x| s.get_pixel(x, 160).0[3] > 128)
+                .count() as u32;
+            let expected =
+                STICKER_SIZE - 2 * STICKER_MARGIN + if outline { 2 * OUTLINE_PX } else { 0 };
+            assert!(
+                opaque_row.abs_diff(expected) <= 8,
+                "{opaque_row} vs {expected}"
+            );
+            assert!(encode_png(&s).len() < STICKER_MAX_BYTES);
+        }
+    }
+
+    #[test]
+    fn outline_is_white_around_the_subject() {
+        let s = sticker(
+            &RgbImage::from_pixel(256, 256, Rgb([200, 0, 0])),
+            &disc_mask(256, 60.0),
+            true,
+        );
+        // Along the middle row, from the left: transparent, then an opaque white band,
+        // then the red subject.
+        let row: Vec<[u8; 4]> = (0..STICKER_SIZE).map(|x| s.get_pixel(x, 160).0).collect();
+        let first_opaque = row.iter().position(|p| p[3] == 255).unwrap();
+        let first_red = row.iter().position(|p| *p == [200, 0, 0, 255]).unwrap();
+        let white = row[first_opaque..first_red]
+            .iter()
+            .filter(|p| **p == [255, 255, 255, 255])
+            .count();
+        assert!(
+            white >= 3,
+            "white band of {white} px in {:?}",
+            &row[first_opaque..first_red]
+        );
+        assert!(row[..first_opaque].iter().all(|p| p[3] < 255));
+    }
+
+    #[test]
+    fn round_avatar_is_cut_to_a_disc() {
+        let cartoon = noisy_cartoon(256);
+        let square = avatar(&cartoon, false);
+        assert_eq!(square.dimensions(), (AVATAR_SIZE, AVATAR_SIZE));
+        assert!(square.pixels().all(|p| p.0[3] == 255));
+        let round = avatar(&cartoon, true);
+        assert_eq!(round.get_pixel(0, 0).0[3], 0);
+        assert_eq!(round.get_pixel(256, 256).0[3], 255);
+        assert_eq!(round.get_pixel(256, 1).0[3], 255);
+    }
+
+    #[test]
+    fn paste_back_replaces_only_the_masked_face() {
+        let mut photo = RgbImage::from_pixel(100, 80, Rgb([0, 0, 0]));
+        let cartoon = RgbImage::from_pixel(256, 256, Rgb([255, 255, 255]));
+        let mask = disc_mask(256, 100.0);
+        // The crop covers the 40x40 square at (30, 20).
+        let to_crop = Affine::scale(256.0 / 40.0).then_after(Affine::translation(-30.0, -20.0));
+        paste_back(&mut photo, &cartoon, &mask, &to_crop);
+        assert_eq!(
+            photo.get_pixel(50, 40).0,
+            [255, 255, 255],
+            "face centre replaced"
+        );
+        assert_eq!(
+            photo.get_pixel(31, 21).0,
+            [0, 0, 0],
+            "crop corner outside the mask kept"
+        );
+        assert_eq!(photo.get_pixel(5, 5).0, [0, 0, 0], "outside the crop kept");
+    }
+
+    #[test]
+    fn generator_output_is_mapped_to_pixels_and_whitened() {
+        let mask = GrayImage::from_raw(2, 1, vec![255, 0]).unwrap();
+        // Planes: R = [-1, -1], G = [1, 1], B = [0, 0].
+        let generated = [-1.0, -1.0, 1.0, 1.0, 0.0, 0.0];
+        let img = cartoon_on_white(&generated, &mask);
+        assert_eq!(img.get_pixel(0, 0).0, [0, 255, 128]);
+        assert_eq!(img.get_pixel(1, 0).0, [255, 255, 255]);
+    }
+}
