@@ -123,13 +123,11 @@ fn over(top: Rgba<u8>, bottom: Rgba<u8>) -> Rgba<u8> {
     if out_a <= 0.0 {
         return Rgba([0, 0, 0, 0]);
     }
-    let mut out = [0u8; 4];
-    for c in 0..3 {
+    let [r, g, b] = [0, 1, 2].map(|c| {
         let v = (f32::from(top.0[c]) * ta + f32::from(bottom.0[c]) * ba * (1.0 - ta)) / out_a;
-        out[c] = v.round().clamp(0.0, 255.0) as u8;
-    }
-    out[3] = (out_a * 255.0).round() as u8;
-    Rgba(out)
+        v.round().clamp(0.0, 255.0) as u8
+    });
+    Rgba([r, g, b, (out_a * 255.0).round() as u8])
 }
 
 /// A 512x512 avatar of the whole cartoon crop; `round` cuts it to an anti-aliased disc.
@@ -185,8 +183,8 @@ pub fn paste_back(photo: &mut RgbImage, cartoon: &RgbImage, mask: &GrayImage, to
             };
             let m = m / 255.0;
             let p = photo.get_pixel_mut(x, y);
-            for c in 0..3 {
-                p.0[c] = (colour[c] * m + f32::from(p.0[c]) * (1.0 - m))
+            for (channel, value) in p.0.iter_mut().zip(colour) {
+                *channel = (value * m + f32::from(*channel) * (1.0 - m))
                     .round()
                     .clamp(0.0, 255.0) as u8;
             }
