@@ -285,20 +285,17 @@ pub fn resize_rgb(img: &RgbImage, w: u32, h: u32) -> RgbImage {
     image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle)
 }
 
-/// HWC u8 RGB -> `1 x 3 x H x W` f32 tensor with `value * scale + offset`.
-pub fn rgb_to_tensor(
-    img: &RgbImage,
-    scale: f32,
-    offset: f32,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let (w, h) = img.dimensions();
-    let data: Vec<f32> = img
-        .as_raw()
-        .iter()
-        .map(|&p| f32::from(p) * scale + offset)
-        .collect();
-    Tensor::from_vec(data, (1, h as usize, w as usize, 3), device)?
+/// Same-sized RGB images -> one `N x 3 x H x W` f32 tensor of 0..255 values.
+pub fn rgb_batch(images: &[RgbImage], device: &Device) -> candle_core::Result<Tensor> {
+    let Some(first) = images.first() else {
+        candle_core::bail!("an empty batch of images");
+    };
+    let (w, h) = first.dimensions();
+    if images.iter().any(|img| img.dimensions() != (w, h)) {
+        candle_core::bail!("images of different sizes in one batch");
+    }
+    let data: Vec<f32> = images.iter().flat_map(|img| img.as_raw().iter().map(|&p| f32::from(p))).collect();
+    Tensor::from_vec(data, (images.len(), h as usize, w as usize, 3), device)?
         .permute((0, 3, 1, 2))?
         .contiguous()
 }

@@ -36,16 +36,30 @@ fn faces_writes_crops_and_json_and_names_bad_inputs() {
     let street = data.join("samples/no-face/prague.jpg");
     let out = tmp.path().join("out");
     let run = toonbot(
-        &["faces", fake.to_str().unwrap(), group.to_str().unwrap(), street.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json"],
+        &[
+            "faces",
+            fake.to_str().unwrap(),
+            group.to_str().unwrap(),
+            street.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ],
         &[],
     );
     let stderr = text(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "stderr: {stderr}");
-    assert!(stderr.contains("fake.jpg: not a PNG, JPEG or WebP image"), "{stderr}");
+    assert!(
+        stderr.contains("fake.jpg: not a PNG, JPEG or WebP image"),
+        "{stderr}"
+    );
     assert!(stderr.contains("prague.jpg: no face found"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
-    let lines: Vec<serde_json::Value> = text(&run.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "one JSON line per decoded photo");
     let report = &lines[0];
     assert_eq!(report["width"], 1920);
@@ -59,7 +73,10 @@ fn faces_writes_crops_and_json_and_names_bad_inputs() {
         assert!(face["roll_degrees"].as_f64().unwrap().abs() < 90.0);
     }
     for stage in ["decode", "detect", "landmarks", "align", "segment"] {
-        assert!(report["timings_ms"][stage].as_f64().unwrap() >= 0.0, "{stage}");
+        assert!(
+            report["timings_ms"][stage].as_f64().unwrap() >= 0.0,
+            "{stage}"
+        );
     }
     assert_eq!(lines[1]["faces"].as_array().unwrap().len(), 0);
 
@@ -71,7 +88,11 @@ fn faces_writes_crops_and_json_and_names_bad_inputs() {
         assert!(matches!(mask, image::DynamicImage::ImageLuma8(_)));
         // Whitened: the top corners of the crop are background.
         let rgb = aligned.to_rgb8();
-        assert!(rgb.get_pixel(2, 2).0.iter().all(|&c| c > 240), "{:?}", rgb.get_pixel(2, 2));
+        assert!(
+            rgb.get_pixel(2, 2).0.iter().all(|&c| c > 240),
+            "{:?}",
+            rgb.get_pixel(2, 2)
+        );
     }
     assert!(!out.join("sample1.face4.aligned.png").exists());
 }
@@ -82,12 +103,22 @@ fn photos_over_the_pixel_limit_are_refused_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let group = data.join("samples/groups/sample1.jpg");
     let run = toonbot(
-        &["faces", group.to_str().unwrap(), "--out", tmp.path().to_str().unwrap()],
+        &[
+            "faces",
+            group.to_str().unwrap(),
+            "--out",
+            tmp.path().to_str().unwrap(),
+        ],
         &[("TOONBOT_LIMITS__MAX_PIXELS", "1000000")],
     );
     let stderr = text(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("sample1.jpg: image is 1920x1280 = 2457600 pixels, over the limit of 1000000 pixels"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "sample1.jpg: image is 1920x1280 = 2457600 pixels, over the limit of 1000000 pixels"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -99,17 +130,40 @@ fn prepare_writes_the_largest_face_of_each_photo_and_lists_what_it_skipped() {
     for name in ["000127.jpg", "000164.jpg"] {
         std::fs::copy(data.join("photos/celeba").join(name), photos.join(name)).unwrap();
     }
-    std::fs::copy(data.join("samples/groups/sample5.jpg"), photos.join("group.jpg")).unwrap();
-    std::fs::copy(data.join("samples/no-face/prague.jpg"), photos.join("street.jpg")).unwrap();
+    std::fs::copy(
+        data.join("samples/groups/sample5.jpg"),
+        photos.join("group.jpg"),
+    )
+    .unwrap();
+    std::fs::copy(
+        data.join("samples/no-face/prague.jpg"),
+        photos.join("street.jpg"),
+    )
+    .unwrap();
     std::fs::write(photos.join("notes.txt"), "not an image").unwrap();
     let out = tmp.path().join("prepared");
-    let run = toonbot(&["prepare", "--photos", photos.to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
+    let run = toonbot(
+        &[
+            "prepare",
+            "--photos",
+            photos.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
     let stderr = text(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(stderr.contains("prepared 3 of 5 photos"), "{stderr}");
     assert!(stderr.contains("skipped 1 (no face found)"), "{stderr}");
-    assert!(stderr.contains("skipped 1 (not a PNG, JPEG or WebP image)"), "{stderr}");
-    let mut written: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(
+        stderr.contains("skipped 1 (not a PNG, JPEG or WebP image)"),
+        "{stderr}"
+    );
+    let mut written: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     written.sort();
     assert_eq!(written, ["000127.png", "000164.png", "group.png"]);
     let face = image::open(out.join("group.png")).unwrap();

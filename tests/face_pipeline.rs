@@ -31,7 +31,10 @@ fn limits() -> toonbot::config::Limits {
 }
 
 fn sorted_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     files
 }
@@ -54,17 +57,32 @@ fn every_face_in_the_group_photos_is_found() {
         let photo = load_photo(&data.join("samples/groups").join(name), &limits()).unwrap();
         let found = pipeline().find_faces(&photo).unwrap();
         assert_eq!(found.faces.len(), expected, "{name}");
-        let areas: Vec<f32> = found.faces.iter().map(|f| f.detection.bbox[2] * f.detection.bbox[3]).collect();
-        assert!(areas.windows(2).all(|w| w[0] >= w[1]), "{name}: faces not largest first");
+        let areas: Vec<f32> = found
+            .faces
+            .iter()
+            .map(|f| f.detection.bbox[2] * f.detection.bbox[3])
+            .collect();
+        assert!(
+            areas.windows(2).all(|w| w[0] >= w[1]),
+            "{name}: faces not largest first"
+        );
         for face in &found.faces {
             let [x, y, w, h] = face.detection.bbox;
             let inside = face
                 .landmarks
                 .0
                 .iter()
-                .filter(|[px, py]| *px > x - 0.25 * w && *px < x + 1.25 * w && *py > y - 0.25 * h && *py < y + 1.25 * h)
+                .filter(|[px, py]| {
+                    *px > x - 0.25 * w
+                        && *px < x + 1.25 * w
+                        && *py > y - 0.25 * h
+                        && *py < y + 1.25 * h
+                })
                 .count();
-            assert!(inside >= 64, "{name}: only {inside} of 68 landmarks near the face box");
+            assert!(
+                inside >= 64,
+                "{name}: only {inside} of 68 landmarks near the face box"
+            );
             assert_eq!(face.aligned.dimensions(), (ALIGNED_SIZE, ALIGNED_SIZE));
             assert_eq!(face.mask.dimensions(), (ALIGNED_SIZE, ALIGNED_SIZE));
         }
@@ -91,8 +109,16 @@ fn nearly_every_portrait_gives_a_face() {
         })
         .collect();
     let rate = 1.0 - missed.len() as f64 / photos.len() as f64;
-    eprintln!("faces found in {:.2}% of {} photos; missed {missed:?}", rate * 100.0, photos.len());
-    assert!(rate >= 0.98, "only {:.2}% of portraits gave a face", rate * 100.0);
+    eprintln!(
+        "faces found in {:.2}% of {} photos; missed {missed:?}",
+        rate * 100.0,
+        photos.len()
+    );
+    assert!(
+        rate >= 0.98,
+        "only {:.2}% of portraits gave a face",
+        rate * 100.0
+    );
 }
 
 /// Aligned crops, looked at again by the detector and landmark net, have level eyes at a
@@ -104,7 +130,13 @@ fn aligned_crops_have_level_eyes_in_a_fixed_place() {
     let mut eye_centres = Vec::new();
     for path in sorted_files(&data.join("photos/celeba")).iter().take(60) {
         let photo = load_photo(path, &limits()).unwrap();
-        let Some(face) = pipeline().find_faces(&photo).unwrap().faces.into_iter().next() else {
+        let Some(face) = pipeline()
+            .find_faces(&photo)
+            .unwrap()
+            .faces
+            .into_iter()
+            .next()
+        else {
             continue;
         };
         let mapped = face.landmarks.map(&face.alignment.to_crop);
@@ -112,21 +144,36 @@ fn aligned_crops_have_level_eyes_in_a_fixed_place() {
         let [l, r] = mapped.eye_centres();
         eye_centres.push([(l[0] + r[0]) / 2.0, (l[1] + r[1]) / 2.0]);
         let centre_mask = face.mask.get_pixel(128, 128).0[0];
-        assert!(centre_mask > 200, "{}: face centre masked out ({centre_mask})", path.display());
+        assert!(
+            centre_mask > 200,
+            "{}: face centre masked out ({centre_mask})",
+            path.display()
+        );
 
         let again = pipeline().find_faces(&face.crop).unwrap();
         let redetected = again.faces.first().expect("the aligned crop shows a face");
         rolls.push(redetected.landmarks.eye_line_angle().to_degrees().abs());
     }
-    assert!(rolls.len() >= 55, "only {} of 60 celeba photos aligned", rolls.len());
+    assert!(
+        rolls.len() >= 55,
+        "only {} of 60 celeba photos aligned",
+        rolls.len()
+    );
     rolls.sort_by(f32::total_cmp);
     let median = rolls[rolls.len() / 2];
     let p90 = rolls[rolls.len() * 9 / 10];
     let n = eye_centres.len() as f32;
-    let mean = eye_centres.iter().fold([0.0, 0.0], |a, c| [a[0] + c[0] / n, a[1] + c[1] / n]);
+    let mean = eye_centres
+        .iter()
+        .fold([0.0, 0.0], |a, c| [a[0] + c[0] / n, a[1] + c[1] / n]);
     let spread = eye_centres
         .iter()
-        .fold([0.0f32, 0.0], |a, c| [a[0] + (c[0] - mean[0]).powi(2) / n, a[1] + (c[1] - mean[1]).powi(2) / n])
+        .fold([0.0f32, 0.0], |a, c| {
+            [
+                a[0] + (c[0] - mean[0]).powi(2) / n,
+                a[1] + (c[1] - mean[1]).powi(2) / n,
+            ]
+        })
         .map(f32::sqrt);
     eprintln!(
         "re-detected roll on {} aligned crops: median {median:.2}°, p90 {p90:.2}°, max {:.2}°; \
@@ -143,5 +190,8 @@ fn aligned_crops_have_level_eyes_in_a_fixed_place() {
     assert!((mean[0] - 128.0).abs() < 8.0, "eyes off-centre: {mean:?}");
     // Vertically the crop is pinned to the eyes-to-chin height; horizontally it centres the
     // landmark box, so head yaw moves the eyes sideways (photo2cartoon's geometry).
-    assert!(spread[0] < 18.0 && spread[1] < 5.0, "eye centre spread {spread:?}");
+    assert!(
+        spread[0] < 18.0 && spread[1] < 5.0,
+        "eye centre spread {spread:?}"
+    );
 }

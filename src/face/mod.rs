@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use image::{GrayImage, Rgb, RgbImage};
 
@@ -193,7 +193,7 @@ impl FacePipeline {
             .iter()
             .map(|w| imageops::warp_affine(photo, w.to_input(size), size, size, Rgb([0; 3])))
             .collect();
-        let batch = face_detector::preprocess(&self.rgb_batch(&inputs)?)?;
+        let batch = face_detector::preprocess(&imageops::rgb_batch(&inputs, &self.device)?)?;
         let per_window = self.detector.detect(&batch, self.settings.min_score)?;
         let candidates: Vec<DetectedFace> = windows
             .iter()
@@ -241,7 +241,7 @@ impl FacePipeline {
             .collect();
         let raw = self
             .landmarker
-            .forward(&landmarks68::normalize(&self.rgb_batch(&inputs)?)?)?;
+            .forward(&landmarks68::normalize(&imageops::rgb_batch(&inputs, &self.device)?)?)?;
         let raw = raw.to_vec2::<f32>()?;
         Ok(raw
             .iter()
@@ -275,7 +275,7 @@ impl FacePipeline {
             .collect();
         let masks = self
             .segmenter
-            .forward(&segmenter::normalize(&self.rgb_batch(&resized)?)?)?;
+            .forward(&segmenter::normalize(&imageops::rgb_batch(&resized, &self.device)?)?)?;
         (0..crops.len())
             .map(|i| {
                 let mask = imageops::mask_to_gray(&masks.get(i)?)?;
@@ -287,15 +287,6 @@ impl FacePipeline {
                 })
             })
             .collect()
-    }
-
-    /// Same-sized RGB images -> one `N x 3 x H x W` tensor of 0..255 values.
-    fn rgb_batch(&self, images: &[RgbImage]) -> Result<Tensor> {
-        let tensors = images
-            .iter()
-            .map(|img| imageops::rgb_to_tensor(img, 1.0, 0.0, &self.device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&tensors, 0)?)
     }
 }
 
