@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use serde::Serialize;
 
+use crate::cartoon::compose::{self, ComposeOptions};
+use crate::cartoon::{CartoonError, Cartoonizer};
 use crate::config::Config;
 use crate::face::{FacePipeline, PhotoFaces};
 use crate::imageops;
@@ -166,6 +168,127 @@ pub fn prepare(config: &Config, device: &Device, photos: &Path, out: &Path) -> R
     );
     for (reason, paths) in &skipped {
         eprintln!("  skipped {} ({reason})", paths.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line of `cartoonize --json`.
+#[derive(Debug, Serialize)]
+pub struct CartoonReport {
+    pub input: PathBuf,
+    pub style: String,
+    pub faces: Vec<CartoonFaceReport>,
+    pub photo: PathBuf,
+    pub timings_ms: BTreeMap<&'static str, f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CartoonFaceReport {
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+    pub sticker: PathBuf,
+    pub avatar: PathBuf,
+}
+
+/// `toonbot cartoonize`: per face a sticker and an avatar, plus the whole photo with the
+/// faces replaced. Exit 2 when some photo failed (named on stderr with the reason).
+pub fn cartoonize(
+    config: &Config,
+    device: &Device,
+    photos: &[PathBuf],
+    out: &Path,
+    style: Option<&str>,
+    options: ComposeOptions,
+    json: bool,
+) -> Result<ExitCode> {
+    let cartoonizer = Cartoonizer::load(config, device)?;
+    // A missing style is the same for every photo: say it once, plainly.
+    cartoonizer
+        .generator(style)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut all_ok = true;
+    for path in photos {
+        let result = std::fs::read(path)
+            .map_err(|e| CartoonError::Decode(e.into()))
+            .and_then(|bytes| cartoonizer.cartoonize_bytes(&bytes, &config.limits, style, options));
+        let result = match result {
+            Ok(result) => result,
+            Err(CartoonError::Internal(e)) => {
+                return Err(e.context(format!("cartoonizing {}", path.display())))
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", path.display());
+                all_ok = false;
+                continue;
+            }
+        };
+        let stem = file_stem(path);
+        let mut faces = Vec::new();
+        for (i, face) in result.faces.iter().enumerate() {
+            let n = i + 1;
+            let sticker = out.join(format!("{stem}.face{n}.sticker.png"));
+            let avatar = out.join(format!("{stem}.face{n}.avatar.png"));
+            std::fs::write(&sticker, compose::encode_png(&face.sticker))?;
+            std::fs::write(&avatar, compose::encode_png(&face.avatar))?;
+            faces.push(CartoonFaceReport {
+                bbox: face.face.detection.bbox,
+                sticker,
+                avatar,
+            });
+        }
+        let photo = out.join(format!("{stem}.cartoon.png"));
+        std::fs::write(&photo, compose::encode_png(&result.photo))?;
+        if json {
+            let report = CartoonReport {
+                input: path.clone(),
+                style: result.style,
+                faces,
+                photo,
+                timings_ms: result.timings,
+            };
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// `toonbot bench`: prints the stage table (or JSON).
+pub fn bench(
+    config: &Config,
+    device: &Device,
+    photo: &Path,
+    style: Option<&str>,
+    runs: usize,
+    reference_python: Option<&Path>,
+    json: bool,
+) -> Result<ExitCode> {
+    let mut report = crate::bench::run(config, device, photo, style, runs)?;
+    if let Some(python) = reference_python {
+        report.reference = Some(crate::bench::reference_timing(python, runs)?);
+    }
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `toonbot styles`: one line per installed style.
+pub fn styles(config: &Config) -> Result<ExitCode> {
+    let registry = crate::cartoon::styles::StyleRegistry::from_config(config);
+    let styles = registry.list();
+    if styles.is_empty() {
+        println!("no styles installed (train one with `toonbot train base`)");
+    }
+    for s in styles {
+        let origin = if s.shipped { "shipped" } else { "trained" };
+        println!("{:<20} {origin:<8} {}", s.name, s.description);
     }
     Ok(ExitCode::SUCCESS)
 }

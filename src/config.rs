@@ -14,6 +14,7 @@ pub struct Config {
     pub limits: Limits,
     pub models: Models,
     pub faces: Faces,
+    pub styles: Styles,
 }
 
 /// Input size limits, checked before a photo is decoded.
@@ -36,6 +37,13 @@ pub struct Faces {
     pub max_faces: usize,
     pub min_score: f32,
     pub min_face_px: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Styles {
+    pub dir: PathBuf,
+    pub default: String,
 }
 
 impl Config {
@@ -82,8 +90,10 @@ impl Config {
         let mut config: Config = toml::Value::Table(value)
             .try_into()
             .context("invalid config")?;
-        if config.models.dir.is_relative() {
-            config.models.dir = base.join(&config.models.dir);
+        for dir in [&mut config.models.dir, &mut config.styles.dir] {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
         }
         Ok(config)
     }

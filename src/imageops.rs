@@ -294,7 +294,10 @@ pub fn rgb_batch(images: &[RgbImage], device: &Device) -> candle_core::Result<Te
     if images.iter().any(|img| img.dimensions() != (w, h)) {
         candle_core::bail!("images of different sizes in one batch");
     }
-    let data: Vec<f32> = images.iter().flat_map(|img| img.as_raw().iter().map(|&p| f32::from(p))).collect();
+    let data: Vec<f32> = images
+        .iter()
+        .flat_map(|img| img.as_raw().iter().map(|&p| f32::from(p)))
+        .collect();
     Tensor::from_vec(data, (images.len(), h as usize, w as usize, 3), device)?
         .permute((0, 3, 1, 2))?
         .contiguous()

@@ -1,8 +1,10 @@
 //! toonbot: photos in, cartoon stickers and avatars out.
 
+pub mod bench;
 pub mod cartoon;
 pub mod cli;
 pub mod config;
 pub mod face;
 pub mod imageops;
+pub mod metrics;
 pub mod nets;

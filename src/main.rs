@@ -34,6 +34,48 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cartoonize every face of each photo: a sticker and an avatar per face, and the
+    /// photo with its faces replaced.
+    Cartoonize {
+        /// Photos (PNG, JPEG or WebP).
+        #[arg(required = true)]
+        photos: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Style name (default: the configured default style).
+        #[arg(long)]
+        style: Option<String>,
+        /// Draw a white outline around the sticker.
+        #[arg(long)]
+        outline: bool,
+        /// Cut the avatar to a circle.
+        #[arg(long)]
+        round: bool,
+        /// Print one JSON object per photo on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time each pipeline stage per face, and the generator at batch 1 and 4.
+    Bench {
+        /// The photo to time (default: a 3-face group photo from ../shared/data).
+        #[arg(long, default_value = "../shared/data/samples/groups/sample1.jpg")]
+        photo: PathBuf,
+        /// Style whose generator is timed (default style, or random weights if none).
+        #[arg(long)]
+        style: Option<String>,
+        /// Runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also time the PyTorch reference generator with this Python (needs torch).
+        #[arg(long)]
+        reference_python: Option<PathBuf>,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the installed cartoon styles.
+    Styles,
     /// Turn a folder of raw photos into an aligned, whitened training set (largest face each).
     Prepare {
         #[arg(long)]
@@ -64,6 +106,44 @@ fn run(args: Args) -> Result<ExitCode> {
     let device = args.device.open()?;
     match args.command {
         Command::Faces { photos, out, json } => cli::faces(&config, &device, &photos, &out, json),
+        Command::Cartoonize {
+            photos,
+            out,
+            style,
+            outline,
+            round,
+            json,
+        } => {
+            let options = toonbot::cartoon::compose::ComposeOptions {
+                outline,
+                round_avatar: round,
+            };
+            cli::cartoonize(
+                &config,
+                &device,
+                &photos,
+                &out,
+                style.as_deref(),
+                options,
+                json,
+            )
+        }
+        Command::Bench {
+            photo,
+            style,
+            runs,
+            reference_python,
+            json,
+        } => cli::bench(
+            &config,
+            &device,
+            &photo,
+            style.as_deref(),
+            runs,
+            reference_python.as_deref(),
+            json,
+        ),
+        Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
     }
 }

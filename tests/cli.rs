@@ -1,17 +1,8 @@
 //! The `toonbot` binary end to end: files written, JSON lines, exit codes and messages.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn shared_data() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} is absent", dir.display());
-        None
-    }
-}
+use std::process::{Command, Output};
 
 fn toonbot(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_toonbot"))
@@ -28,7 +19,9 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn faces_writes_crops_and_json_and_names_bad_inputs() {
-    let Some(data) = shared_data() else { return };
+    let Some(data) = common::shared_data() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let fake = tmp.path().join("fake.jpg");
     std::fs::write(&fake, "this is a text file, not a photo").unwrap();
@@ -99,7 +92,9 @@ fn faces_writes_crops_and_json_and_names_bad_inputs() {
 
 #[test]
 fn photos_over_the_pixel_limit_are_refused_with_a_clear_message() {
-    let Some(data) = shared_data() else { return };
+    let Some(data) = common::shared_data() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let group = data.join("samples/groups/sample1.jpg");
     let run = toonbot(
@@ -123,7 +118,9 @@ fn photos_over_the_pixel_limit_are_refused_with_a_clear_message() {
 
 #[test]
 fn prepare_writes_the_largest_face_of_each_photo_and_lists_what_it_skipped() {
-    let Some(data) = shared_data() else { return };
+    let Some(data) = common::shared_data() else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let photos = tmp.path().join("photos");
     std::fs::create_dir(&photos).unwrap();

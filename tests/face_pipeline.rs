@@ -1,21 +1,13 @@
 //! The face pipeline on real photos from ../shared/data (skipped where it is absent).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use toonbot::config::Config;
 use toonbot::face::{FacePipeline, ALIGNED_SIZE};
 use toonbot::imageops::load_photo;
-
-fn shared_data() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: {} is absent", dir.display());
-        None
-    }
-}
 
 fn pipeline() -> &'static FacePipeline {
     static PIPELINE: OnceLock<FacePipeline> = OnceLock::new();
@@ -52,7 +44,9 @@ const GROUP_FACES: [(&str, usize); 6] = [
 
 #[test]
 fn every_face_in_the_group_photos_is_found() {
-    let Some(data) = shared_data() else { return };
+    let Some(data) = common::shared_data() else {
+        return;
+    };
     for (name, expected) in GROUP_FACES {
         let photo = load_photo(&data.join("samples/groups").join(name), &limits()).unwrap();
         let found = pipeline().find_faces(&photo).unwrap();
@@ -91,14 +85,18 @@ fn every_face_in_the_group_photos_is_found() {
 
 #[test]
 fn a_street_scene_has_no_face() {
-    let Some(data) = shared_data() else { return };
+    let Some(data) = common::shared_data() else {
+        return;
+    };
     let photo = load_photo(&data.join("samples/no-face/prague.jpg"), &limits()).unwrap();
     assert!(pipeline().find_faces(&photo).unwrap().faces.is_empty());
 }
 
 #[test]
 fn nearly_every_portrait_gives_a_face() {
-    let Some(data) = shared_data() else { return };
+    let Some(data) = common::shared_data() else {
+        return;
+    };
     let photos = sorted_files(&data.join("photos/p2c-women"));
     assert!(photos.len() >= 500);
     let missed: Vec<&PathBuf> = photos
@@ -125,7 +123,9 @@ fn nearly_every_portrait_gives_a_face() {
 /// steady place; the mask keeps the face and drops the corners.
 #[test]
 fn aligned_crops_have_level_eyes_in_a_fixed_place() {
-    let Some(data) = shared_data() else { return };
+    let Some(data) = common::shared_data() else {
+        return;
+    };
     let mut rolls = Vec::new();
     let mut eye_centres = Vec::new();
     for path in sorted_files(&data.join("photos/celeba")).iter().take(60) {

@@ -2,3 +2,171 @@
 
 pub mod compose;
 pub mod styles;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::Device;
+use image::{RgbImage, RgbaImage};
+
+use crate::config::Config;
+use crate::face::{self, Face, FacePipeline};
+use crate::imageops::{self, DecodeError};
+use crate::nets::generator::{self, Generator};
+use compose::ComposeOptions;
+use styles::{StyleError, StyleInfo, StyleRegistry};
+
+/// Why a photo could not be cartoonised, in words a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum CartoonError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Style(#[from] StyleError),
+    #[error("no face found in the photo: use a photo where a face is clearly visible")]
+    NoFace,
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<candle_core::Error> for CartoonError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+/// One face, cartoonised and composed.
+#[derive(Debug, Clone)]
+pub struct CartoonFace {
+    pub face: Face,
+    /// The generator's output on white, 256x256.
+    pub cartoon: RgbImage,
+    pub sticker: RgbaImage,
+    pub avatar: RgbaImage,
+}
+
+/// Every face of a photo, largest first, and the photo with the faces replaced.
+#[derive(Debug, Clone)]
+pub struct CartoonPhoto {
+    pub style: String,
+    pub faces: Vec<CartoonFace>,
+    pub photo: RgbImage,
+    /// Milliseconds per stage.
+    pub timings: BTreeMap<&'static str, f64>,
+}
+
+/// The face pipeline plus the generators of the styles used so far, kept loaded.
+pub struct Cartoonizer {
+    faces: FacePipeline,
+    registry: StyleRegistry,
+    default_style: String,
+    generators: Mutex<HashMap<String, Arc<Generator>>>,
+    device: Device,
+}
+
+impl Cartoonizer {
+    pub fn load(config: &Config, device: &Device) -> anyhow::Result<Self> {
+        Ok(Self {
+            faces: FacePipeline::load(config, device)?,
+            registry: StyleRegistry::from_config(config),
+            default_style: config.styles.default.clone(),
+            generators: Mutex::new(HashMap::new()),
+            device: device.clone(),
+        })
+    }
+
+    pub fn styles(&self) -> Vec<StyleInfo> {
+        self.registry.list()
+    }
+
+    pub fn faces(&self) -> &FacePipeline {
+        &self.faces
+    }
+
+    pub fn registry(&self) -> &StyleRegistry {
+        &self.registry
+    }
+
+    /// The named style's generator (or the default style's), loaded once.
+    pub fn generator(
+        &self,
+        style: Option<&str>,
+    ) -> Result<(StyleInfo, Arc<Generator>), CartoonError> {
+        let info = self.registry.find(style.unwrap_or(&self.default_style))?;
+        let mut loaded = self.generators.lock().expect("generator cache lock");
+        if let Some(g) = loaded.get(&info.name) {
+            return Ok((info, g.clone()));
+        }
+        let vb = face::load_weights(&info.dir, "generator", &self.device)?;
+        let g = Arc::new(
+            Generator::new(generator::Config::default(), vb).with_context(|| {
+                format!("loading style {:?} from {}", info.name, info.dir.display())
+            })?,
+        );
+        loaded.insert(info.name.clone(), g.clone());
+        Ok((info, g))
+    }
+
+    /// Decodes photo bytes with the configured limits and cartoonises them.
+    pub fn cartoonize_bytes(
+        &self,
+        bytes: &[u8],
+        limits: &crate::config::Limits,
+        style: Option<&str>,
+        options: ComposeOptions,
+    ) -> Result<CartoonPhoto, CartoonError> {
+        let started = Instant::now();
+        let photo = imageops::decode_photo(bytes, limits)?;
+        let decode_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut result = self.cartoonize(&photo, style, options)?;
+        result.timings.insert("decode", decode_ms);
+        Ok(result)
+    }
+
+    /// Every face of the photo through the style's generator (one batch), then composed.
+    pub fn cartoonize(
+        &self,
+        photo: &RgbImage,
+        style: Option<&str>,
+        options: ComposeOptions,
+    ) -> Result<CartoonPhoto, CartoonError> {
+        let (info, generator) = self.generator(style)?;
+        let found = self.faces.find_faces(photo)?;
+        if found.faces.is_empty() {
+            return Err(CartoonError::NoFace);
+        }
+        let mut timings = found.timings.as_map();
+        let started = Instant::now();
+        let aligned: Vec<RgbImage> = found.faces.iter().map(|f| f.aligned.clone()).collect();
+        let input = generator::normalize(&imageops::rgb_batch(&aligned, &self.device)?)?;
+        let output = generator.forward(&input)?.0;
+        let output = output
+            .to_device(&Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?;
+        timings.insert("generator", started.elapsed().as_secs_f64() * 1e3);
+
+        let started = Instant::now();
+        let mut pasted = photo.clone();
+        let mut faces = Vec::with_capacity(found.faces.len());
+        for (i, face) in found.faces.into_iter().enumerate() {
+            let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+            let cartoon = compose::cartoon_on_white(&values, &face.mask);
+            compose::paste_back(&mut pasted, &cartoon, &face.mask, &face.alignment.to_crop);
+            faces.push(CartoonFace {
+                sticker: compose::sticker(&cartoon, &face.mask, options.outline),
+                avatar: compose::avatar(&cartoon, options.round_avatar),
+                cartoon,
+                face,
+            });
+        }
+        timings.insert("compose", started.elapsed().as_secs_f64() * 1e3);
+        Ok(CartoonPhoto {
+            style: info.name,
+            faces,
+            photo: pasted,
+            timings,
+        })
+    }
+}

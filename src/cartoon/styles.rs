@@ -75,6 +75,11 @@ impl StyleRegistry {
         }
     }
 
+    /// Shipped styles under `<models.dir>/styles`, trained ones under `styles.dir`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self::new(config.models.dir.join("styles"), &config.styles.dir)
+    }
+
     /// Directory where a newly trained style called `name` is installed.
     pub fn trained_dir(&self, name: &str) -> Result<PathBuf, StyleError> {
         if !is_valid_name(name) {

@@ -241,7 +241,10 @@ impl FacePipeline {
             .collect();
         let raw = self
             .landmarker
-            .forward(&landmarks68::normalize(&imageops::rgb_batch(&inputs, &self.device)?)?)?;
+            .forward(&landmarks68::normalize(&imageops::rgb_batch(
+                &inputs,
+                &self.device,
+            )?)?)?;
         let raw = raw.to_vec2::<f32>()?;
         Ok(raw
             .iter()
@@ -275,7 +278,10 @@ impl FacePipeline {
             .collect();
         let masks = self
             .segmenter
-            .forward(&segmenter::normalize(&imageops::rgb_batch(&resized, &self.device)?)?)?;
+            .forward(&segmenter::normalize(&imageops::rgb_batch(
+                &resized,
+                &self.device,
+            )?)?)?;
         (0..crops.len())
             .map(|i| {
                 let mask = imageops::mask_to_gray(&masks.get(i)?)?;

@@ -9,7 +9,7 @@
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::tf_ops::{Conv, ConvConfig};
+use super::tf_ops::{resize_bilinear_legacy, Conv, ConvConfig};
 
 /// Side of the square network input.
 pub const INPUT_SIZE: usize = 112;
@@ -167,7 +167,7 @@ pub fn pad_and_resize(crop: &Tensor) -> Result<Tensor> {
     if side == INPUT_SIZE {
         Ok(x)
     } else {
-        resize_bilinear_tf(&x, INPUT_SIZE, INPUT_SIZE)
+        resize_bilinear_legacy(&x, INPUT_SIZE, INPUT_SIZE)
     }
 }
 
@@ -197,34 +197,4 @@ pub fn decode(raw: &Tensor, crop_sizes: &[(usize, usize)]) -> Result<Tensor> {
     raw.reshape((n, k / 2, 2))?
         .broadcast_mul(&scale)?
         .broadcast_add(&offset)
-}
-
-// Generic ops (candidate for tf_ops)
-
-/// `tf.image.resize_bilinear` with `align_corners = false, half_pixel_centers = false`
-/// (TF1 / tfjs default) on NCHW: source coordinate `dst * in / out`, no half-pixel shift.
-pub fn resize_bilinear_tf(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
-    let x = lerp_axis(x, 3, out_w)?;
-    lerp_axis(&x, 2, out_h)
-}
-
-/// Linear interpolation along one axis, as tfjs' cpu kernel computes it.
-fn lerp_axis(x: &Tensor, dim: usize, out: usize) -> Result<Tensor> {
-    let size = x.dim(dim)?;
-    let ratio = size as f64 / out as f64;
-    let (mut lo, mut hi, mut frac) = (vec![0u32; out], vec![0u32; out], vec![0f32; out]);
-    for i in 0..out {
-        let src = ratio * i as f64;
-        let floor = src.floor();
-        lo[i] = floor as u32;
-        hi[i] = (src.ceil() as usize).min(size - 1) as u32;
-        frac[i] = (src - floor) as f32;
-    }
-    let dev = x.device();
-    let mut shape = vec![1; x.rank()];
-    shape[dim] = out;
-    let frac = Tensor::from_vec(frac, shape, dev)?.to_dtype(x.dtype())?;
-    let a = x.index_select(&Tensor::new(lo, dev)?, dim)?;
-    let b = x.index_select(&Tensor::new(hi, dev)?, dim)?;
-    a.broadcast_add(&(b - &a)?.broadcast_mul(&frac)?)
 }

@@ -1,7 +1,11 @@
 //! candle network definitions, one network per file.
 
+pub mod discriminator;
 pub mod face_detector;
 pub mod face_embedder;
+pub mod generator;
+pub mod inception;
 pub mod landmarks68;
+pub mod layers;
 pub mod segmenter;
 pub mod tf_ops;

@@ -323,7 +323,7 @@ impl SelfieSegmenter {
     }
 }
 
-// Generic ops (candidate for tf_ops)
+// Transposed convolution as MediaPipe crops it
 
 /// Transposed convolution (no bias) with the output size and cropping of MediaPipe's
 /// `Convolution2DTransposeBias` with `SAME` padding; `weight` is `(in, out, kh, kw)`.

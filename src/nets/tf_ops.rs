@@ -217,6 +217,45 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)
 }
 
+/// `(n_out, n_in)` matrix of TF1's legacy bilinear resize along one axis (`src = dst * in / out`, no half-pixel shift, clamped at the far edge).
+fn legacy_bilinear_matrix(n_in: usize, n_out: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let mut m = vec![0f32; n_out * n_in];
+    let scale = n_in as f64 / n_out as f64;
+    for o in 0..n_out {
+        let src = o as f64 * scale;
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let frac = (src - i0 as f64) as f32;
+        m[o * n_in + i0] += 1.0 - frac;
+        m[o * n_in + (i0 + 1).min(n_in - 1)] += frac;
+    }
+    Tensor::from_vec(m, (n_out, n_in), dev)
+}
+
+/// Resizes `(N, C, H, W)` to `(N, C, h, w)` with TF1's legacy bilinear resize, as two matmuls.
+pub fn resize_bilinear_legacy(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (n, c, ih, iw) = x.dims4()?;
+    if (ih, iw) == (h, w) {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let rw = legacy_bilinear_matrix(iw, w, dev)?.to_dtype(x.dtype())?;
+    let rh = legacy_bilinear_matrix(ih, h, dev)?.to_dtype(x.dtype())?;
+    let x = x
+        .contiguous()?
+        .reshape((n * c * ih, iw))?
+        .matmul(&rw.t()?)?;
+    let x = x
+        .reshape((n * c, ih, w))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n * c * w, ih))?
+        .matmul(&rh.t()?)?;
+    x.reshape((n * c, w, h))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((n, c, h, w))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,216 @@
+//! `toonbot bench`: the median time of each pipeline stage on this machine, per face, and
+//! of the generator at batch 1 and 4.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::cartoon::compose::{self, ComposeOptions};
+use crate::cartoon::Cartoonizer;
+use crate::config::Config;
+use crate::imageops;
+use crate::nets::generator::{self, Generator};
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub photo: String,
+    pub faces: usize,
+    pub runs: usize,
+    /// Where the generator's weights came from (timings do not depend on their values).
+    pub generator_weights: String,
+    /// Median milliseconds per face for each stage of a whole-photo run.
+    pub stages_ms_per_face: BTreeMap<String, f64>,
+    /// Median milliseconds per image of the generator alone, by batch size.
+    pub generator_ms_per_image: BTreeMap<usize, f64>,
+    /// The PyTorch reference's CPU time for the same generator, when measured.
+    pub reference: Option<ReferenceTiming>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ReferenceTiming {
+    pub runtime: String,
+    pub ms_per_image: BTreeMap<usize, f64>,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn generator_for_bench(
+    cartoonizer: &Cartoonizer,
+    style: Option<&str>,
+    device: &Device,
+) -> Result<(String, std::sync::Arc<Generator>)> {
+    match cartoonizer.generator(style) {
+        Ok((info, g)) => Ok((format!("style {}", info.name), g)),
+        Err(e) if style.is_none() => {
+            tracing::warn!("{e}; timing a generator with freshly initialised weights");
+            let varmap = candle_nn::VarMap::new();
+            Generator::new(
+                generator::Config::default(),
+                candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, device),
+            )?;
+            // Rebuilt from detached copies: a generator on trainable variables keeps every
+            // forward pass's autograd graph alive.
+            let weights = varmap
+                .data()
+                .lock()
+                .expect("varmap lock")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+                .collect();
+            let g = Generator::new(
+                generator::Config::default(),
+                candle_nn::VarBuilder::from_tensors(weights, DType::F32, device),
+            )?;
+            Ok((
+                "random (no style installed)".to_string(),
+                std::sync::Arc::new(g),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Times every stage `runs` times on `photo` and the generator alone at batch 1 and 4.
+pub fn run(
+    config: &Config,
+    device: &Device,
+    photo_path: &Path,
+    style: Option<&str>,
+    runs: usize,
+) -> Result<BenchReport> {
+    let runs = runs.max(1);
+    let cartoonizer = Cartoonizer::load(config, device)?;
+    let (generator_weights, generator) = generator_for_bench(&cartoonizer, style, device)?;
+    let bytes =
+        std::fs::read(photo_path).with_context(|| format!("reading {}", photo_path.display()))?;
+
+    let mut stage_runs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut faces = 0;
+    for _ in 0..runs {
+        let started = Instant::now();
+        let photo = imageops::decode_photo(&bytes, &config.limits)?;
+        let decode_ms = started.elapsed().as_secs_f64() * 1e3;
+        let found = cartoonizer.faces().find_faces(&photo)?;
+        faces = found.faces.len();
+        anyhow::ensure!(faces > 0, "{}: no face found", photo_path.display());
+        let mut timings = found.timings.as_map();
+        timings.insert("decode", decode_ms);
+
+        let started = Instant::now();
+        let aligned: Vec<_> = found.faces.iter().map(|f| f.aligned.clone()).collect();
+        let input = generator::normalize(&imageops::rgb_batch(&aligned, device)?)?;
+        let output = generator.forward(&input)?.0.to_device(&Device::Cpu)?;
+        timings.insert("generator", started.elapsed().as_secs_f64() * 1e3);
+
+        let started = Instant::now();
+        let mut pasted = photo.clone();
+        for (i, face) in found.faces.iter().enumerate() {
+            let cartoon = compose::cartoon_on_white(
+                &output.get(i)?.flatten_all()?.to_vec1::<f32>()?,
+                &face.mask,
+            );
+            compose::paste_back(&mut pasted, &cartoon, &face.mask, &face.alignment.to_crop);
+            let options = ComposeOptions::default();
+            compose::encode_png(&compose::sticker(&cartoon, &face.mask, options.outline));
+            compose::encode_png(&compose::avatar(&cartoon, options.round_avatar));
+        }
+        timings.insert("compose", started.elapsed().as_secs_f64() * 1e3);
+        for (stage, ms) in timings {
+            stage_runs
+                .entry(stage.to_string())
+                .or_default()
+                .push(ms / faces as f64);
+        }
+    }
+
+    let mut generator_ms_per_image = BTreeMap::new();
+    for batch in [1usize, 4] {
+        let input = Tensor::randn(0f32, 0.5, (batch, 3, 256, 256), device)?;
+        generator.forward(&input)?.0.to_device(&Device::Cpu)?; // warm-up
+        let times = (0..runs)
+            .map(|_| {
+                let started = Instant::now();
+                generator.forward(&input)?.0.to_device(&Device::Cpu)?;
+                Ok(started.elapsed().as_secs_f64() * 1e3 / batch as f64)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        generator_ms_per_image.insert(batch, median(times));
+    }
+    Ok(BenchReport {
+        device: format!("{device:?}"),
+        photo: photo_path.display().to_string(),
+        faces,
+        runs,
+        generator_weights,
+        stages_ms_per_face: stage_runs
+            .into_iter()
+            .map(|(k, v)| (k, median(v)))
+            .collect(),
+        generator_ms_per_image,
+        reference: None,
+    })
+}
+
+/// Runs `python tools/reference/p2c_reference.py --bench-json` (PyTorch on the CPU, same
+/// architecture) and reads its timing line.
+pub fn reference_timing(python: &Path, runs: usize) -> Result<ReferenceTiming> {
+    let output = std::process::Command::new(python)
+        .args([
+            "tools/reference/p2c_reference.py",
+            "--bench-json",
+            "--runs",
+            &runs.to_string(),
+        ])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the PyTorch reference failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .context("the PyTorch reference printed nothing")?;
+    serde_json::from_str(line)
+        .with_context(|| format!("parsing the reference's timing line {line:?}"))
+}
+
+impl BenchReport {
+    /// A plain-text table, with candle / reference ratios when the reference was timed.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "device {} | photo {} ({} faces) | median of {} runs | generator weights: {}\n\nstage        ms/face\n",
+            self.device, self.photo, self.faces, self.runs, self.generator_weights
+        );
+        for (stage, ms) in &self.stages_ms_per_face {
+            out += &format!("{stage:<12} {ms:>8.1}\n");
+        }
+        out += "\ngenerator    ms/image";
+        if let Some(r) = &self.reference {
+            out += &format!("   {} ms/image   candle/{}", r.runtime, r.runtime);
+        }
+        out += "\n";
+        for (batch, ms) in &self.generator_ms_per_image {
+            out += &format!("batch {batch:<6} {ms:>8.1}");
+            if let Some(reference) = self
+                .reference
+                .as_ref()
+                .and_then(|r| r.ms_per_image.get(batch))
+            {
+                out += &format!("   {reference:>10.1}   {:>6.2}x", ms / reference);
+            }
+            out += "\n";
+        }
+        out
+    }
+}
