@@ -257,6 +257,23 @@ pub fn cartoonize(
     })
 }
 
+/// `toonbot serve`: the Discord bot with the cartoon pipeline behind its queue.
+pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
+    let token = crate::bot::load_token(&config.bot)?;
+    let cartoonizer = Cartoonizer::load(config, device)?;
+    let renderer = crate::jobs::CartoonRenderer::new(
+        cartoonizer,
+        config.limits.clone(),
+        config.styles.default.clone(),
+    );
+    tokio::runtime::Runtime::new()?.block_on(crate::bot::serve(
+        config.bot.clone(),
+        token,
+        std::sync::Arc::new(renderer),
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `toonbot bench`: prints the stage table (or JSON).
 pub fn bench(
     config: &Config,

@@ -15,6 +15,8 @@ pub struct Config {
     pub models: Models,
     pub faces: Faces,
     pub styles: Styles,
+    #[serde(default)]
+    pub bot: BotConfig,
 }
 
 /// Input size limits, checked before a photo is decoded.
@@ -44,6 +46,66 @@ pub struct Faces {
 pub struct Styles {
     pub dir: PathBuf,
     pub default: String,
+}
+
+/// Settings of `toonbot serve`. The bot token is never here: it comes from `DISCORD_TOKEN`
+/// or from the file named by `token_file`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BotConfig {
+    /// File holding the bot token, read when `DISCORD_TOKEN` is unset. Keep it outside the
+    /// repository, readable by the bot's user only.
+    pub token_file: Option<PathBuf>,
+    /// SQLite database (presets, jobs, guild settings); created if missing.
+    pub database: PathBuf,
+    /// Hosts photos may be downloaded from (https only, except loopback hosts used by tests).
+    pub allowed_cdn_hosts: Vec<String>,
+    /// Largest photo accepted, in bytes: checked on the attachment's declared size and again
+    /// while downloading.
+    pub max_photo_bytes: u64,
+    /// Jobs that may wait in the queue; more are refused ("queue full").
+    pub queue_capacity: usize,
+    /// Jobs one user may have queued or running at once.
+    pub per_user_limit: usize,
+    /// Render worker threads.
+    pub workers: usize,
+    /// Results kept in memory for identical requests (0 disables the cache).
+    pub cache_entries: usize,
+    /// Members with this role may change server settings, besides those with Manage Server.
+    pub admin_role_id: Option<u64>,
+    /// Register the slash commands in this guild only (instant; for testing a new bot)
+    /// instead of globally.
+    pub commands_guild_id: Option<u64>,
+    /// Send REST calls to this HTTP API proxy (e.g. twilight-http-proxy, or a test double)
+    /// instead of Discord, with serenity's own rate limiter off.
+    pub api_proxy: Option<String>,
+    /// Most bytes of files in one message (Discord's default upload limit is 10 MiB).
+    pub max_upload_bytes: u64,
+    /// Give up on a photo download after this many seconds.
+    pub download_timeout_secs: u64,
+    /// Least time between two queue-position edits of a reply, in milliseconds.
+    pub progress_interval_ms: u64,
+}
+
+impl Default for BotConfig {
+    fn default() -> Self {
+        Self {
+            token_file: None,
+            database: PathBuf::from("toonbot.sqlite"),
+            allowed_cdn_hosts: vec!["cdn.discordapp.com".into(), "media.discordapp.net".into()],
+            max_photo_bytes: 20_000_000,
+            queue_capacity: 64,
+            per_user_limit: 3,
+            workers: 1,
+            cache_entries: 64,
+            admin_role_id: None,
+            commands_guild_id: None,
+            api_proxy: None,
+            max_upload_bytes: 10 * 1024 * 1024,
+            download_timeout_secs: 30,
+            progress_interval_ms: 1000,
+        }
+    }
 }
 
 impl Config {
@@ -90,9 +152,17 @@ impl Config {
         let mut config: Config = toml::Value::Table(value)
             .try_into()
             .context("invalid config")?;
-        for dir in [&mut config.models.dir, &mut config.styles.dir] {
-            if dir.is_relative() {
-                *dir = base.join(&*dir);
+        let bot = &mut config.bot;
+        for path in [
+            &mut config.models.dir,
+            &mut config.styles.dir,
+            &mut bot.database,
+        ]
+        .into_iter()
+        .chain(bot.token_file.as_mut())
+        {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         Ok(config)

@@ -22,6 +22,8 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the Discord bot (token from DISCORD_TOKEN or `bot.token_file`).
+    Serve,
     /// Find every face in each photo and write its aligned, whitened crop and soft mask.
     Faces {
         /// Photos (PNG, JPEG or WebP).
@@ -86,10 +88,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The websocket library logs whole frames at TRACE, IDENTIFY (with the token) included.
+    let filter = toonbot::bot::LOG_DIRECTIVES.iter().fold(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        |filter, directive| filter.add_directive(directive.parse().expect("valid directive")),
+    );
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     match run(Args::parse()) {
@@ -143,6 +148,7 @@ fn run(args: Args) -> Result<ExitCode> {
             reference_python.as_deref(),
             json,
         ),
+        Command::Serve => cli::serve(&config, &device),
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
     }

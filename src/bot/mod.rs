@@ -1,0 +1,296 @@
+//! The Discord bot (serenity 0.12): the only module that knows Discord.
+//!
+//! - `/cartoon photo:<attachment> [style] [output]`, the **Cartoonize** message menu command
+//!   and photos sent in DM all go through one flow ([`cartoon`]): check the attachment's
+//!   declared type, size and host; acknowledge at once (defer / progress message); download
+//!   within the byte limit; queue ([`crate::jobs::JobQueue`]) with position updates; edit the
+//!   reply with one file per face. Errors reach only the user who asked.
+//! - `/preset set|show|reset`, `/styles`, `/sticker add`, `/server-settings`.
+//! - Presets, jobs and guild settings live in SQLite ([`crate::store::Store`]). On start,
+//!   jobs left unfinished by a previous run are marked `interrupted` and their users told.
+//!
+//! Gateway intents: `DIRECT_MESSAGES` only (interactions need none; in DMs with the bot,
+//! message content and attachments come without the privileged MESSAGE_CONTENT intent).
+
+mod cartoon;
+mod commands;
+pub mod config;
+pub mod download;
+mod handler;
+mod reply;
+mod settings;
+mod texts;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dashmap::DashMap;
+use serenity::all::{ClientBuilder, GatewayIntents, HttpBuilder, ShardManager};
+use tokio::task::JoinHandle;
+
+pub use config::BotConfig;
+
+use crate::jobs::{JobQueue, Renderer};
+use crate::store::{JobRecord, Store};
+use download::Downloader;
+
+/// Log filter directives for `main` to add to its `EnvFilter` (after `RUST_LOG`, so that they
+/// win): the websocket library dumps whole frames at TRACE, and the gateway IDENTIFY frame
+/// carries the bot token.
+pub const LOG_DIRECTIVES: [&str; 2] = ["tungstenite=info", "tokio_tungstenite=info"];
+
+/// The bot token. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into().trim().to_string())
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// The token from `DISCORD_TOKEN`, else from `bot.token_file`.
+pub fn load_token(config: &BotConfig) -> Result<Token> {
+    token_from(
+        std::env::var("DISCORD_TOKEN").ok(),
+        config.token_file.as_deref(),
+    )
+}
+
+/// `load_token` with the environment value passed in.
+pub fn token_from(env: Option<String>, file: Option<&Path>) -> Result<Token> {
+    if let Some(token) = env.filter(|t| !t.trim().is_empty()) {
+        return Ok(Token::new(token));
+    }
+    let Some(path) = file else {
+        bail!("no bot token: set DISCORD_TOKEN, or bot.token_file to a file holding it");
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the bot token file {}", path.display()))?;
+    let token = Token::new(text);
+    if token.0.is_empty() {
+        bail!("the bot token file {} is empty", path.display());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the bot token file is readable by other users; chmod 600 it"
+                );
+            }
+        }
+    }
+    Ok(token)
+}
+
+/// Stickers of a user's latest result, for `/sticker add`.
+pub(crate) struct RecentStickers {
+    pub at: Instant,
+    pub guild_id: u64,
+    pub stickers: Vec<Vec<u8>>,
+}
+
+/// Keep the latest stickers of at most this many users, at most this many each, for at most
+/// this long (memory: about 100 KB a sticker).
+const RECENT_USERS: usize = 256;
+const RECENT_STICKERS: usize = 8;
+const RECENT_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// What the handlers share.
+pub(crate) struct BotState {
+    pub config: BotConfig,
+    pub store: Store,
+    pub queue: JobQueue,
+    pub downloader: Downloader,
+    pub recent: DashMap<u64, RecentStickers>,
+    /// Jobs a previous run left unfinished, to tell their users once connected.
+    pub interrupted: Mutex<Vec<JobRecord>>,
+    /// Set once the commands are registered (not again on reconnects).
+    pub commands_registered: AtomicBool,
+}
+
+impl BotState {
+    pub fn renderer(&self) -> &Arc<dyn Renderer> {
+        self.queue.renderer()
+    }
+
+    pub fn remember_stickers(&self, user: u64, guild_id: u64, mut stickers: Vec<Vec<u8>>) {
+        stickers.truncate(RECENT_STICKERS);
+        self.recent.retain(|_, r| r.at.elapsed() < RECENT_TTL);
+        if self.recent.len() >= RECENT_USERS {
+            let oldest = self.recent.iter().min_by_key(|r| r.at).map(|r| *r.key());
+            if let Some(user) = oldest {
+                self.recent.remove(&user);
+            }
+        }
+        self.recent.insert(
+            user,
+            RecentStickers {
+                at: Instant::now(),
+                guild_id,
+                stickers,
+            },
+        );
+    }
+}
+
+/// A started bot.
+pub struct RunningBot {
+    shard_manager: Arc<ShardManager>,
+    client: JoinHandle<serenity::Result<()>>,
+    state: Arc<BotState>,
+}
+
+impl RunningBot {
+    pub fn queue(&self) -> &JobQueue {
+        &self.state.queue
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.state.store
+    }
+
+    /// Waits until the gateway connection ends for good (an error, or a shutdown).
+    pub async fn wait(&mut self) -> Result<()> {
+        match (&mut self.client).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e).context("the Discord connection failed"),
+            Err(e) => Err(e).context("the Discord client task failed"),
+        }
+    }
+
+    /// Disconnects, stops the queue (waiting jobs are dropped; their rows stay `queued` or
+    /// `running` and the next start reports them) and closes the database.
+    pub async fn shutdown(self) {
+        self.shard_manager.shutdown_all().await;
+        self.client.abort();
+        let _ = self.client.await;
+        self.state.queue.shutdown();
+        self.state.store.close().await;
+    }
+}
+
+/// Opens the database, starts the queue and connects to Discord.
+pub async fn start(
+    config: BotConfig,
+    token: Token,
+    renderer: Arc<dyn Renderer>,
+) -> Result<RunningBot> {
+    let store = Store::open(&config.database).await?;
+    let interrupted = store.interrupt_unfinished().await?;
+    for job in &interrupted {
+        tracing::warn!(
+            job = job.id,
+            user = job.user_id,
+            source = %job.source,
+            was = %job.status,
+            "job interrupted by a restart"
+        );
+    }
+    let queue = JobQueue::new(renderer, config.queue_config());
+    let downloader = Downloader::new(
+        &config.allowed_cdn_hosts,
+        config.max_photo_bytes,
+        Duration::from_secs(config.download_timeout_secs),
+    )?;
+    let mut http = HttpBuilder::new(token.expose());
+    if let Some(proxy) = &config.api_proxy {
+        http = http.proxy(proxy.clone()).ratelimiter_disabled(true);
+    }
+    let state = Arc::new(BotState {
+        config,
+        store,
+        queue,
+        downloader,
+        recent: DashMap::new(),
+        interrupted: Mutex::new(interrupted),
+        commands_registered: AtomicBool::new(false),
+    });
+    let handler = handler::Handler {
+        state: Arc::clone(&state),
+    };
+    let mut client = ClientBuilder::new_with_http(http.build(), GatewayIntents::DIRECT_MESSAGES)
+        .event_handler(handler)
+        .await
+        .context("creating the Discord client")?;
+    let shard_manager = Arc::clone(&client.shard_manager);
+    let client = tokio::spawn(async move { client.start().await });
+    Ok(RunningBot {
+        shard_manager,
+        client,
+        state,
+    })
+}
+
+/// `toonbot serve`: runs the bot until Ctrl-C (or SIGTERM) or a fatal gateway error.
+pub async fn serve(config: BotConfig, token: Token, renderer: Arc<dyn Renderer>) -> Result<()> {
+    let mut bot = start(config, token, renderer).await?;
+    let result = tokio::select! {
+        r = bot.wait() => r,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    };
+    bot.shutdown().await;
+    result
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comes_from_env_first_then_file_and_is_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "file-token\n").unwrap();
+        let t = token_from(Some("env-token".into()), Some(&file)).unwrap();
+        assert_eq!(t.expose(), "env-token");
+        let t = token_from(Some("  ".into()), Some(&file)).unwrap();
+        assert_eq!(t.expose(), "file-token");
+        assert!(!format!("{t:?}").contains("file-token"));
+        assert!(token_from(None, None).is_err());
+        std::fs::write(&file, "\n").unwrap();
+        assert!(token_from(None, Some(&file)).is_err());
+    }
+}

@@ -1,0 +1,477 @@
+//! SQLite storage (sqlx, WAL): user presets, guild settings, the jobs table and an audit log.
+//!
+//! Migrations live in `migrations/` and are embedded at build time. Queries are built at run
+//! time (`sqlx::query`), so building needs no database. Discord ids (`u64` snowflakes) are
+//! stored bit-cast to SQLite's signed 64-bit INTEGER.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// A user's defaults. `output` is one of `sticker`, `avatar`, `both`, `photo` (the bot checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preset {
+    pub style: Option<String>,
+    pub output: String,
+    pub outline: bool,
+    pub round_avatar: bool,
+}
+
+/// Per-guild settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuildSettings {
+    /// Style used when the user's preset names none.
+    pub default_style: Option<String>,
+    /// Whether `/sticker add` is allowed in this guild.
+    pub stickers_enabled: bool,
+}
+
+impl Default for GuildSettings {
+    fn default() -> Self {
+        Self {
+            default_style: None,
+            stickers_enabled: true,
+        }
+    }
+}
+
+/// Where a job came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobSource {
+    Slash,
+    Menu,
+    Dm,
+}
+
+impl JobSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Slash => "slash",
+            Self::Menu => "menu",
+            Self::Dm => "dm",
+        }
+    }
+}
+
+/// How to reach the user about a job if the bot restarts before it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyRef {
+    /// An interaction's original response (its token lasts 15 minutes).
+    Interaction { application_id: u64, token: String },
+    /// A message the bot posted (a DM progress message).
+    Message { message_id: u64 },
+}
+
+/// A job as first recorded.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub user_id: u64,
+    pub guild_id: Option<u64>,
+    pub channel_id: u64,
+    pub source: JobSource,
+    pub image_sha256: Option<String>,
+    pub style: Option<String>,
+    pub output: String,
+    pub reply: Option<ReplyRef>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Default)]
+pub struct JobEnd {
+    /// `done` or `failed`.
+    pub status: String,
+    pub cached: bool,
+    pub faces: Option<u32>,
+    /// An error code (`RenderError::code`, `queue_full`, `download`...).
+    pub error: Option<String>,
+    pub queue_ms: Option<f64>,
+    pub render_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+    /// The style actually used.
+    pub style: Option<String>,
+}
+
+/// A row of the jobs table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: i64,
+    pub user_id: u64,
+    pub guild_id: Option<u64>,
+    pub channel_id: u64,
+    pub source: String,
+    pub image_sha256: Option<String>,
+    pub style: Option<String>,
+    pub output: String,
+    pub status: String,
+    pub cached: bool,
+    pub faces: Option<u32>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub queue_ms: Option<f64>,
+    pub render_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+    pub reply: Option<ReplyRef>,
+}
+
+/// The database. Cheap to clone (a connection pool).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// The columns `job_record` reads, as a literal for `concat!`.
+macro_rules! job_columns {
+    () => {
+        "id, user_id, guild_id, channel_id, source, image_sha256, style, output, status, \
+         cached, faces, error, created_at, started_at, finished_at, queue_ms, render_ms, \
+         total_ms, reply_app_id, reply_token, reply_message_id"
+    };
+}
+
+impl Store {
+    /// Opens (creating it if needed) the database file in WAL mode and applies the migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the database folder {}", dir.display()))?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .with_context(|| format!("opening the database {}", path.display()))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .with_context(|| format!("migrating the database {}", path.display()))?;
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Closes the pool (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// The SQLite journal mode in use (`wal`).
+    pub async fn journal_mode(&self) -> Result<String> {
+        Ok(sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    // --- presets -------------------------------------------------------------------------
+
+    pub async fn preset(&self, user_id: u64) -> Result<Option<Preset>> {
+        let row = sqlx::query(
+            "SELECT style, output, outline, round_avatar FROM presets WHERE user_id = ?",
+        )
+        .bind(id(user_id))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Preset {
+            style: r.get("style"),
+            output: r.get("output"),
+            outline: r.get("outline"),
+            round_avatar: r.get("round_avatar"),
+        }))
+    }
+
+    pub async fn set_preset(&self, user_id: u64, preset: &Preset) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO presets (user_id, style, output, outline, round_avatar, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (user_id) DO UPDATE SET style = excluded.style, \
+             output = excluded.output, outline = excluded.outline, \
+             round_avatar = excluded.round_avatar, updated_at = excluded.updated_at",
+        )
+        .bind(id(user_id))
+        .bind(preset.style.clone())
+        .bind(preset.output.clone())
+        .bind(preset.outline)
+        .bind(preset.round_avatar)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes the user's preset; returns whether there was one.
+    pub async fn reset_preset(&self, user_id: u64) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM presets WHERE user_id = ?")
+            .bind(id(user_id))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    // --- guild settings --------------------------------------------------------------------
+
+    /// The guild's settings, or the defaults.
+    pub async fn guild_settings(&self, guild_id: u64) -> Result<GuildSettings> {
+        let row = sqlx::query(
+            "SELECT default_style, stickers_enabled FROM guild_settings WHERE guild_id = ?",
+        )
+        .bind(id(guild_id))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row
+            .map(|r| GuildSettings {
+                default_style: r.get("default_style"),
+                stickers_enabled: r.get("stickers_enabled"),
+            })
+            .unwrap_or_default())
+    }
+
+    /// Saves the guild's settings and records who changed them in the audit log.
+    pub async fn set_guild_settings(
+        &self,
+        guild_id: u64,
+        settings: &GuildSettings,
+        by_user: u64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO guild_settings (guild_id, default_style, stickers_enabled, updated_at) \
+             VALUES (?, ?, ?, ?) ON CONFLICT (guild_id) DO UPDATE SET \
+             default_style = excluded.default_style, \
+             stickers_enabled = excluded.stickers_enabled, updated_at = excluded.updated_at",
+        )
+        .bind(id(guild_id))
+        .bind(settings.default_style.clone())
+        .bind(settings.stickers_enabled)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let detail = format!(
+            "default_style={} stickers_enabled={}",
+            settings.default_style.as_deref().unwrap_or("-"),
+            settings.stickers_enabled
+        );
+        sqlx::query(
+            "INSERT INTO audit_log (guild_id, user_id, action, detail, at) \
+             VALUES (?, ?, 'guild_settings', ?, ?)",
+        )
+        .bind(id(guild_id))
+        .bind(id(by_user))
+        .bind(detail)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Audit entries of a guild, newest first: (user id, action, detail, unix ms).
+    pub async fn audit_log(&self, guild_id: u64) -> Result<Vec<(u64, String, String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT user_id, action, detail, at FROM audit_log WHERE guild_id = ? \
+             ORDER BY id DESC",
+        )
+        .bind(id(guild_id))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    snowflake(r.get("user_id")),
+                    r.get("action"),
+                    r.get("detail"),
+                    r.get("at"),
+                )
+            })
+            .collect())
+    }
+
+    // --- jobs ------------------------------------------------------------------------------
+
+    /// Records a new job as `queued`; returns its id.
+    pub async fn insert_job(&self, job: &NewJob) -> Result<i64> {
+        let (app, token, message) = match &job.reply {
+            Some(ReplyRef::Interaction {
+                application_id,
+                token,
+            }) => (Some(id(*application_id)), Some(token.clone()), None),
+            Some(ReplyRef::Message { message_id }) => (None, None, Some(id(*message_id))),
+            None => (None, None, None),
+        };
+        let done = sqlx::query(
+            "INSERT INTO jobs (user_id, guild_id, channel_id, source, image_sha256, style, \
+             output, status, created_at, reply_app_id, reply_token, reply_message_id) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+        )
+        .bind(id(job.user_id))
+        .bind(job.guild_id.map(id))
+        .bind(id(job.channel_id))
+        .bind(job.source.as_str())
+        .bind(job.image_sha256.clone())
+        .bind(job.style.clone())
+        .bind(job.output.clone())
+        .bind(now_ms())
+        .bind(app)
+        .bind(token)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.last_insert_rowid())
+    }
+
+    /// Marks a job as running (a worker took it after `queue_ms`).
+    pub async fn job_started(&self, job_id: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
+        )
+        .bind(now_ms())
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records how a job ended and forgets its reply token.
+    pub async fn finish_job(&self, job_id: i64, end: &JobEnd) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET status = ?, cached = ?, faces = ?, error = ?, queue_ms = ?, \
+             render_ms = ?, total_ms = ?, style = COALESCE(?, style), finished_at = ?, \
+             reply_app_id = NULL, reply_token = NULL, reply_message_id = NULL WHERE id = ?",
+        )
+        .bind(end.status.clone())
+        .bind(end.cached)
+        .bind(end.faces.map(i64::from))
+        .bind(end.error.clone())
+        .bind(end.queue_ms)
+        .bind(end.render_ms)
+        .bind(end.total_ms)
+        .bind(end.style.clone())
+        .bind(now_ms())
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn job(&self, job_id: i64) -> Result<Option<JobRecord>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = ?"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(job_record))
+    }
+
+    /// The user's most recent jobs, newest first.
+    pub async fn recent_jobs(&self, user_id: u64, limit: u32) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE user_id = ? ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(id(user_id))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job_record).collect())
+    }
+
+    /// Marks every job left `queued` or `running` by a previous run as `interrupted` and returns
+    /// them as they were (with their reply reference, which is then cleared).
+    pub async fn interrupt_unfinished(&self) -> Result<Vec<JobRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE status IN ('queued', 'running') ORDER BY id"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET status = 'interrupted', error = 'restart', finished_at = ?, \
+             reply_app_id = NULL, reply_token = NULL, reply_message_id = NULL \
+             WHERE status IN ('queued', 'running')",
+        )
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(job_record).collect())
+    }
+}
+
+fn job_record(r: &SqliteRow) -> JobRecord {
+    let reply = match (
+        r.get::<Option<i64>, _>("reply_app_id"),
+        r.get::<Option<String>, _>("reply_token"),
+        r.get::<Option<i64>, _>("reply_message_id"),
+    ) {
+        (Some(app), Some(token), _) => Some(ReplyRef::Interaction {
+            application_id: snowflake(app),
+            token,
+        }),
+        (_, _, Some(message)) => Some(ReplyRef::Message {
+            message_id: snowflake(message),
+        }),
+        _ => None,
+    };
+    JobRecord {
+        id: r.get("id"),
+        user_id: snowflake(r.get("user_id")),
+        guild_id: r.get::<Option<i64>, _>("guild_id").map(snowflake),
+        channel_id: snowflake(r.get("channel_id")),
+        source: r.get("source"),
+        image_sha256: r.get("image_sha256"),
+        style: r.get("style"),
+        output: r.get("output"),
+        status: r.get("status"),
+        cached: r.get("cached"),
+        faces: r.get::<Option<i64>, _>("faces").map(|f| f as u32),
+        error: r.get("error"),
+        created_at: r.get("created_at"),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
+        queue_ms: r.get("queue_ms"),
+        render_ms: r.get("render_ms"),
+        total_ms: r.get("total_ms"),
+        reply,
+    }
+}
+
+/// A snowflake as stored.
+fn id(snowflake: u64) -> i64 {
+    snowflake as i64
+}
+
+fn snowflake(stored: i64) -> u64 {
+    stored as u64
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

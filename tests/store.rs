@@ -1,0 +1,177 @@
+//! The SQLite store against a real database file.
+
+use toonbot::store::{GuildSettings, JobEnd, JobSource, NewJob, Preset, ReplyRef, Store};
+
+fn job(user: u64, reply: Option<ReplyRef>) -> NewJob {
+    NewJob {
+        user_id: user,
+        guild_id: Some(u64::MAX - 1),
+        channel_id: 42,
+        source: JobSource::Slash,
+        image_sha256: Some("ab".repeat(32)),
+        style: None,
+        output: "both".into(),
+        reply,
+    }
+}
+
+#[tokio::test]
+async fn opens_in_wal_mode_and_migrates_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/toonbot.sqlite");
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(store.journal_mode().await.unwrap(), "wal");
+    store.close().await;
+    // Opening again re-applies nothing and keeps working.
+    let store = Store::open(&path).await.unwrap();
+    assert!(store.preset(1).await.unwrap().is_none());
+    assert!(path.exists());
+}
+
+#[tokio::test]
+async fn presets_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    // Snowflakes above i64::MAX round-trip.
+    let user = u64::MAX - 5;
+    let preset = Preset {
+        style: Some("ink".into()),
+        output: "sticker".into(),
+        outline: false,
+        round_avatar: true,
+    };
+    {
+        let store = Store::open(&path).await.unwrap();
+        store.set_preset(user, &preset).await.unwrap();
+        let changed = Preset {
+            output: "avatar".into(),
+            ..preset.clone()
+        };
+        store.set_preset(7, &changed).await.unwrap();
+        store.close().await;
+    }
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(store.preset(user).await.unwrap(), Some(preset));
+    assert_eq!(store.preset(7).await.unwrap().unwrap().output, "avatar");
+    assert!(store.reset_preset(user).await.unwrap());
+    assert!(!store.reset_preset(user).await.unwrap());
+    assert_eq!(store.preset(user).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn guild_settings_default_and_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    assert_eq!(
+        store.guild_settings(9).await.unwrap(),
+        GuildSettings::default()
+    );
+    let settings = GuildSettings {
+        default_style: Some("ink".into()),
+        stickers_enabled: false,
+    };
+    store.set_guild_settings(9, &settings, 77).await.unwrap();
+    assert_eq!(store.guild_settings(9).await.unwrap(), settings);
+    let log = store.audit_log(9).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!((log[0].0, log[0].1.as_str()), (77, "guild_settings"));
+    assert!(log[0].2.contains("stickers_enabled=false"));
+}
+
+#[tokio::test]
+async fn jobs_record_their_lifecycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    let reply = ReplyRef::Interaction {
+        application_id: 100,
+        token: "tok".into(),
+    };
+    let id = store
+        .insert_job(&job(5, Some(reply.clone())))
+        .await
+        .unwrap();
+    let row = store.job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.reply.clone()),
+        ("queued", Some(reply))
+    );
+    assert_eq!(row.guild_id, Some(u64::MAX - 1));
+    store.job_started(id).await.unwrap();
+    assert_eq!(store.job(id).await.unwrap().unwrap().status, "running");
+    let end = JobEnd {
+        status: "done".into(),
+        faces: Some(2),
+        queue_ms: Some(1.5),
+        render_ms: Some(20.0),
+        total_ms: Some(30.0),
+        style: Some("classic".into()),
+        ..JobEnd::default()
+    };
+    store.finish_job(id, &end).await.unwrap();
+    let row = store.job(id).await.unwrap().unwrap();
+    assert_eq!(row.status, "done");
+    assert_eq!(row.faces, Some(2));
+    assert_eq!(row.style.as_deref(), Some("classic"));
+    assert_eq!(row.render_ms, Some(20.0));
+    assert!(row.started_at.is_some() && row.finished_at.is_some());
+    assert_eq!(
+        row.reply, None,
+        "the reply token is forgotten once the job ends"
+    );
+    assert_eq!(store.recent_jobs(5, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn unfinished_jobs_are_marked_interrupted_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let (queued, running, finished);
+    {
+        let store = Store::open(&path).await.unwrap();
+        queued = store
+            .insert_job(&job(1, Some(ReplyRef::Message { message_id: 55 })))
+            .await
+            .unwrap();
+        running = store
+            .insert_job(&job(
+                2,
+                Some(ReplyRef::Interaction {
+                    application_id: 100,
+                    token: "t".into(),
+                }),
+            ))
+            .await
+            .unwrap();
+        store.job_started(running).await.unwrap();
+        finished = store.insert_job(&job(3, None)).await.unwrap();
+        store
+            .finish_job(
+                finished,
+                &JobEnd {
+                    status: "failed".into(),
+                    error: Some("no_face".into()),
+                    ..JobEnd::default()
+                },
+            )
+            .await
+            .unwrap();
+        // No close: as if the process died.
+    }
+    let store = Store::open(&path).await.unwrap();
+    let lost = store.interrupt_unfinished().await.unwrap();
+    assert_eq!(
+        lost.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [queued, running]
+    );
+    assert_eq!(lost[0].reply, Some(ReplyRef::Message { message_id: 55 }));
+    assert_eq!(lost[1].status, "running");
+    for id in [queued, running] {
+        let row = store.job(id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.status.as_str(), row.error.as_deref(), row.reply),
+            ("interrupted", Some("restart"), None)
+        );
+    }
+    assert_eq!(store.job(finished).await.unwrap().unwrap().status, "failed");
+    assert!(store.interrupt_unfinished().await.unwrap().is_empty());
+}
