@@ -8,3 +8,5 @@ pub mod face;
 pub mod imageops;
 pub mod metrics;
 pub mod nets;
+pub mod rng;
+pub mod train;
