@@ -283,6 +283,36 @@ pub fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `toonbot bench --train`: training step times (JSON or a short table).
+pub fn bench_train(
+    config: &Config,
+    device: &Device,
+    size: usize,
+    batches: &[usize],
+    steps: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    let report = train::bench::run(device, &config.models.dir, size, batches, steps.max(1))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("training step at {size}x{size} on {}", report.device);
+    for (batch, ms) in &report.ms_per_step {
+        println!(
+            "batch {batch:<4} {ms:>10.0} ms/step {:>8.2} images/s",
+            report.images_per_s[batch]
+        );
+    }
+    if let Some(mib) = report.peak_rss_mib {
+        println!("peak host memory {mib:.0} MiB");
+    }
+    if let Some(diff) = report.cuda_vs_cpu_max_abs_diff {
+        println!("generator output, max |CUDA - CPU| = {diff:.2e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `toonbot styles`: one line per installed style.
 pub fn styles(config: &Config) -> Result<ExitCode> {
     let registry = StyleRegistry::from_config(config);

@@ -73,6 +73,16 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Time training steps instead (photo2cartoon's networks, seeded random images);
+        /// on CUDA also compares the generator's output with the CPU's.
+        #[arg(long)]
+        train: bool,
+        /// Training image side for --train.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Batch sizes for --train.
+        #[arg(long, num_args = 1.., default_values_t = [1])]
+        batch: Vec<usize>,
     },
     /// List the installed cartoon styles.
     Styles,
@@ -257,11 +267,20 @@ fn run(args: Args) -> Result<ExitCode> {
             )
         }
         Command::Bench {
+            runs,
+            json,
+            train: true,
+            size,
+            batch,
+            ..
+        } => cli::bench_train(&config, &device, size, &batch, runs, json),
+        Command::Bench {
             photo,
             style,
             runs,
             reference_python,
             json,
+            ..
         } => cli::bench(
             &config,
             &device,

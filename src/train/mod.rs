@@ -4,6 +4,7 @@
 //! the installation of trained generators as styles.
 
 pub mod adam;
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
