@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -10,10 +12,12 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::cartoon::compose::{self, ComposeOptions};
+use crate::cartoon::styles::{StyleError, StyleManifest, StyleRegistry};
 use crate::cartoon::{CartoonError, Cartoonizer};
 use crate::config::Config;
 use crate::face::{FacePipeline, PhotoFaces};
 use crate::imageops;
+use crate::train;
 
 /// `--device`: where the networks run.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -296,9 +300,39 @@ pub fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `toonbot bench --train`: training step times (JSON or a short table).
+pub fn bench_train(
+    config: &Config,
+    device: &Device,
+    size: usize,
+    batches: &[usize],
+    steps: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    let report = train::bench::run(device, &config.models.dir, size, batches, steps.max(1))?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("training step at {size}x{size} on {}", report.device);
+    for (batch, ms) in &report.ms_per_step {
+        println!(
+            "batch {batch:<4} {ms:>10.0} ms/step {:>8.2} images/s",
+            report.images_per_s[batch]
+        );
+    }
+    if let Some(mib) = report.peak_rss_mib {
+        println!("peak host memory {mib:.0} MiB");
+    }
+    if let Some(diff) = report.cuda_vs_cpu_max_abs_diff {
+        println!("generator output, max |CUDA - CPU| = {diff:.2e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `toonbot styles`: one line per installed style.
 pub fn styles(config: &Config) -> Result<ExitCode> {
-    let registry = crate::cartoon::styles::StyleRegistry::from_config(config);
+    let registry = StyleRegistry::from_config(config);
     let styles = registry.list();
     if styles.is_empty() {
         println!("no styles installed (train one with `toonbot train base`)");
@@ -314,4 +348,278 @@ fn file_stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "photo".into())
+}
+
+/// Settings shared by `train base` and `train finetune`.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    pub size: usize,
+    pub batch: usize,
+    pub steps: u64,
+    pub seed: u64,
+    pub lr: f64,
+    pub save_every: u64,
+    pub sample_every: u64,
+    pub log_every: u64,
+    pub time_limit_s: Option<u64>,
+    pub compact: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    fn options(&self, config: &Config, out: &Path) -> train::run::RunOptions {
+        train::run::RunOptions {
+            out: out.to_path_buf(),
+            compact: self.compact.clone(),
+            save_every: self.save_every.max(1),
+            sample_every: self.sample_every.max(1),
+            log_every: self.log_every.max(1),
+            time_limit: self.time_limit_s.map(std::time::Duration::from_secs),
+            models_dir: config.models.dir.clone(),
+        }
+    }
+
+    fn spec(&self, photos: PathBuf, cartoons: PathBuf) -> train::RunSpec {
+        train::RunSpec {
+            size: self.size,
+            batch: self.batch,
+            seed: self.seed,
+            lr: self.lr,
+            ..train::RunSpec::photo2cartoon(photos, cartoons, self.steps)
+        }
+    }
+}
+
+/// Ctrl-C / SIGTERM set the returned flag (the run checkpoints and stops after the current
+/// step); a second one exits at once.
+fn stop_on_signal() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step and saving a checkpoint (again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+/// Runs `trainer` with a progress bar (steps, losses, images/s, ETA).
+fn run_with_progress(trainer: &mut train::run::Trainer) -> Result<train::run::Finish> {
+    let stop = stop_on_signal()?;
+    let bar = indicatif::ProgressBar::new(trainer.spec.steps)
+        .with_position(trainer.step())
+        .with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} eta {eta} ({elapsed})",
+            )
+            .expect("valid template"),
+        );
+    let finish = trainer.run(&stop, |p| {
+        bar.set_position(p.step);
+        let loss = |k: &str| p.losses.get(k).copied().unwrap_or(f64::NAN);
+        bar.set_message(format!(
+            "G {:.3} D {:.3} cycle {:.3} id {:.3} | {:.2} img/s lr {:.1e}",
+            loss("Generator_loss"),
+            loss("Discriminator_loss"),
+            loss("G_recon_loss_A"),
+            loss("G_id_loss_A"),
+            p.images_per_s,
+            p.lr
+        ));
+    })?;
+    bar.finish_and_clear();
+    let out = &trainer.options.out;
+    eprintln!(
+        "{} at step {}/{}: checkpoint {}, log {}, samples in {}",
+        match finish {
+            train::run::Finish::Completed => "finished",
+            train::run::Finish::Interrupted => "interrupted",
+            train::run::Finish::TimeLimit => "time limit reached",
+        },
+        trainer.step(),
+        trainer.spec.steps,
+        trainer.checkpoint_path().display(),
+        out.join(train::run::LOG_FILE).display(),
+        out.join(train::run::SAMPLES_DIR).display(),
+    );
+    Ok(finish)
+}
+
+/// `toonbot train base`: trains all six networks from scratch (or resumes the run in `out`).
+pub fn train_base(
+    config: &Config,
+    device: &Device,
+    photos: PathBuf,
+    cartoons: PathBuf,
+    out: &Path,
+    args: &TrainArgs,
+    resume: bool,
+) -> Result<ExitCode> {
+    let options = args.options(config, out);
+    let start = if resume {
+        let path = [
+            Some(out.join(train::run::CHECKPOINT_FILE)),
+            args.compact.clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "--resume: no checkpoint in {} (nor --compact)",
+                out.display()
+            )
+        })?;
+        eprintln!("resuming from {}", path.display());
+        train::run::Start::Resume(path)
+    } else {
+        train::run::Start::Fresh
+    };
+    let mut trainer =
+        train::run::Trainer::new(args.spec(photos, cartoons), options, start, device)?;
+    run_with_progress(&mut trainer)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `toonbot train finetune`: starts from an installed style and installs the result as
+/// style `name`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_finetune(
+    config: &Config,
+    device: &Device,
+    from: &str,
+    cartoons: PathBuf,
+    name: &str,
+    photos: Option<PathBuf>,
+    freeze: train::params::Freeze,
+    out: Option<PathBuf>,
+    args: &TrainArgs,
+    dtype: train::style::WeightsDtype,
+) -> Result<ExitCode> {
+    let registry = StyleRegistry::from_config(config);
+    let target = registry
+        .trained_dir(name)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let base_style = registry.find(from).map_err(|e| match e {
+        StyleError::NoneInstalled { .. } => anyhow::anyhow!(
+            "no base style is installed to fine-tune from: train one with `toonbot train base` \
+             and install it with `toonbot train export --finetunable` ({e})"
+        ),
+        e => anyhow::anyhow!("{e}"),
+    })?;
+    let base = train::style::load_base(&base_style, device)?;
+    if base.spec.is_none() {
+        anyhow::ensure!(
+            freeze == train::params::Freeze::None,
+            "style {from:?} holds only its generator, not its training state ({}): \
+             --freeze {freeze:?} needs the base's other networks. Install the base with \
+             `toonbot train export --finetunable`, or use --freeze none",
+            train::style::TRAINING_FILE
+        );
+        eprintln!(
+            "style {from:?} has no training state: generator B->A and the discriminators start \
+             from scratch"
+        );
+    }
+    let photos = photos
+        .or_else(|| base.spec.as_ref().map(|s| s.photos.clone()))
+        .context("--photos is needed: the base style does not record its training photos")?;
+    let mut spec = args.spec(photos, cartoons);
+    spec.freeze = freeze;
+    spec.base = Some(from.to_string());
+    if let Some(base_spec) = &base.spec {
+        spec.net = base_spec.net;
+    }
+    let out = out.unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
+    let start = train::run::Start::Weights {
+        tensors: base.tensors,
+        networks: base.networks,
+    };
+    let mut trainer = train::run::Trainer::new(spec, args.options(config, &out), start, device)?;
+    if run_with_progress(&mut trainer)? != train::run::Finish::Completed {
+        eprintln!("not installing style {name:?}: the fine-tune did not finish");
+        return Ok(ExitCode::from(2));
+    }
+    let manifest = StyleManifest {
+        description: format!(
+            "fine-tuned from {from} on {}",
+            trainer.spec.cartoons.display()
+        ),
+        base: Some(from.to_string()),
+        steps: Some(trainer.step()),
+    };
+    train::style::install(&target, &trainer.model, dtype, &manifest, None)?;
+    eprintln!("installed style {name:?} in {}", target.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `toonbot train export`: installs generator A->B of a checkpoint as style `name`.
+pub fn train_export(
+    config: &Config,
+    device: &Device,
+    checkpoint: &Path,
+    name: &str,
+    description: Option<String>,
+    dtype: train::style::WeightsDtype,
+    finetunable: bool,
+) -> Result<ExitCode> {
+    let path = if checkpoint.is_dir() {
+        checkpoint.join(train::run::CHECKPOINT_FILE)
+    } else {
+        checkpoint.to_path_buf()
+    };
+    let loaded = train::checkpoint::load(&path, device)?;
+    let spec = &loaded.state.spec;
+    let model = train::model::Ugatit::new(spec.net, spec.freeze, spec.seed, device)?;
+    model.load(&loaded.tensors, &train::model::NETWORKS)?;
+    let registry = StyleRegistry::from_config(config);
+    let dir = registry
+        .trained_dir(name)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let manifest = StyleManifest {
+        description: description.unwrap_or_else(|| {
+            format!(
+                "trained on {} ({} steps)",
+                spec.cartoons.display(),
+                loaded.state.step
+            )
+        }),
+        base: spec.base.clone(),
+        steps: Some(loaded.state.step),
+    };
+    let training = finetunable.then_some((loaded.state.step, spec));
+    train::style::install(&dir, &model, dtype, &manifest, training)?;
+    eprintln!("installed style {name:?} in {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `toonbot eval`: KID x100 and identity cosine of a style (JSON or a short table).
+pub fn eval(
+    config: &Config,
+    device: &Device,
+    style: Option<&str>,
+    photos: &Path,
+    cartoons: &Path,
+    json: bool,
+) -> Result<ExitCode> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    let report = train::eval::evaluate(config, device, style, photos, cartoons, || bar.inc(1))?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "style {}: KID x100 {:.2} ± {:.2} ({} photos vs {} cartoons, subsets of {}), \
+             identity cosine {:.3}",
+            report.style,
+            report.kid_x100,
+            report.kid_std_x100,
+            report.photos,
+            report.cartoons,
+            report.kid_subset_size,
+            report.identity_cosine
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

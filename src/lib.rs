@@ -10,4 +10,6 @@ pub mod imageops;
 pub mod jobs;
 pub mod metrics;
 pub mod nets;
+pub mod rng;
 pub mod store;
+pub mod train;

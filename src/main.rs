@@ -75,6 +75,16 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Time training steps instead (photo2cartoon's networks, seeded random images);
+        /// on CUDA also compares the generator's output with the CPU's.
+        #[arg(long)]
+        train: bool,
+        /// Training image side for --train.
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        /// Batch sizes for --train.
+        #[arg(long, num_args = 1.., default_values_t = [1])]
+        batch: Vec<usize>,
     },
     /// List the installed cartoon styles.
     Styles,
@@ -85,6 +95,134 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Train cartoon generators (photo2cartoon's U-GAT-IT with face-ID loss).
+    Train {
+        #[command(subcommand)]
+        command: TrainCommand,
+    },
+    /// Score a style: KID x100 against a cartoon set and photo/cartoon identity cosine.
+    Eval {
+        /// Style name (default: the configured default style).
+        #[arg(long)]
+        style: Option<String>,
+        /// Aligned face crops (e.g. `toonbot prepare` output).
+        #[arg(long)]
+        photos: PathBuf,
+        /// Reference cartoons (held out from training).
+        #[arg(long)]
+        cartoons: PathBuf,
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Train all six networks from scratch; checkpoints, log and sample grids go to --out.
+    Base {
+        /// Aligned photos (`toonbot prepare` output).
+        #[arg(long)]
+        photos: PathBuf,
+        #[arg(long)]
+        cartoons: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue the run in --out (its checkpoint, else the --compact one) exactly.
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        common: TrainFlags,
+    },
+    /// Fine-tune an installed style on a few cartoons and install the result as a new style.
+    Finetune {
+        /// The base style.
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        cartoons: PathBuf,
+        /// Name of the new style.
+        #[arg(long)]
+        name: String,
+        /// Aligned photos (default: those the base was trained on).
+        #[arg(long)]
+        photos: Option<PathBuf>,
+        /// Which generator parts train.
+        #[arg(long, value_enum, default_value = "branches")]
+        freeze: toonbot::train::params::Freeze,
+        /// Run directory (default: <styles.dir>/../runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Precision of the installed generator.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: toonbot::train::style::WeightsDtype,
+        #[command(flatten)]
+        common: TrainFlags,
+    },
+    /// Install generator A->B of a training checkpoint as a style.
+    Export {
+        /// A checkpoint file, or a run directory holding checkpoint.safetensors.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: toonbot::train::style::WeightsDtype,
+        /// Also install the compact training state, so the style can be fine-tuned from.
+        #[arg(long)]
+        finetunable: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainFlags {
+    /// Training image side (multiple of 16).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Total steps; the learning rate decays linearly over the second half (default:
+    /// 200000 for base, as photo2cartoon's schedule; 2000 for finetune).
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Write the checkpoint every this many steps (and on Ctrl-C / SIGTERM).
+    #[arg(long, default_value_t = 1000)]
+    save_every: u64,
+    /// Write a sample grid every this many steps.
+    #[arg(long, default_value_t = 1000)]
+    sample_every: u64,
+    /// Append mean losses to train.jsonl every this many steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: u64,
+    /// Stop (with a checkpoint) after this many seconds.
+    #[arg(long)]
+    time_limit: Option<u64>,
+    /// Also keep a compact checkpoint (f16, no optimiser state) at this path.
+    #[arg(long)]
+    compact: Option<PathBuf>,
+}
+
+impl TrainFlags {
+    fn args(self, default_steps: u64) -> cli::TrainArgs {
+        cli::TrainArgs {
+            size: self.size,
+            batch: self.batch,
+            steps: self.steps.unwrap_or(default_steps),
+            seed: self.seed,
+            lr: self.lr,
+            save_every: self.save_every,
+            sample_every: self.sample_every,
+            log_every: self.log_every,
+            time_limit_s: self.time_limit,
+            compact: self.compact,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -134,11 +272,20 @@ fn run(args: Args) -> Result<ExitCode> {
             )
         }
         Command::Bench {
+            runs,
+            json,
+            train: true,
+            size,
+            batch,
+            ..
+        } => cli::bench_train(&config, &device, size, &batch, runs, json),
+        Command::Bench {
             photo,
             style,
             runs,
             reference_python,
             json,
+            ..
         } => cli::bench(
             &config,
             &device,
@@ -151,5 +298,68 @@ fn run(args: Args) -> Result<ExitCode> {
         Command::Serve => cli::serve(&config, &device),
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
+        Command::Train { command } => train(&config, &device, command),
+        Command::Eval {
+            style,
+            photos,
+            cartoons,
+            json,
+        } => cli::eval(&config, &device, style.as_deref(), &photos, &cartoons, json),
+    }
+}
+
+fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -> Result<ExitCode> {
+    match command {
+        TrainCommand::Base {
+            photos,
+            cartoons,
+            out,
+            resume,
+            common,
+        } => cli::train_base(
+            config,
+            device,
+            photos,
+            cartoons,
+            &out,
+            &common.args(200_000),
+            resume,
+        ),
+        TrainCommand::Finetune {
+            from,
+            cartoons,
+            name,
+            photos,
+            freeze,
+            out,
+            dtype,
+            common,
+        } => cli::train_finetune(
+            config,
+            device,
+            &from,
+            cartoons,
+            &name,
+            photos,
+            freeze,
+            out,
+            &common.args(2_000),
+            dtype,
+        ),
+        TrainCommand::Export {
+            checkpoint,
+            name,
+            description,
+            dtype,
+            finetunable,
+        } => cli::train_export(
+            config,
+            device,
+            &checkpoint,
+            &name,
+            description,
+            dtype,
+            finetunable,
+        ),
     }
 }

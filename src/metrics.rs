@@ -8,6 +8,8 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
+use crate::rng::SplitMix64;
+
 /// Settings of a KID estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KidConfig {
@@ -121,34 +123,6 @@ pub fn identity_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
         |t: &Tensor| -> Result<Tensor> { t.sqr()?.sum(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX) };
     let cos = ((&a * &b)?.sum(D::Minus1)? / (norm(&a)? * norm(&b)?)?)?;
     cos.mean_all()?.to_scalar::<f64>()
-}
-
-/// SplitMix64 (Steele et al. 2014): a tiny, seedable generator for subset sampling.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..bound` (multiply-shift; the bias is below 2^-32 for the sizes used here).
-    fn below(&mut self, bound: usize) -> usize {
-        ((self.next_u64() as u128 * bound as u128) >> 64) as usize
-    }
-
-    /// A uniformly random `m`-subset of `perm`'s entries by a partial Fisher-Yates shuffle
-    /// (which also leaves `perm` a permutation for the next call).
-    fn sample<'a>(&mut self, perm: &'a mut [u32], m: usize) -> &'a [u32] {
-        for i in 0..m {
-            let j = i + self.below(perm.len() - i);
-            perm.swap(i, j);
-        }
-        &perm[..m]
-    }
 }
 
 #[cfg(test)]

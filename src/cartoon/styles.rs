@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const WEIGHTS_FILE: &str = "generator.safetensors";
 pub const MANIFEST_FILE: &str = "style.toml";
@@ -45,11 +45,18 @@ pub enum StyleError {
     InvalidName(String),
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `style.toml`.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Manifest {
+pub struct StyleManifest {
     #[serde(default)]
-    description: String,
+    pub description: String,
+    /// The style this one was fine-tuned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Training steps behind the generator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
 }
 
 /// Where styles are looked up, shipped ones first.
@@ -135,7 +142,7 @@ fn scan(root: &Path, shipped: bool) -> Vec<StyleInfo> {
             if !is_valid_name(&name) || !dir.join(WEIGHTS_FILE).is_file() {
                 return None;
             }
-            let manifest: Manifest = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+            let manifest: StyleManifest = std::fs::read_to_string(dir.join(MANIFEST_FILE))
                 .ok()
                 .and_then(|text| toml::from_str(&text).ok())
                 .unwrap_or_default();

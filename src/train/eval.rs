@@ -1,0 +1,139 @@
+//! `toonbot eval`: how good a style is on a photo set, against a cartoon set.
+//!
+//! The photos are aligned face crops (`toonbot prepare` output, or any aligned set such as
+//! photo2cartoon's): each goes through the inference path from its segmentation on (resize
+//! to 256, portrait mask, whiten, generator, output composited on white with the mask), so
+//! the cartoons scored are the ones users get. Already-whitened crops pass through the
+//! mask unchanged.
+//!
+//! - KID x100 (and its std over subsets) between the FID-Inception pool3 features of those
+//!   cartoons and of the cartoon set, both at 256x256 (the network resizes to 299).
+//! - Identity: mean cosine between the face embeddings of each photo and its cartoon, on
+//!   the face-ID loss's crop.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+use serde::Serialize;
+
+use super::data::ImageFolder;
+use super::face_id::FaceIdLoss;
+use crate::cartoon::{compose, Cartoonizer};
+use crate::config::Config;
+use crate::face::ALIGNED_SIZE;
+use crate::imageops;
+use crate::metrics::{identity_cosine, kid, KidConfig};
+use crate::nets::generator;
+use crate::nets::inception::InceptionV3;
+
+/// Images per network batch.
+const BATCH: usize = 8;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub style: String,
+    pub photos: usize,
+    pub cartoons: usize,
+    pub kid_x100: f64,
+    pub kid_std_x100: f64,
+    pub kid_subset_size: usize,
+    /// Mean cosine similarity of the face embeddings of each photo and its cartoon.
+    pub identity_cosine: f64,
+}
+
+fn load_inception(config: &Config, device: &Device) -> Result<InceptionV3> {
+    let path = config.models.dir.join("inception.safetensors");
+    anyhow::ensure!(
+        path.is_file(),
+        "KID needs the FID Inception weights at {}, which are not committed (87 MB): create \
+         them with `python tools/import/inception.py` (see models/README.md)",
+        path.display()
+    );
+    let vb = crate::face::load_weights(&config.models.dir, "inception", device)?;
+    Ok(InceptionV3::new(&Default::default(), vb)?)
+}
+
+fn square(img: &RgbImage) -> RgbImage {
+    let s = ALIGNED_SIZE;
+    if img.dimensions() == (s, s) {
+        img.clone()
+    } else {
+        imageops::resize_rgb(img, s, s)
+    }
+}
+
+/// Scores `style` (default style when `None`) on `photos` against `cartoons`;
+/// `on_image` is called after each photo is cartoonised.
+pub fn evaluate(
+    config: &Config,
+    device: &Device,
+    style: Option<&str>,
+    photos: &Path,
+    cartoons: &Path,
+    mut on_image: impl FnMut(),
+) -> Result<EvalReport> {
+    let inception = load_inception(config, device)?;
+    let cartoonizer = Cartoonizer::load(config, device)?;
+    let (info, generator) = cartoonizer
+        .generator(style)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let face_id = FaceIdLoss::load(&config.models.dir, ALIGNED_SIZE as usize, device)?;
+    let photos = ImageFolder::open(photos)?;
+    let cartoon_set = ImageFolder::open(cartoons)?;
+
+    let mut generated_features = Vec::new();
+    let (mut photo_embeddings, mut cartoon_embeddings) = (Vec::new(), Vec::new());
+    for chunk in (0..photos.len()).collect::<Vec<_>>().chunks(BATCH) {
+        let crops = chunk
+            .iter()
+            .map(|&i| Ok(square(&photos.load(i)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let masks = cartoonizer.faces().segment(&crops)?;
+        let inputs: Vec<RgbImage> = crops
+            .iter()
+            .zip(&masks)
+            .map(|(c, m)| imageops::whiten(c, m))
+            .collect();
+        let input = generator::normalize(&imageops::rgb_batch(&inputs, device)?)?;
+        let output = generator.forward(&input)?.0.to_device(&Device::Cpu)?;
+        let cartoons = masks
+            .iter()
+            .enumerate()
+            .map(|(i, mask)| {
+                let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(compose::cartoon_on_white(&values, mask))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cartoon_batch = imageops::rgb_batch(&cartoons, device)?;
+        generated_features.push(inception.forward(&cartoon_batch)?);
+        photo_embeddings.push(face_id.embed(&input)?);
+        cartoon_embeddings.push(face_id.embed(&generator::normalize(&cartoon_batch)?)?);
+        chunk.iter().for_each(|_| on_image());
+    }
+    let mut reference_features = Vec::new();
+    for chunk in (0..cartoon_set.len()).collect::<Vec<_>>().chunks(BATCH) {
+        let images = chunk
+            .iter()
+            .map(|&i| Ok(square(&cartoon_set.load(i)?)))
+            .collect::<Result<Vec<_>>>()?;
+        reference_features.push(inception.forward(&imageops::rgb_batch(&images, device)?)?);
+    }
+    let cat = |v: Vec<Tensor>| Tensor::cat(&v, 0).context("stacking features");
+    let score = kid(
+        &cat(generated_features)?,
+        &cat(reference_features)?,
+        &KidConfig::default(),
+    )?;
+    let (kid_x100, kid_std_x100) = score.times_100();
+    Ok(EvalReport {
+        style: info.name,
+        photos: photos.len(),
+        cartoons: cartoon_set.len(),
+        kid_x100,
+        kid_std_x100,
+        kid_subset_size: score.subset_size,
+        identity_cosine: identity_cosine(&cat(photo_embeddings)?, &cat(cartoon_embeddings)?)?,
+    })
+}

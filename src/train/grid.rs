@@ -1,0 +1,52 @@
+//! Sample grids: one row per fixed preview photo, columns photo | its cartoon (A->B) | the
+//! cycle back to a photo (B->A of the cartoon).
+
+use candle_core::{Device, Result, Tensor};
+use image::RgbImage;
+
+use super::model::Ugatit;
+use crate::nets::generator;
+
+/// `(N, 3, H, W)` images in [-1, 1] as 8-bit RGB images.
+pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
+    let (n, _, h, w) = images.dims4()?;
+    let bytes = generator::denormalize(&images.detach())?
+        .clamp(0f32, 255f32)?
+        .round()?
+        .permute((0, 2, 3, 1))?
+        .to_device(&Device::Cpu)?
+        .to_dtype(candle_core::DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    Ok(bytes
+        .chunks_exact(h * w * 3)
+        .take(n)
+        .map(|c| RgbImage::from_raw(w as u32, h as u32, c.to_vec()).expect("sizes match"))
+        .collect())
+}
+
+/// The grid for `photos` `(N, 3, S, S)` in [-1, 1].
+pub fn sample_grid(model: &Ugatit, photos: &Tensor) -> Result<RgbImage> {
+    let cartoons = model.gen_a2b.forward(photos)?.0.detach();
+    let cycle = model.gen_b2a.forward(&cartoons)?.0.detach();
+    let columns = [
+        to_rgb_images(photos)?,
+        to_rgb_images(&cartoons)?,
+        to_rgb_images(&cycle)?,
+    ];
+    let (_, _, s, _) = photos.dims4()?;
+    let s = s as u32;
+    let rows = columns[0].len() as u32;
+    let mut grid = RgbImage::new(3 * s, rows * s);
+    for (col, images) in columns.iter().enumerate() {
+        for (row, img) in images.iter().enumerate() {
+            image::imageops::replace(
+                &mut grid,
+                img,
+                (col as u32 * s).into(),
+                (row as u32 * s).into(),
+            );
+        }
+    }
+    Ok(grid)
+}

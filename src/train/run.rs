@@ -1,0 +1,306 @@
+//! The training loop: batches in the seeded order, one [`Step`] each, a JSON-lines log,
+//! sample grids and checkpoints every N steps, and a clean stop (with a checkpoint) when
+//! asked to, when a time limit passes or at the last step.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use super::adam::{Adam, AdamConfig};
+use super::checkpoint;
+use super::data::{ImageFolder, TrainData};
+use super::face_id::FaceIdLoss;
+use super::grid::sample_grid;
+use super::model::Ugatit;
+use super::step::{Losses, Step};
+use super::RunSpec;
+
+/// The full checkpoint's file name in the output directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The JSON-lines log's file name in the output directory.
+pub const LOG_FILE: &str = "train.jsonl";
+/// Sample grids go to this subdirectory, one PNG per step.
+pub const SAMPLES_DIR: &str = "samples";
+/// Photos in a sample grid.
+const PREVIEW_PHOTOS: usize = 4;
+
+/// How a run is carried out (not part of its results).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Output directory: checkpoint, log, sample grids.
+    pub out: PathBuf,
+    /// Also keep a compact checkpoint here (replaced at every save).
+    pub compact: Option<PathBuf>,
+    pub save_every: u64,
+    pub sample_every: u64,
+    pub log_every: u64,
+    /// Stop (with a checkpoint) once this much time has passed.
+    pub time_limit: Option<Duration>,
+    /// Directory holding `face_embedder.safetensors`.
+    pub models_dir: PathBuf,
+}
+
+/// Where the networks' weights come from.
+pub enum Start {
+    /// Fresh, seeded initialisation.
+    Fresh,
+    /// The named networks from these tensors (keys `genA2B.<param>`, ...), the others fresh.
+    Weights {
+        tensors: HashMap<String, Tensor>,
+        networks: Vec<&'static str>,
+    },
+    /// Continue from a checkpoint file.
+    Resume(PathBuf),
+}
+
+/// What one step reports to a progress display.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    /// Completed steps.
+    pub step: u64,
+    pub steps: u64,
+    pub lr: f64,
+    pub losses: Losses,
+    /// Training pairs per second since this process started training.
+    pub images_per_s: f64,
+}
+
+/// Why a run returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Completed,
+    Interrupted,
+    TimeLimit,
+}
+
+/// A prepared run.
+pub struct Trainer {
+    pub spec: RunSpec,
+    pub options: RunOptions,
+    pub model: Ugatit,
+    face_id: FaceIdLoss,
+    data: TrainData,
+    g_optim: Adam,
+    d_optim: Adam,
+    /// Completed steps.
+    step: u64,
+    preview: Tensor,
+    device: Device,
+}
+
+impl Trainer {
+    /// Sets up a run: `spec` for a fresh start or from weights; for [`Start::Resume`] the
+    /// checkpoint's own spec is used and `spec` is ignored.
+    pub fn new(spec: RunSpec, options: RunOptions, start: Start, device: &Device) -> Result<Self> {
+        let resumed = match start {
+            Start::Resume(ref path) => Some(checkpoint::load(path, device)?),
+            _ => None,
+        };
+        let spec = resumed.as_ref().map_or(spec, |c| c.state.spec.clone());
+        spec.net.check_size(spec.size)?;
+        anyhow::ensure!(
+            spec.batch > 0 && spec.steps > 0,
+            "batch and steps must be positive"
+        );
+        let data = TrainData {
+            photos: ImageFolder::open(&spec.photos)?,
+            cartoons: ImageFolder::open(&spec.cartoons)?,
+            size: spec.size,
+            batch: spec.batch,
+            seed: spec.seed,
+        };
+        let model = Ugatit::new(spec.net, spec.freeze, spec.seed, device)?;
+        match &start {
+            Start::Fresh => {}
+            Start::Weights { tensors, networks } => model.load(tensors, networks)?,
+            Start::Resume(_) => {}
+        }
+        if let Some(c) = &resumed {
+            model.load(&c.tensors, &super::model::NETWORKS)?;
+        }
+        let adam = AdamConfig::photo2cartoon();
+        let mut g_optim = Adam::new(model.generator_vars(), adam)?;
+        let mut d_optim = Adam::new(model.discriminator_vars(), adam)?;
+        if let Some(c) = &resumed {
+            c.restore_optimisers(&mut g_optim, &mut d_optim)?;
+        }
+        Ok(Self {
+            face_id: FaceIdLoss::load(&options.models_dir, spec.size, device)?,
+            preview: data.preview_photos(PREVIEW_PHOTOS, device)?,
+            step: resumed.map_or(0, |c| c.state.step),
+            spec,
+            options,
+            model,
+            data,
+            g_optim,
+            d_optim,
+            device: device.clone(),
+        })
+    }
+
+    /// Completed steps.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.options.out.join(CHECKPOINT_FILE)
+    }
+
+    /// Trains until the last step, `stop` is set, or the time limit passes; checkpoints
+    /// before returning. `on_step` sees every step's losses.
+    pub fn run(&mut self, stop: &AtomicBool, mut on_step: impl FnMut(&Progress)) -> Result<Finish> {
+        std::fs::create_dir_all(&self.options.out)
+            .with_context(|| format!("creating {}", self.options.out.display()))?;
+        let mut log = LossLog::open(&self.options.out.join(LOG_FILE))?;
+        let started = Instant::now();
+        let first_step = self.step;
+        let finish = loop {
+            if self.step >= self.spec.steps {
+                break Finish::Completed;
+            }
+            if stop.load(Ordering::SeqCst) {
+                break Finish::Interrupted;
+            }
+            if self
+                .options
+                .time_limit
+                .is_some_and(|t| started.elapsed() >= t)
+            {
+                break Finish::TimeLimit;
+            }
+            let losses = self.train_one()?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let progress = Progress {
+                step: self.step,
+                steps: self.spec.steps,
+                lr: self.spec.learning_rate(self.step),
+                images_per_s: ((self.step - first_step) * self.spec.batch as u64) as f64 / elapsed,
+                losses,
+            };
+            log.add(&progress);
+            if self.step.is_multiple_of(self.options.log_every) {
+                log.flush(&progress, elapsed)?;
+            }
+            if self.step.is_multiple_of(self.options.sample_every) {
+                self.write_samples()?;
+            }
+            if self.step.is_multiple_of(self.options.save_every) {
+                self.save()?;
+            }
+            on_step(&progress);
+        };
+        if !self.step.is_multiple_of(self.options.save_every) || self.step == first_step {
+            self.save()?;
+        }
+        Ok(finish)
+    }
+
+    fn train_one(&mut self) -> Result<Losses> {
+        let (real_a, real_b) = self.data.batch(self.step, &self.device)?;
+        let lr = self.spec.learning_rate(self.step + 1);
+        let step = Step {
+            model: &self.model,
+            face_id: &self.face_id,
+            weights: self.spec.weights,
+        };
+        let losses = step.run(&real_a, &real_b, &mut self.d_optim, &mut self.g_optim, lr)?;
+        self.step += 1;
+        Ok(losses)
+    }
+
+    /// Writes the full checkpoint (and the compact one when configured).
+    pub fn save(&self) -> Result<()> {
+        let optimisers = Some((&self.g_optim, &self.d_optim));
+        checkpoint::save(
+            &self.checkpoint_path(),
+            self.step,
+            &self.spec,
+            &self.model,
+            optimisers,
+        )?;
+        if let Some(compact) = &self.options.compact {
+            checkpoint::save(compact, self.step, &self.spec, &self.model, None)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `samples/step-NNNNNNN.png` and returns its path.
+    pub fn write_samples(&self) -> Result<PathBuf> {
+        let grid = sample_grid(&self.model, &self.preview)?;
+        let path = self
+            .options
+            .out
+            .join(SAMPLES_DIR)
+            .join(format!("step-{:07}.png", self.step));
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        grid.save(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// Loss means over each logging interval, appended to the JSON-lines log.
+struct LossLog {
+    file: std::fs::File,
+    sums: Losses,
+    count: u64,
+}
+
+#[derive(Serialize)]
+struct LogLine<'a> {
+    step: u64,
+    lr: f64,
+    images_per_s: f64,
+    elapsed_s: f64,
+    /// Means over the steps since the previous line.
+    losses: &'a Losses,
+}
+
+impl LossLog {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            file,
+            sums: Losses::new(),
+            count: 0,
+        })
+    }
+
+    fn add(&mut self, p: &Progress) {
+        for (name, value) in &p.losses {
+            *self.sums.entry(name.clone()).or_default() += value;
+        }
+        self.count += 1;
+    }
+
+    fn flush(&mut self, p: &Progress, elapsed_s: f64) -> Result<()> {
+        let means: Losses = self
+            .sums
+            .iter()
+            .map(|(k, v)| (k.clone(), v / self.count as f64))
+            .collect();
+        let line = LogLine {
+            step: p.step,
+            lr: p.lr,
+            images_per_s: p.images_per_s,
+            elapsed_s,
+            losses: &means,
+        };
+        writeln!(self.file, "{}", serde_json::to_string(&line)?)?;
+        self.file.flush()?;
+        self.sums.clear();
+        self.count = 0;
+        Ok(())
+    }
+}

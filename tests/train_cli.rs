@@ -1,0 +1,170 @@
+//! `toonbot train ...` and `toonbot eval` end to end: export, fine-tune (at tiny size, from a
+//! checkpoint the library wrote), and the plain errors for a missing base or Inception.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Device;
+use image::{Rgb, RgbImage};
+use toonbot::train::model::NetConfig;
+use toonbot::train::run::{RunOptions, Start, Trainer};
+use toonbot::train::RunSpec;
+
+fn toonbot(args: &[&str], styles_dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_toonbot"))
+        .args(args)
+        .env("TOONBOT_STYLES__DIR", styles_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("toonbot runs")
+}
+
+fn images(dir: &Path, n: u32, shade: u8) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        RgbImage::from_fn(36, 36, |x, y| {
+            Rgb([shade, (x * 7) as u8, (y * 7 + i * 30) as u8])
+        })
+        .save(dir.join(format!("{i}.png")))
+        .unwrap();
+    }
+}
+
+/// A 1-step tiny training run's checkpoint in `root/run`.
+fn tiny_checkpoint(root: &Path) -> std::path::PathBuf {
+    let (photos, cartoons) = (root.join("photos"), root.join("cartoons"));
+    images(&photos, 2, 40);
+    images(&cartoons, 2, 220);
+    let mut spec = RunSpec::photo2cartoon(photos, cartoons, 1);
+    spec.size = 32;
+    spec.net = NetConfig {
+        ngf: 4,
+        n_blocks: 1,
+        ndf: 4,
+        global_layers: 4,
+        local_layers: 3,
+    };
+    let out = root.join("run");
+    let options = RunOptions {
+        out: out.clone(),
+        compact: None,
+        save_every: 1,
+        sample_every: 100,
+        log_every: 1,
+        time_limit: None,
+        models_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+    };
+    let mut t = Trainer::new(spec, options, Start::Fresh, &Device::Cpu).unwrap();
+    t.run(&AtomicBool::new(false), |_| {}).unwrap();
+    out
+}
+
+#[test]
+fn export_then_finetune_installs_styles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let styles = tmp.path().join("styles");
+    let run = tiny_checkpoint(tmp.path());
+    let out = toonbot(
+        &[
+            "train",
+            "export",
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--name",
+            "tiny",
+            "--finetunable",
+        ],
+        &styles,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in [
+        "generator.safetensors",
+        "style.toml",
+        "training.safetensors",
+    ] {
+        assert!(styles.join("tiny").join(file).is_file(), "{file}");
+    }
+    let manifest = std::fs::read_to_string(styles.join("tiny/style.toml")).unwrap();
+    assert!(manifest.contains("steps = 1"), "{manifest}");
+    let listed = toonbot(&["styles"], &styles);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("tiny"));
+
+    let cartoons = tmp.path().join("new-cartoons");
+    images(&cartoons, 3, 160);
+    let out = toonbot(
+        &[
+            "train",
+            "finetune",
+            "--from",
+            "tiny",
+            "--cartoons",
+            cartoons.to_str().unwrap(),
+            "--name",
+            "tiny-ft",
+            "--size",
+            "32",
+            "--steps",
+            "1",
+            "--out",
+            tmp.path().join("ft-run").to_str().unwrap(),
+        ],
+        &styles,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest = std::fs::read_to_string(styles.join("tiny-ft/style.toml")).unwrap();
+    assert!(
+        manifest.contains("base = \"tiny\"") && manifest.contains("steps = 1"),
+        "{manifest}"
+    );
+    assert!(styles.join("tiny-ft/generator.safetensors").is_file());
+}
+
+#[test]
+fn finetune_without_a_base_style_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = toonbot(
+        &[
+            "train",
+            "finetune",
+            "--from",
+            "p2c",
+            "--cartoons",
+            "x",
+            "--name",
+            "mine",
+        ],
+        &tmp.path().join("styles"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no base style is installed"), "{err}");
+}
+
+#[test]
+fn eval_without_inception_weights_says_how_to_get_them() {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    if models.join("inception.safetensors").is_file() {
+        eprintln!("skipping: the Inception weights are installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = toonbot(
+        &["eval", "--photos", "x", "--cartoons", "y"],
+        &tmp.path().join("styles"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("inception.safetensors") && err.contains("tools/import/inception.py"),
+        "{err}"
+    );
+}

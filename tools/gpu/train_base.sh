@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The prepared script of a GPU session (DESIGN §8): runs on the device machine, in the
+# repository root, with no cargo and no network. It needs, carried in CARRY (default
+# .gpu-carry, see tools/gpu/pack_data.sh):
+#   toonbot                 a CUDA build (tools/build-cuda.sh), copied here
+#   data.tar                photos/ and cartoons/ as 256-px JPEGs (tools/gpu/pack_data.sh)
+#   compact.safetensors     optional: a compact checkpoint to resume the base run from
+# and writes under $OUT, as it goes (so a killed run still leaves them):
+#   session.log             everything printed, nvidia-smi, timings
+#   bench_candle_cuda.json  `toonbot bench --train` on CUDA at 256, batch 1 and 8: ms/step,
+#                           images/s, and max |CUDA - CPU| of the generator's output
+#   bench_torch_cuda.json   the PyTorch reference step (tools/reference/p2c_train_step.py),
+#                           when torch is importable
+#   gpu.csv                 GPU memory and utilisation every 10 s
+#   train.jsonl             the training log (losses, images/s)
+#   samples.png             the latest sample grid (photo | cartoon | cycle)
+#   styles/base/            generator A->B (f16, 7.7 MB) + style.toml, exported after every
+#                           checkpoint: install it with `cp -r` into the styles dir
+# The full (430 MB) and compact (72 MB) checkpoints stay on the device: files over 16 MiB do
+# not come back.
+#
+# Env: TRAIN_SECONDS (training time budget, default 330), BATCH (default 1), SIZE (256).
+# Run:  bash tools/gpu/train_base.sh    (device tool: carry [".gpu-carry"], timeout_s 590)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+: "${OUT:?run this on the device machine, where OUT is set}"
+carry=${CARRY:-.gpu-carry}
+train_seconds=${TRAIN_SECONDS:-330}
+batch=${BATCH:-1}
+size=${SIZE:-256}
+bin=$carry/toonbot
+run=/tmp/toonbot-run
+data=/tmp/toonbot-data
+exec > >(tee -a "$OUT/session.log") 2>&1
+started=$(date +%s)
+stamp() { echo "[$(($(date +%s) - started)) s] $*"; }
+
+# CUDA libraries (cuBLAS, cuRAND, ...) from PyTorch's wheels; the driver's libcuda is on the
+# system path already.
+libs=$(python3 - <<'PY'
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages() + [site.getusersitepackages()]:
+    for pattern in ("nvidia/*/lib", "nvidia/cu*/lib", "torch/lib"):
+        dirs.update(d for d in glob.glob(os.path.join(sp, pattern)) if os.path.isdir(d))
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+stamp "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+nvidia-smi || true
+nvidia-smi --query-gpu=timestamp,memory.used,memory.total,utilization.gpu --format=csv -l 10 \
+    >"$OUT/gpu.csv" 2>/dev/null &
+smi=$!
+trap 'kill $smi $watcher 2>/dev/null' EXIT
+chmod +x "$bin"
+"$bin" --version || { stamp "the carried binary does not run"; exit 1; }
+
+mkdir -p "$data" "$run"
+tar -xf "$carry/data.tar" -C "$data"
+stamp "data: $(ls "$data/photos" | wc -l) photos, $(ls "$data/cartoons" | wc -l) cartoons"
+
+stamp "candle-CUDA training step (and CUDA vs CPU generator output)"
+timeout 200 "$bin" --device cuda bench --train --size "$size" --batch 1 8 --runs 3 --json \
+    >"$OUT/bench_candle_cuda.json"
+cat "$OUT/bench_candle_cuda.json"
+if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+    stamp "PyTorch reference training step"
+    timeout 120 python3 tools/reference/p2c_train_step.py --device cuda --size "$size" \
+        --batch 1 8 --steps 3 >"$OUT/bench_torch_cuda.json"
+    cat "$OUT/bench_torch_cuda.json"
+fi
+
+resume=()
+if [ -f "$carry/compact.safetensors" ]; then
+    cp "$carry/compact.safetensors" "$run/compact.safetensors"
+    resume=(--resume)
+    stamp "resuming from the carried compact checkpoint (Adam moments restart at zero)"
+fi
+
+# Copies the log and latest grid to $OUT, and exports the generator after each checkpoint.
+export TOONBOT_STYLES__DIR="$OUT/styles"
+(
+    exported=0
+    while sleep 20; do
+        [ -f "$run/train.jsonl" ] && cp "$run/train.jsonl" "$OUT/train.jsonl"
+        latest=$(ls "$run/samples" 2>/dev/null | tail -n 1)
+        [ -n "$latest" ] && cp "$run/samples/$latest" "$OUT/samples.png"
+        ckpt="$run/checkpoint.safetensors"
+        if [ -f "$ckpt" ] && [ "$(stat -c %Y "$ckpt")" -gt "$exported" ]; then
+            exported=$(stat -c %Y "$ckpt")
+            "$bin" train export --checkpoint "$run" --name base --dtype f16 >/dev/null 2>&1
+        fi
+    done
+) &
+watcher=$!
+
+stamp "training base for ${train_seconds}s at batch $batch"
+timeout -s INT -k 60 $((train_seconds + 120)) "$bin" --device cuda train base \
+    --photos "$data/photos" --cartoons "$data/cartoons" --out "$run" --size "$size" \
+    --batch "$batch" --save-every 250 --sample-every 250 --log-every 10 \
+    --time-limit "$train_seconds" --compact "$run/compact.safetensors" "${resume[@]}"
+stamp "training returned $?"
+kill $watcher 2>/dev/null
+cp "$run/train.jsonl" "$OUT/train.jsonl"
+latest=$(ls "$run/samples" 2>/dev/null | tail -n 1)
+[ -n "$latest" ] && cp "$run/samples/$latest" "$OUT/samples.png"
+"$bin" train export --checkpoint "$run" --name base --dtype f16
+ls -la "$run" "$OUT" "$OUT/styles/base"
+stamp "done"
