@@ -43,9 +43,8 @@ for source in p2c-women celeba selfies p2c-aligned/train; do
     if [ "$limit" -gt 0 ]; then
         subset="$staging/subset/$name"
         mkdir -p "$subset"
-        find "$src" -maxdepth 1 -type f | sort | head -n "$limit" | while read -r f; do
-            cp "$f" "$subset/"
-        done
+        mapfile -t files < <(find "$src" -maxdepth 1 -type f | sort)
+        cp "${files[@]:0:$limit}" "$subset/"
         src=$subset
     fi
     "$toonbot" prepare --photos "$src" --out "$out"
