@@ -482,25 +482,39 @@ pub fn train_base(
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `train finetune` fine-tunes, from what, and where the result goes.
+#[derive(Debug, Clone)]
+pub struct FinetuneArgs {
+    /// The base style.
+    pub from: String,
+    pub cartoons: PathBuf,
+    /// The new style's name.
+    pub name: String,
+    /// Default: the photos the base was trained on.
+    pub photos: Option<PathBuf>,
+    pub freeze: train::params::Freeze,
+    /// Run directory (default `<styles.dir>/../runs/<name>`).
+    pub out: Option<PathBuf>,
+    pub dtype: train::style::WeightsDtype,
+    /// Continue the run in the run directory.
+    pub resume: bool,
+}
+
 /// `toonbot train finetune`: starts from an installed style and installs the result as
 /// style `name`.
-#[allow(clippy::too_many_arguments)]
 pub fn train_finetune(
     config: &Config,
     device: &Device,
-    from: &str,
-    cartoons: PathBuf,
-    name: &str,
-    photos: Option<PathBuf>,
-    freeze: train::params::Freeze,
-    out: Option<PathBuf>,
+    ft: &FinetuneArgs,
     args: &TrainArgs,
-    dtype: train::style::WeightsDtype,
 ) -> Result<ExitCode> {
+    let (from, name, freeze) = (ft.from.as_str(), ft.name.as_str(), ft.freeze);
     let registry = StyleRegistry::from_config(config);
     let target = registry
         .trained_dir(name)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out =
+        (ft.out.clone()).unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
     let base_style = registry.find(from).map_err(|e| match e {
         StyleError::NoneInstalled { .. } => anyhow::anyhow!(
             "no base style is installed to fine-tune from: train one with `toonbot train base` \
@@ -522,23 +536,29 @@ pub fn train_finetune(
              from scratch"
         );
     }
-    let photos = photos
+    let photos = (ft.photos.clone())
         .or_else(|| base.spec.as_ref().map(|s| s.photos.clone()))
         .context("--photos is needed: the base style does not record its training photos")?;
-    let mut spec = args.spec(photos, cartoons);
+    let mut spec = args.spec(photos, ft.cartoons.clone());
     spec.freeze = freeze;
     spec.base = Some(from.to_string());
     if let Some(base_spec) = &base.spec {
         spec.net = base_spec.net;
     }
-    let out = out.unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
-    let start = train::run::Start::Weights {
-        tensors: base.tensors,
-        networks: base.networks,
+    let start = if ft.resume {
+        train::run::Start::Resume(out.join(train::run::CHECKPOINT_FILE))
+    } else {
+        train::run::Start::Weights {
+            tensors: base.tensors,
+            networks: base.networks,
+        }
     };
     let mut trainer = train::run::Trainer::new(spec, args.options(config, &out), start, device)?;
     if run_with_progress(&mut trainer)? != train::run::Finish::Completed {
-        eprintln!("not installing style {name:?}: the fine-tune did not finish");
+        eprintln!(
+            "not installing style {name:?} yet: the fine-tune did not finish (continue it with \
+             --resume)"
+        );
         return Ok(ExitCode::from(2));
     }
     let manifest = StyleManifest {
@@ -549,7 +569,7 @@ pub fn train_finetune(
         base: Some(from.to_string()),
         steps: Some(trainer.step()),
     };
-    train::style::install(&target, &trainer.model, dtype, &manifest, None)?;
+    train::style::install(&target, &trainer.model, ft.dtype, &manifest, None)?;
     eprintln!("installed style {name:?} in {}", target.display());
     Ok(ExitCode::SUCCESS)
 }

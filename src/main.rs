@@ -156,6 +156,9 @@ enum TrainCommand {
         /// Precision of the installed generator.
         #[arg(long, value_enum, default_value = "f32")]
         dtype: toonbot::train::style::WeightsDtype,
+        /// Continue an interrupted fine-tune from the checkpoint in its run directory.
+        #[arg(long)]
+        resume: bool,
         #[command(flatten)]
         common: TrainFlags,
     },
@@ -333,18 +336,22 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             freeze,
             out,
             dtype,
+            resume,
             common,
         } => cli::train_finetune(
             config,
             device,
-            &from,
-            cartoons,
-            &name,
-            photos,
-            freeze,
-            out,
+            &cli::FinetuneArgs {
+                from,
+                cartoons,
+                name,
+                photos,
+                freeze,
+                out,
+                dtype,
+                resume,
+            },
             &common.args(2_000),
-            dtype,
         ),
         TrainCommand::Export {
             checkpoint,

@@ -1,5 +1,5 @@
 //! The six networks of photo2cartoon training (generators A->B and B->A, global and local
-//! discriminators for each domain), their variables and their sizes.
+//! discriminators for each domain) and their variables.
 
 use std::collections::HashMap;
 
@@ -176,13 +176,5 @@ impl Ugatit {
     pub fn clip_rho_w(&self) -> Result<()> {
         clip_rho_w(&self.vars[0])?;
         clip_rho_w(&self.vars[1])
-    }
-
-    /// Number of scalars in each network, [`NETWORKS`] order.
-    pub fn sizes(&self) -> [usize; 6] {
-        std::array::from_fn(|i| {
-            let data = self.vars[i].data().lock().expect("varmap lock");
-            data.values().map(|v| v.elem_count()).sum()
-        })
     }
 }

@@ -6,8 +6,9 @@
 #
 # 1. `toonbot prepare` (largest face, aligned, whitened, 256x256) on
 #    ../shared/data/photos/{p2c-women,celeba,selfies,p2c-aligned/train} into
-#    CARRY_DIR/staging/photos/<source>/ (kept between runs: prepare is slow on a CPU,
-#    a few hundred ms a photo; already prepared folders are skipped).
+#    STAGING/photos/<source>/ (default CARRY_DIR.staging, outside what is carried; kept
+#    between runs: prepare is slow on a CPU, a few hundred ms a photo; already prepared
+#    folders are skipped).
 # 2. Packs CARRY_DIR/data.tar: photos/ and cartoons/ (cartoons/p2c/train, 512 -> 256) as
 #    JPEG quality 90, photos taken round-robin over the sources until MAX_MIB (default 22;
 #    the binary and the repository need the rest of the 64 MiB) is reached.
@@ -31,7 +32,8 @@ python=${PYTHON:-/work/venv/bin/python}
 max_mib=${MAX_MIB:-22}
 limit=${LIMIT:-0}
 
-staging="$carry/staging"
+staging=${STAGING:-$carry.staging}
+mkdir -p "$carry"
 for source in p2c-women celeba selfies p2c-aligned/train; do
     name=${source%%/*}
     out="$staging/photos/$name"
@@ -43,21 +45,19 @@ for source in p2c-women celeba selfies p2c-aligned/train; do
     if [ "$limit" -gt 0 ]; then
         subset="$staging/subset/$name"
         mkdir -p "$subset"
-        find "$src" -maxdepth 1 -type f | sort | head -n "$limit" | while read -r f; do
-            cp "$f" "$subset/"
-        done
+        mapfile -t files < <(find "$src" -maxdepth 1 -type f | sort)
+        cp "${files[@]:0:$limit}" "$subset/"
         src=$subset
     fi
     "$toonbot" prepare --photos "$src" --out "$out"
 done
 
-"$python" - "$carry" "$data/cartoons/p2c/train" "$max_mib" <<'PY'
+"$python" - "$carry" "$data/cartoons/p2c/train" "$max_mib" "$staging/photos" <<'PY'
 import io, os, sys, tarfile
 from PIL import Image
 
-carry, cartoons, max_mib = sys.argv[1], sys.argv[2], float(sys.argv[3])
+carry, cartoons, max_mib, staging = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
 budget = int(max_mib * 1024 * 1024)
-staging = os.path.join(carry, "staging", "photos")
 
 def jpeg(path):
     img = Image.open(path).convert("RGB")

@@ -7,25 +7,27 @@
 #   compact.safetensors     optional: a compact checkpoint to resume the base run from
 # and writes under $OUT, as it goes (so a killed run still leaves them):
 #   session.log             everything printed, nvidia-smi, timings
-#   bench_candle_cuda.json  `toonbot bench --train` on CUDA at 256, batch 1 and 8: ms/step,
-#                           images/s, and max |CUDA - CPU| of the generator's output
-#   bench_torch_cuda.json   the PyTorch reference step (tools/reference/p2c_train_step.py),
+#   bench_candle_cuda.jsonl `toonbot bench --train` on CUDA at 256, batch 1 and 8 (a line
+#                           each): ms/step, images/s, max |CUDA - CPU| of the generator
+#   bench_torch_cuda.jsonl  the PyTorch reference step (tools/reference/p2c_train_step.py),
 #                           when torch is importable
 #   gpu.csv                 GPU memory and utilisation every 10 s
 #   train.jsonl             the training log (losses, images/s)
 #   samples.png             the latest sample grid (photo | cartoon | cycle)
 #   styles/base/            generator A->B (f16, 7.7 MB) + style.toml, exported after every
 #                           checkpoint: install it with `cp -r` into the styles dir
-# The full (430 MB) and compact (72 MB) checkpoints stay on the device: files over 16 MiB do
+# The full (432 MB) and compact (72 MB) checkpoints stay on the device: files over 16 MiB do
 # not come back.
 #
-# Env: TRAIN_SECONDS (training time budget, default 330), BATCH (default 1), SIZE (256).
+# Env: TRAIN_SECONDS (training time, default 400, cut so that the whole script ends within
+# DEADLINE seconds, default 560), BATCH (default 1), SIZE (256).
 # Run:  bash tools/gpu/train_base.sh    (device tool: carry [".gpu-carry"], timeout_s 590)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?run this on the device machine, where OUT is set}"
 carry=${CARRY:-.gpu-carry}
-train_seconds=${TRAIN_SECONDS:-330}
+train_seconds=${TRAIN_SECONDS:-400}
+deadline=${DEADLINE:-560}
 batch=${BATCH:-1}
 size=${SIZE:-256}
 bin=$carry/toonbot
@@ -60,16 +62,22 @@ mkdir -p "$data" "$run"
 tar -xf "$carry/data.tar" -C "$data"
 stamp "data: $(ls "$data/photos" | wc -l) photos, $(ls "$data/cartoons" | wc -l) cartoons"
 
-stamp "candle-CUDA training step (and CUDA vs CPU generator output)"
-timeout 200 "$bin" --device cuda bench --train --size "$size" --batch 1 8 --runs 3 --json \
-    >"$OUT/bench_candle_cuda.json"
-cat "$OUT/bench_candle_cuda.json"
+# One process per batch size: batch 8 may not fit in GPU memory (candle keeps every
+# intermediate of the six generator passes for the backward pass), and must not take the
+# batch-1 numbers down with it.
+for b in 1 8; do
+    stamp "candle-CUDA training step, batch $b (and CUDA vs CPU generator output)"
+    timeout 150 "$bin" --device cuda bench --train --size "$size" --batch "$b" --runs 3 \
+        --json >>"$OUT/bench_candle_cuda.jsonl" || stamp "candle bench at batch $b failed"
+done
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    stamp "PyTorch reference training step"
-    timeout 120 python3 tools/reference/p2c_train_step.py --device cuda --size "$size" \
-        --batch 1 8 --steps 3 >"$OUT/bench_torch_cuda.json"
-    cat "$OUT/bench_torch_cuda.json"
+    for b in 1 8; do
+        stamp "PyTorch reference training step, batch $b"
+        timeout 90 python3 tools/reference/p2c_train_step.py --device cuda --size "$size" \
+            --batch "$b" --steps 3 >>"$OUT/bench_torch_cuda.jsonl" || stamp "torch bench failed"
+    done
 fi
+cat "$OUT"/bench_*.jsonl
 
 resume=()
 if [ -f "$carry/compact.safetensors" ]; then
@@ -95,6 +103,9 @@ export TOONBOT_STYLES__DIR="$OUT/styles"
 ) &
 watcher=$!
 
+# Fit the device command's limit: leave 45 s for the last export and copies.
+left=$((deadline - ($(date +%s) - started) - 45))
+[ "$left" -lt "$train_seconds" ] && train_seconds=$left
 stamp "training base for ${train_seconds}s at batch $batch"
 timeout -s INT -k 60 $((train_seconds + 120)) "$bin" --device cuda train base \
     --photos "$data/photos" --cartoons "$data/cartoons" --out "$run" --size "$size" \
