@@ -11,3 +11,4 @@ pub mod jobs;
 pub mod metrics;
 pub mod nets;
 pub mod store;
+pub mod stylepack;
