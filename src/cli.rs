@@ -261,7 +261,8 @@ pub fn cartoonize(
     })
 }
 
-/// `toonbot serve`: the Discord bot with the cartoon pipeline behind its queue.
+/// `toonbot serve`: the Discord bot with the cartoon pipeline behind its queue, and style
+/// packs (whose uploads are refused until a trainer is plugged in here).
 pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
     let token = crate::bot::load_token(&config.bot)?;
     let cartoonizer = Cartoonizer::load(config, device)?;
@@ -270,10 +271,13 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
         config.limits.clone(),
         config.styles.default.clone(),
     );
+    let faces = std::sync::Arc::new(FacePipeline::load(config, device)?);
+    let stylepacks = crate::stylepack::PackSetup::new(config, faces, None);
     tokio::runtime::Runtime::new()?.block_on(crate::bot::serve(
         config.bot.clone(),
         token,
         std::sync::Arc::new(renderer),
+        Some(stylepacks),
     ))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -17,6 +17,8 @@ pub struct Config {
     pub styles: Styles,
     #[serde(default)]
     pub bot: BotConfig,
+    #[serde(default)]
+    pub stylepacks: StylePackConfig,
 }
 
 /// Input size limits, checked before a photo is decoded.
@@ -108,6 +110,53 @@ impl Default for BotConfig {
     }
 }
 
+/// Style packs (`/stylepack`): limits on the uploaded archive, where packs are kept, and
+/// the fine-tune settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StylePackConfig {
+    /// Prepared images, checkpoints and draft styles, one folder per guild and pack.
+    pub dir: PathBuf,
+    /// Largest archive accepted, in bytes (declared size and download both checked).
+    pub max_zip_bytes: u64,
+    /// Most entries (files and folders) in the archive.
+    pub max_entries: usize,
+    /// Most bytes one entry may expand to, counted while decompressing.
+    pub max_entry_bytes: u64,
+    /// Most bytes the whole archive may expand to, counted while decompressing.
+    pub max_total_bytes: u64,
+    /// Largest image in a pack, in pixels, checked before decoding.
+    pub max_image_pixels: u64,
+    /// Fewest and most images a pack may have.
+    pub min_images: usize,
+    pub max_images: usize,
+    /// Share of the images (in percent, at least one image) kept out of training for the
+    /// evaluation.
+    pub held_out_percent: u32,
+    /// Fine-tune steps per pack.
+    pub steps: u32,
+    /// A preview grid is posted every this many steps.
+    pub preview_every: u32,
+}
+
+impl Default for StylePackConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data/packs"),
+            max_zip_bytes: 50_000_000,
+            max_entries: 2000,
+            max_entry_bytes: 20_000_000,
+            max_total_bytes: 200_000_000,
+            max_image_pixels: 2048 * 2048,
+            min_images: 10,
+            max_images: 500,
+            held_out_percent: 10,
+            steps: 2000,
+            preview_every: 200,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, or `./config.toml` when it exists, or the built-in defaults; then
     /// applies `TOONBOT_<SECTION>__<KEY>` environment variables.
@@ -157,6 +206,7 @@ impl Config {
             &mut config.models.dir,
             &mut config.styles.dir,
             &mut bot.database,
+            &mut config.stylepacks.dir,
         ]
         .into_iter()
         .chain(bot.token_file.as_mut())
@@ -193,6 +243,7 @@ mod tests {
         let c = Config::default();
         assert!(c.limits.max_pixels > 1_000_000);
         assert_eq!(c.models.dir, PathBuf::from("models"));
+        assert_eq!(c.stylepacks, StylePackConfig::default());
     }
 
     #[test]

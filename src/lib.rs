@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod nets;
 pub mod rng;
 pub mod store;
+pub mod stylepack;
 pub mod train;

@@ -1,4 +1,5 @@
-//! SQLite storage (sqlx, WAL): user presets, guild settings, the jobs table and an audit log.
+//! SQLite storage (sqlx, WAL): user presets, guild settings, the jobs table, an audit log, and
+//! style packs ([`stylepacks`]).
 //!
 //! Migrations live in `migrations/` and are embedded at build time. Queries are built at run
 //! time (`sqlx::query`), so building needs no database. Discord ids (`u64` snowflakes) are
@@ -12,7 +13,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{Row, SqliteConnection};
+
+mod stylepacks;
+
+pub use stylepacks::{
+    GuildStyle, NewGuildStyle, NewRun, RunFinish, RunProgressRecord, RunStatus, StyleEval,
+    StyleStatus, TrainingRun,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 
@@ -268,16 +276,7 @@ impl Store {
             settings.default_style.as_deref().unwrap_or("-"),
             settings.stickers_enabled
         );
-        sqlx::query(
-            "INSERT INTO audit_log (guild_id, user_id, action, detail, at) \
-             VALUES (?, ?, 'guild_settings', ?, ?)",
-        )
-        .bind(id(guild_id))
-        .bind(id(by_user))
-        .bind(detail)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+        insert_audit(&mut tx, Some(guild_id), by_user, "guild_settings", &detail).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -419,6 +418,27 @@ impl Store {
         tx.commit().await?;
         Ok(rows.iter().map(job_record).collect())
     }
+}
+
+/// Records who did what, and when, in the audit log.
+async fn insert_audit(
+    conn: &mut SqliteConnection,
+    guild_id: Option<u64>,
+    user_id: u64,
+    action: &str,
+    detail: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (guild_id, user_id, action, detail, at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(guild_id.map(id))
+    .bind(id(user_id))
+    .bind(action)
+    .bind(detail)
+    .bind(now_ms())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 fn job_record(r: &SqliteRow) -> JobRecord {

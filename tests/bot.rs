@@ -6,18 +6,18 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use support::discord::{
-    FakeDiscord, Recorded, APP_ID, DM_CHANNEL_ID, GUILD_ID, PERM_ALL_TEXT, PERM_CREATE_EXPRESSIONS,
+    FakeDiscord, APP_ID, DM_CHANNEL_ID, GUILD_ID, PERM_ALL_TEXT, PERM_CREATE_EXPRESSIONS,
 };
-use support::renderer::{photo, TestRenderer, Trigger, AVATAR_SIZE, STICKER_SIZE};
-use toonbot::bot::{self, BotConfig, RunningBot, Token};
+use support::harness::{
+    assert_immediate_ephemeral, assert_late_ephemeral, png_info, Harness, EPHEMERAL, MEMBER, T,
+};
+use support::renderer::{photo, Trigger, AVATAR_SIZE, STICKER_SIZE};
+use toonbot::bot::{self, BotConfig};
 use toonbot::jobs::OutputKind;
 
-const T: Duration = Duration::from_secs(10);
-const EPHEMERAL: u64 = 64;
 const USER: u64 = 5000;
-const MEMBER: Option<u64> = Some(PERM_ALL_TEXT);
 
 /// Every test's log output, at TRACE level with the bot's `LOG_DIRECTIVES` (installed once,
 /// before any bot runs, so that the token check sees everything serenity, reqwest and the bot
@@ -33,6 +33,12 @@ impl std::io::Write for LogBuffer {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// A harness, with the logs captured.
+async fn harness(tweak: impl FnOnce(&mut BotConfig)) -> Harness {
+    logs();
+    Harness::new(tweak).await
 }
 
 fn logs() -> &'static LogBuffer {
@@ -53,176 +59,9 @@ fn logs() -> &'static LogBuffer {
     })
 }
 
-struct Harness {
-    fake: Arc<FakeDiscord>,
-    renderer: Arc<TestRenderer>,
-    config: BotConfig,
-    bot: Option<RunningBot>,
-    readies: u64,
-    _dir: tempfile::TempDir,
-}
-
-impl Harness {
-    async fn new(tweak: impl FnOnce(&mut BotConfig)) -> Self {
-        logs();
-        let fake = FakeDiscord::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = BotConfig {
-            database: dir.path().join("toonbot.sqlite"),
-            allowed_cdn_hosts: vec!["127.0.0.1".into()],
-            api_proxy: Some(fake.base.clone()),
-            max_photo_bytes: 100_000,
-            progress_interval_ms: 20,
-            ..BotConfig::default()
-        };
-        tweak(&mut config);
-        let mut h = Self {
-            fake,
-            renderer: Arc::new(TestRenderer::new()),
-            config,
-            bot: None,
-            readies: 0,
-            _dir: dir,
-        };
-        h.start().await;
-        h
-    }
-
-    /// Starts a bot instance (again) on the same database and fake Discord.
-    async fn start(&mut self) {
-        let renderer = Arc::clone(&self.renderer) as Arc<dyn toonbot::jobs::Renderer>;
-        let bot = bot::start(self.config.clone(), Token::new("test-token"), renderer)
-            .await
-            .unwrap();
-        self.bot = Some(bot);
-        self.readies += 1;
-        self.fake.wait_ready(self.readies).await;
-        let n = self.readies as usize;
-        // Commands registered once per READY.
-        let deadline = tokio::time::Instant::now() + T;
-        while self
-            .fake
-            .requests()
-            .iter()
-            .filter(|r| r.is("PUT", &format!("/applications/{APP_ID}/commands")))
-            .count()
-            < n
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "commands registered"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    async fn stop(&mut self) {
-        self.bot.take().unwrap().shutdown().await;
-    }
-
-    fn bot(&self) -> &RunningBot {
-        self.bot.as_ref().unwrap()
-    }
-
-    /// Injects `/cartoon` with a hosted photo; returns the interaction token.
-    fn cartoon(
-        &self,
-        user: u64,
-        image: Vec<u8>,
-        style: Option<&str>,
-        output: Option<&str>,
-    ) -> String {
-        let attachment = self.fake.attachment("photo.png", "image/png", image, None);
-        self.cartoon_with(user, attachment, style, output)
-    }
-
-    fn cartoon_with(
-        &self,
-        user: u64,
-        attachment: Value,
-        style: Option<&str>,
-        output: Option<&str>,
-    ) -> String {
-        let token = format!("tok{}", self.fake.next_id());
-        let data = FakeDiscord::cartoon_data(&attachment, style, output);
-        self.fake.dispatch(
-            "INTERACTION_CREATE",
-            self.fake.command(&token, user, MEMBER, data),
-        );
-        token
-    }
-
-    fn command(&self, user: u64, member: Option<u64>, data: Value) -> String {
-        let token = format!("tok{}", self.fake.next_id());
-        self.fake.dispatch(
-            "INTERACTION_CREATE",
-            self.fake.command(&token, user, member, data),
-        );
-        token
-    }
-
-    async fn wait(&self, what: &str, pred: impl Fn(&Recorded) -> bool) -> Recorded {
-        self.fake.wait_for(what, T, pred).await
-    }
-
-    /// The user's latest job, once it has ended (it is recorded after the reply is sent).
-    async fn finished_job(&self, user: u64) -> toonbot::store::JobRecord {
-        let deadline = tokio::time::Instant::now() + T;
-        loop {
-            let job = self.bot().store().recent_jobs(user, 1).await.unwrap().pop();
-            if let Some(job) = job.filter(|j| j.finished_at.is_some()) {
-                return job;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the job ended in time"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// The interaction's callback (its first answer).
-    async fn callback(&self, token: &str) -> Recorded {
-        self.wait("the interaction callback", |r| {
-            r.method == "POST" && r.path.ends_with(&format!("/{token}/callback"))
-        })
-        .await
-    }
-
-    /// The edit of the original response that carries files.
-    async fn result(&self, token: &str) -> Recorded {
-        let path = format!("/webhooks/{APP_ID}/{token}/messages/@original");
-        self.wait("the results", |r| {
-            r.is("PATCH", &path) && !r.files.is_empty()
-        })
-        .await
-    }
-
-    /// An ephemeral follow-up (an error after the deferral).
-    async fn ephemeral_followup(&self, token: &str) -> Recorded {
-        let path = format!("/webhooks/{APP_ID}/{token}");
-        self.wait("an ephemeral follow-up", |r| r.is("POST", &path))
-            .await
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.renderer.open_gate();
-    }
-}
-
-/// Decodes a PNG part: (width, height, has alpha).
-fn png_info(bytes: &[u8]) -> (u32, u32, bool) {
-    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
-    let img =
-        image::load_from_memory_with_format(bytes, image::ImageFormat::Png).expect("a valid PNG");
-    (img.width(), img.height(), img.color().has_alpha())
-}
-
 #[tokio::test]
 async fn cartoon_defers_then_edits_the_response_with_one_file_per_face() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     h.renderer.set_delay(Duration::from_millis(300));
     let token = h.cartoon(USER, photo(2, Trigger::Normal, 1), None, Some("both"));
 
@@ -284,7 +123,7 @@ async fn cartoon_defers_then_edits_the_response_with_one_file_per_face() {
 
 #[tokio::test]
 async fn photo_output_and_explicit_style() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let token = h.cartoon(
         USER,
         photo(1, Trigger::Normal, 2),
@@ -303,45 +142,9 @@ async fn photo_output_and_explicit_style() {
     assert_eq!(h.renderer.log()[0].style.as_deref(), Some("ink"));
 }
 
-/// Asserts an immediate ephemeral answer (no deferral) containing `needle`.
-async fn assert_immediate_ephemeral(h: &Harness, token: &str, needle: &str) {
-    let cb = h.callback(token).await;
-    assert_eq!(cb.callback_type(), Some(4), "answered at once");
-    assert_eq!(cb.flags() & EPHEMERAL, EPHEMERAL, "ephemeral");
-    assert!(
-        cb.content().contains(needle),
-        "{:?} in {:?}",
-        needle,
-        cb.content()
-    );
-}
-
-/// Asserts a deferral followed by the public response's deletion and an ephemeral follow-up.
-async fn assert_late_ephemeral(h: &Harness, token: &str, needle: &str) {
-    assert_eq!(h.callback(token).await.callback_type(), Some(5));
-    let followup = h.ephemeral_followup(token).await;
-    assert_eq!(followup.flags() & EPHEMERAL, EPHEMERAL, "ephemeral");
-    assert!(
-        followup.content().contains(needle),
-        "{:?} in {:?}",
-        needle,
-        followup.content()
-    );
-    let original = format!("/webhooks/{APP_ID}/{token}/messages/@original");
-    assert!(
-        h.fake.requests().iter().any(|r| r.is("DELETE", &original)),
-        "the public 'thinking' reply is removed"
-    );
-    assert!(!h
-        .fake
-        .requests()
-        .iter()
-        .any(|r| r.is("PATCH", &original) && !r.files.is_empty()));
-}
-
 #[tokio::test]
 async fn errors_are_ephemeral_and_say_what_to_do() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
 
     // Declared type: not an image.
     let a = h
@@ -436,7 +239,7 @@ async fn errors_are_ephemeral_and_say_what_to_do() {
 
 #[tokio::test]
 async fn queue_bound_and_per_user_limit_answer_ephemerally_and_positions_are_shown() {
-    let h = Harness::new(|c| {
+    let h = harness(|c| {
         c.queue_capacity = 1;
         c.per_user_limit = 1;
     })
@@ -486,7 +289,7 @@ async fn queue_bound_and_per_user_limit_answer_ephemerally_and_positions_are_sho
 
 #[tokio::test]
 async fn identical_requests_are_served_from_the_cache() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let image = photo(1, Trigger::Normal, 42);
     let first = h.cartoon(USER, image.clone(), None, Some("sticker"));
     let a = h.result(&first).await;
@@ -504,7 +307,7 @@ async fn identical_requests_are_served_from_the_cache() {
 
 #[tokio::test]
 async fn presets_persist_across_a_restart_and_apply() {
-    let mut h = Harness::new(|_| {}).await;
+    let mut h = harness(|_| {}).await;
     let set = FakeDiscord::sub_command_data(
         "preset",
         "set",
@@ -559,7 +362,7 @@ async fn presets_persist_across_a_restart_and_apply() {
 
 #[tokio::test]
 async fn a_restart_reports_unfinished_jobs() {
-    let mut h = Harness::new(|_| {}).await;
+    let mut h = harness(|_| {}).await;
     h.renderer.close_gate();
     let token = h.cartoon(USER, photo(1, Trigger::Normal, 1), None, None);
     h.callback(&token).await;
@@ -587,7 +390,7 @@ async fn a_restart_reports_unfinished_jobs() {
 
 #[tokio::test]
 async fn cartoonize_menu_on_a_message_with_a_photo() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let attachment = h
         .fake
         .attachment("pic.jpg", "image/png", photo(1, Trigger::Normal, 1), None);
@@ -611,7 +414,7 @@ async fn cartoonize_menu_on_a_message_with_a_photo() {
 
 #[tokio::test]
 async fn a_photo_sent_in_dm_gets_the_results() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let attachment = h
         .fake
         .attachment("me.png", "image/png", photo(1, Trigger::Normal, 1), None);
@@ -676,7 +479,7 @@ async fn a_photo_sent_in_dm_gets_the_results() {
 
 #[tokio::test]
 async fn sticker_add_uploads_the_latest_sticker_with_permission_checks() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let add = |name: &str| {
         FakeDiscord::sub_command_data(
             "sticker",
@@ -766,7 +569,7 @@ async fn sticker_add_uploads_the_latest_sticker_with_permission_checks() {
 
 #[tokio::test]
 async fn styles_are_listed_with_previews() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let token = h.command(
         USER,
         MEMBER,
@@ -801,7 +604,7 @@ async fn styles_are_listed_with_previews() {
 
 #[tokio::test]
 async fn server_settings_need_manage_server_and_set_the_default_style() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let data = json!({ "id": "904", "name": "server-settings", "type": 1, "options": [{ "name": "style", "type": 3, "value": "ink" }] });
     assert_immediate_ephemeral(&h, &h.command(USER, MEMBER, data.clone()), "Manage Server").await;
     let admin = Some(PERM_ALL_TEXT | support::discord::PERM_MANAGE_GUILD);
@@ -815,7 +618,7 @@ async fn server_settings_need_manage_server_and_set_the_default_style() {
 
 #[tokio::test]
 async fn commands_are_registered_on_ready() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     // Gateway: the token, and only the DIRECT_MESSAGES intent (no privileged intents).
     let identify = &h.fake.identifies()[0];
     assert_eq!(identify["token"], "Bot test-token");
@@ -841,9 +644,25 @@ async fn commands_are_registered_on_ready() {
             "preset",
             "styles",
             "sticker",
-            "server-settings"
+            "server-settings",
+            "stylepack"
         ]
     );
+    // /stylepack: server only, Manage Server by default, one sub command per action.
+    let stylepack = &commands[6];
+    assert_eq!(stylepack["contexts"], json!([0]));
+    assert_eq!(stylepack["default_member_permissions"], "32");
+    let subs: Vec<&str> = stylepack["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        subs,
+        ["upload", "cancel", "resume", "publish", "delete", "list"]
+    );
+    assert_eq!(stylepack["options"][0]["options"][0]["type"], 11, "a file");
     let cartoon = &commands[0];
     assert_eq!(
         cartoon["options"][0]["type"], 11,
@@ -879,7 +698,7 @@ async fn commands_are_registered_on_ready() {
 
 #[tokio::test]
 async fn one_log_line_per_job_with_timings_and_never_the_token() {
-    let h = Harness::new(|_| {}).await;
+    let h = harness(|_| {}).await;
     let user = USER + 99;
     let token = h.cartoon(user, photo(1, Trigger::Normal, 1), None, None);
     h.result(&token).await;

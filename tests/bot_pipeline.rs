@@ -36,9 +36,14 @@ async fn a_group_photo_gets_a_sticker_and_avatar_per_face_through_discord() {
         api_proxy: Some(fake.base.clone()),
         ..BotConfig::default()
     };
-    let bot = bot::start(bot_config, Token::new("test-token"), Arc::new(renderer))
-        .await
-        .unwrap();
+    let bot = bot::start(
+        bot_config,
+        Token::new("test-token"),
+        Arc::new(renderer),
+        None,
+    )
+    .await
+    .unwrap();
     fake.wait_ready(1).await;
 
     let photo = std::fs::read(data.join("samples/groups/sample1.jpg")).unwrap();

@@ -1,6 +1,9 @@
 //! The SQLite store against a real database file.
 
-use toonbot::store::{GuildSettings, JobEnd, JobSource, NewJob, Preset, ReplyRef, Store};
+use toonbot::store::{
+    GuildSettings, JobEnd, JobSource, NewGuildStyle, NewJob, NewRun, Preset, ReplyRef, RunFinish,
+    RunProgressRecord, RunStatus, Store, StyleEval, StyleStatus,
+};
 
 fn job(user: u64, reply: Option<ReplyRef>) -> NewJob {
     NewJob {
@@ -174,4 +177,116 @@ async fn unfinished_jobs_are_marked_interrupted_on_restart() {
     }
     assert_eq!(store.job(finished).await.unwrap().unwrap().status, "failed");
     assert!(store.interrupt_unfinished().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn style_packs_record_runs_and_deleting_one_forgets_it_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+    let guild = u64::MAX - 3;
+    let style = NewGuildStyle {
+        name: "anime".into(),
+        guild_id: guild,
+        base: "classic".into(),
+        images: 9,
+        held_out: 1,
+        created_by: 77,
+    };
+    let run = NewRun {
+        user_id: 77,
+        channel_id: 400,
+        total_steps: 100,
+    };
+    let run_id = store.create_guild_style(&style, &run).await.unwrap();
+    store.set_run_message(run_id, u64::MAX - 9).await.unwrap();
+    store.record_prepared("anime", 4).await.unwrap();
+    let progress = RunProgressRecord {
+        step: 40,
+        losses: vec![("g_adv".into(), 0.75), ("cycle".into(), 0.25)],
+        images_per_sec: Some(3.5),
+        train_ms: 1200.0,
+    };
+    store.record_run_progress(run_id, &progress).await.unwrap();
+    let unfinished = store.unfinished_runs().await.unwrap();
+    assert_eq!(unfinished.len(), 1);
+    assert_eq!(
+        (
+            unfinished[0].message_id,
+            unfinished[0].step,
+            &unfinished[0].losses
+        ),
+        (Some(u64::MAX - 9), 40, &progress.losses)
+    );
+
+    let eval = StyleEval {
+        kid_x100_mean: 3.5,
+        kid_x100_std: 0.25,
+        identity_cosine: 0.75,
+    };
+    let end = RunFinish {
+        status: RunStatus::Done,
+        error: None,
+        progress: RunProgressRecord {
+            step: 100,
+            ..progress
+        },
+        eval_ms: Some(50.0),
+        style_status: StyleStatus::Draft,
+        eval: Some(eval),
+        eval_error: None,
+    };
+    store.finish_run(run_id, "anime", &end).await.unwrap();
+    assert!(store.unfinished_runs().await.unwrap().is_empty());
+    let row = store.guild_style("anime").await.unwrap().unwrap();
+    assert_eq!(
+        (row.guild_id, row.status, row.faces_found, row.eval),
+        (guild, StyleStatus::Draft, Some(4), Some(eval))
+    );
+    let run = store.latest_run("anime").await.unwrap().unwrap();
+    assert_eq!(
+        (run.status, run.step, run.eval_ms),
+        (RunStatus::Done, 100, Some(50.0))
+    );
+    assert!(run.finished_at.is_some());
+
+    store.publish_guild_style("anime", guild, 78).await.unwrap();
+    assert_eq!(
+        store.published_guild_styles().await.unwrap()[0].name,
+        "anime"
+    );
+    let settings = GuildSettings {
+        default_style: Some("anime".into()),
+        stickers_enabled: true,
+    };
+    store
+        .set_guild_settings(guild, &settings, 78)
+        .await
+        .unwrap();
+    store.delete_guild_style("anime", guild, 78).await.unwrap();
+    assert!(store.guild_styles(guild).await.unwrap().is_empty());
+    assert!(
+        store.latest_run("anime").await.unwrap().is_none(),
+        "runs go too"
+    );
+    assert_eq!(
+        store.guild_settings(guild).await.unwrap().default_style,
+        None
+    );
+    let actions: Vec<(u64, String)> = store
+        .audit_log(guild)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|(user, action, _, _)| (user, action))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (77, "stylepack_upload".to_string()),
+            (78, "stylepack_publish".to_string()),
+            (78, "guild_settings".to_string()),
+            (78, "stylepack_delete".to_string()),
+        ]
+    );
 }

@@ -7,8 +7,11 @@ use tokio::time::sleep_until;
 use super::download::PhotoRef;
 use super::reply::{batch_files, Reply};
 use super::{texts, BotState};
-use crate::jobs::{image_hash, FileKind, JobStatus, OutputKind, RenderError, RenderRequest};
+use crate::jobs::{
+    image_hash, FileKind, JobStatus, OutputKind, RenderError, RenderRequest, StyleInfo,
+};
 use crate::store::{JobEnd, JobSource, NewJob};
+use crate::stylepack::styles_for_guild;
 
 /// Options given with the request itself (they override the user's preset).
 #[derive(Debug, Clone, Default)]
@@ -69,11 +72,24 @@ async fn resolve(state: &BotState, request: &CartoonRequest) -> anyhow::Result<R
     })
 }
 
-/// Checks a style name against the installed styles.
-pub fn check_style(state: &BotState, style: Option<&str>) -> Result<(), RenderError> {
-    let installed: Vec<String> = state
-        .renderer()
-        .styles()
+/// The styles members of `guild_id` (or a DM's user, `None`) may use: the installed styles less
+/// other servers' style packs, plus the server's own published packs.
+pub async fn usable_styles(
+    state: &BotState,
+    guild_id: Option<u64>,
+) -> anyhow::Result<Vec<StyleInfo>> {
+    styles_for_guild(&state.store, state.renderer().styles(), guild_id).await
+}
+
+/// Checks a style name against the styles usable in `guild_id`.
+pub async fn check_style(
+    state: &BotState,
+    guild_id: Option<u64>,
+    style: Option<&str>,
+) -> Result<(), RenderError> {
+    let installed: Vec<String> = usable_styles(state, guild_id)
+        .await
+        .map_err(|e| RenderError::Internal(format!("{e:#}")))?
         .into_iter()
         .map(|s| s.name)
         .collect();
@@ -92,22 +108,8 @@ pub fn check_style(state: &BotState, style: Option<&str>) -> Result<(), RenderEr
 /// Runs one request to the end, telling the user how it goes. Logs one line per job.
 pub async fn run(state: &BotState, request: CartoonRequest, photo: PhotoRef, mut reply: Reply) {
     let started = Instant::now();
-    // Checks that need no I/O answer at once (ephemerally), without a "thinking" response.
-    let early = state
-        .downloader
-        .check(&photo)
-        .map_err(|e| (texts::photo_error(&e), e.code()))
-        .and_then(|()| {
-            state
-                .queue
-                .check_admission(request.user_id)
-                .map_err(|e| (texts::submit_error(&e), submit_code(&e)))
-        })
-        .and_then(|()| {
-            check_style(state, request.overrides.style.as_deref())
-                .map_err(|e| (texts::render_error(&e, None), e.code()))
-        });
-    if let Err((text, code)) = early {
+    // Checks that need no download answer at once (ephemerally), without a "thinking" response.
+    if let Err((text, code)) = early_checks(state, &request, &photo).await {
         log_refused(&request, code, started);
         if let Err(e) = reply.error(&text).await {
             tracing::warn!(error = %e, "sending an error reply failed");
@@ -126,6 +128,25 @@ pub async fn run(state: &BotState, request: CartoonRequest, photo: PhotoRef, mut
             tracing::warn!(error = %e, "sending an error reply failed");
         }
     }
+}
+
+/// What can be checked before a download: the declared file, the queue, the style.
+async fn early_checks(
+    state: &BotState,
+    request: &CartoonRequest,
+    photo: &PhotoRef,
+) -> Result<(), (String, &'static str)> {
+    state
+        .downloader
+        .check(photo)
+        .map_err(|e| (texts::photo_error(&e), e.code()))?;
+    state
+        .queue
+        .check_admission(request.user_id)
+        .map_err(|e| (texts::submit_error(&e), submit_code(&e)))?;
+    check_style(state, request.guild_id, request.overrides.style.as_deref())
+        .await
+        .map_err(|e| (texts::render_error(&e, None), e.code()))
 }
 
 /// An error to tell the user.
@@ -167,7 +188,8 @@ async fn work(
         )
     };
     let options = resolve(state, request).await.map_err(internal)?;
-    check_style(state, options.style.as_deref())
+    check_style(state, request.guild_id, options.style.as_deref())
+        .await
         .map_err(|e| Refusal::before_job(texts::render_error(&e, None), e.code()))?;
     let image = state
         .downloader

@@ -13,11 +13,20 @@ pub const PRESET: &str = "preset";
 pub const STYLES: &str = "styles";
 pub const STICKER: &str = "sticker";
 pub const SERVER_SETTINGS: &str = "server-settings";
+pub const STYLEPACK: &str = "stylepack";
 
 fn style_option(description: &str) -> CreateCommandOption {
     CreateCommandOption::new(CommandOptionType::String, "style", description)
         .set_autocomplete(true)
         .max_length(64)
+}
+
+/// A style pack of this server, by name.
+fn pack_name_option(description: &str) -> CreateCommandOption {
+    CreateCommandOption::new(CommandOptionType::String, "name", description)
+        .required(true)
+        .set_autocomplete(true)
+        .max_length(32)
 }
 
 fn output_option(description: &str) -> CreateCommandOption {
@@ -140,6 +149,75 @@ pub fn all() -> Vec<CreateCommand> {
                 CommandOptionType::Boolean,
                 "stickers",
                 "Allow /sticker add on this server",
+            )),
+        CreateCommand::new(STYLEPACK)
+            .description(
+                "This server's own cartoon styles, trained from cartoon faces (Manage Server)",
+            )
+            .contexts(vec![InteractionContext::Guild])
+            .default_member_permissions(Permissions::MANAGE_GUILD)
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "upload",
+                    "Train a new style from a .zip of cartoon faces",
+                )
+                .add_sub_option(
+                    CreateCommandOption::new(
+                        CommandOptionType::Attachment,
+                        "file",
+                        "A .zip of cartoon face images (PNG, JPEG or WebP)",
+                    )
+                    .required(true),
+                )
+                .add_sub_option(
+                    CreateCommandOption::new(
+                        CommandOptionType::String,
+                        "name",
+                        "The new style's name: lowercase letters, digits, - or _",
+                    )
+                    .required(true)
+                    .min_length(1)
+                    .max_length(32),
+                )
+                .add_sub_option(
+                    style_option("The style to start from (default: the bot's default style)")
+                        .name("base"),
+                ),
+            )
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::SubCommand,
+                "cancel",
+                "Stop this server's training (its checkpoint is kept)",
+            ))
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "resume",
+                    "Continue a cancelled or failed training from its checkpoint",
+                )
+                .add_sub_option(pack_name_option("The style pack to continue")),
+            )
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "publish",
+                    "Let this server's members use a trained style",
+                )
+                .add_sub_option(pack_name_option("The style pack to publish")),
+            )
+            .add_option(
+                CreateCommandOption::new(
+                    CommandOptionType::SubCommand,
+                    "delete",
+                    "Delete a style pack and its files",
+                )
+                .add_sub_option(pack_name_option("The style pack to delete")),
+            )
+            .add_option(CreateCommandOption::new(
+                CommandOptionType::SubCommand,
+                "list",
+                "This server's style packs",
             )),
     ]
 }

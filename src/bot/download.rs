@@ -1,4 +1,5 @@
-//! Photo attachments: checks before downloading, and a download that stops at the byte limit.
+//! Attachments (photos, style-pack archives): checks before downloading, and a download that
+//! stops at the byte limit.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -121,13 +122,18 @@ impl Downloader {
                 .unwrap_or_else(|| photo.filename.clone());
             return Err(PhotoError::NotAnImage(what));
         }
-        if photo.size > self.max_bytes {
+        self.check_file(photo, self.max_bytes)
+    }
+
+    /// Checks a file of any type: its declared size against `max_bytes`, and its host.
+    pub fn check_file(&self, file: &PhotoRef, max_bytes: u64) -> Result<(), PhotoError> {
+        if file.size > max_bytes {
             return Err(PhotoError::TooLarge {
-                size: photo.size,
-                max: self.max_bytes,
+                size: file.size,
+                max: max_bytes,
             });
         }
-        self.check_url(&photo.url).map(|_| ())
+        self.check_url(&file.url).map(|_| ())
     }
 
     fn check_url(&self, url: &str) -> Result<Url, PhotoError> {
@@ -148,7 +154,17 @@ impl Downloader {
     /// Downloads the photo, stopping as soon as it exceeds the byte limit.
     pub async fn fetch(&self, photo: &PhotoRef) -> Result<Vec<u8>, PhotoError> {
         self.check(photo)?;
-        let url = self.check_url(&photo.url)?;
+        self.download(photo, self.max_bytes).await
+    }
+
+    /// Downloads a file of any type, stopping as soon as it exceeds `max_bytes`.
+    pub async fn fetch_file(&self, file: &PhotoRef, max_bytes: u64) -> Result<Vec<u8>, PhotoError> {
+        self.check_file(file, max_bytes)?;
+        self.download(file, max_bytes).await
+    }
+
+    async fn download(&self, file: &PhotoRef, max_bytes: u64) -> Result<Vec<u8>, PhotoError> {
+        let url = self.check_url(&file.url)?;
         let mut response = self
             .client
             .get(url)
@@ -158,22 +174,22 @@ impl Downloader {
         if !response.status().is_success() {
             return Err(PhotoError::Download(format!("HTTP {}", response.status())));
         }
-        if let Some(len) = response.content_length().filter(|&n| n > self.max_bytes) {
+        if let Some(len) = response.content_length().filter(|&n| n > max_bytes) {
             return Err(PhotoError::TooLarge {
                 size: len,
-                max: self.max_bytes,
+                max: max_bytes,
             });
         }
-        let mut bytes = Vec::with_capacity(photo.size.min(self.max_bytes) as usize);
+        let mut bytes = Vec::with_capacity(file.size.min(max_bytes) as usize);
         while let Some(chunk) = response
             .chunk()
             .await
             .map_err(|e| PhotoError::Download(e.without_url().to_string()))?
         {
-            if (bytes.len() + chunk.len()) as u64 > self.max_bytes {
+            if (bytes.len() + chunk.len()) as u64 > max_bytes {
                 return Err(PhotoError::TooLarge {
                     size: (bytes.len() + chunk.len()) as u64,
-                    max: self.max_bytes,
+                    max: max_bytes,
                 });
             }
             bytes.extend_from_slice(&chunk);

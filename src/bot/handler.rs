@@ -1,4 +1,5 @@
-//! Gateway events: ready (register commands, report interrupted jobs), interactions, DMs.
+//! Gateway events: ready (register commands, report interrupted jobs, follow resumed training
+//! runs), interactions, DMs.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,10 +11,10 @@ use serenity::all::{
     GuildId, Http, Interaction, Message, MessageId, Ready, ResolvedValue,
 };
 
-use super::cartoon::{self, CartoonRequest, Overrides};
+use super::cartoon::{self, usable_styles, CartoonRequest, Overrides};
 use super::download::PhotoRef;
 use super::reply::Reply;
-use super::{commands, settings, texts, BotState};
+use super::{commands, settings, stylepack, texts, BotState};
 use crate::jobs::OutputKind;
 use crate::store::{now_ms, JobSource, ReplyRef};
 
@@ -60,6 +61,19 @@ impl EventHandler for Handler {
         for job in interrupted {
             tell_interrupted(&ctx.http, &job).await;
         }
+        let resumed = self
+            .state
+            .resumed_run
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(run) = resumed {
+            tokio::spawn(stylepack::follow_run(
+                Arc::clone(&self.state),
+                Arc::clone(&ctx.http),
+                run,
+            ));
+        }
     }
 
     async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
@@ -95,6 +109,7 @@ impl Handler {
             commands::STYLES => settings::styles(state, &ctx.http, &cmd).await,
             commands::STICKER => settings::sticker(state, &ctx.http, &cmd).await,
             commands::SERVER_SETTINGS => settings::server_settings(state, &ctx.http, &cmd).await,
+            commands::STYLEPACK => stylepack::command(state, &ctx.http, &cmd).await,
             other => {
                 tracing::warn!(command = other, "unknown command");
                 Ok(())
@@ -174,22 +189,41 @@ impl Handler {
         }
     }
 
+    /// Style options offer the styles usable here; `/stylepack`'s `name` options offer the
+    /// server's style packs (to its admins).
     async fn autocomplete(&self, ctx: &Context, cmd: CommandInteraction) {
-        let typed = cmd
-            .data
-            .autocomplete()
-            .map(|o| o.value.to_lowercase())
-            .unwrap_or_default();
+        let Some(focused) = cmd.data.autocomplete() else {
+            return;
+        };
+        let typed = focused.value.to_lowercase();
+        let guild = cmd.guild_id.map(GuildId::get);
+        let names: Vec<String> =
+            if cmd.data.name == commands::STYLEPACK && focused.name == "name" {
+                match guild {
+                    Some(guild) if settings::is_server_admin(&self.state, &cmd) => self
+                        .state
+                        .store
+                        .guild_styles(guild)
+                        .await
+                        .map(|packs| packs.into_iter().map(|p| p.name).collect()),
+                    _ => Ok(Vec::new()),
+                }
+            } else {
+                usable_styles(&self.state, guild)
+                    .await
+                    .map(|styles| styles.into_iter().map(|s| s.name).collect())
+            }
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "listing autocomplete choices");
+                Vec::new()
+            });
         let mut response = CreateAutocompleteResponse::new();
-        for style in self
-            .state
-            .renderer()
-            .styles()
+        for name in names
             .into_iter()
-            .filter(|s| s.name.to_lowercase().contains(&typed))
+            .filter(|n| n.to_lowercase().contains(&typed))
             .take(25)
         {
-            response = response.add_string_choice(style.name.clone(), style.name);
+            response = response.add_string_choice(name.clone(), name);
         }
         if let Err(e) = cmd
             .create_response(&ctx.http, CreateInteractionResponse::Autocomplete(response))

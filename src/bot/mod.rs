@@ -6,8 +6,12 @@
 //!   within the byte limit; queue ([`crate::jobs::JobQueue`]) with position updates; edit the
 //!   reply with one file per face. Errors reach only the user who asked.
 //! - `/preset set|show|reset`, `/styles`, `/sticker add`, `/server-settings`.
-//! - Presets, jobs and guild settings live in SQLite ([`crate::store::Store`]). On start,
-//!   jobs left unfinished by a previous run are marked `interrupted` and their users told.
+//! - `/stylepack upload|cancel|resume|publish|delete|list` ([`stylepack`]): server admins turn
+//!   a .zip of cartoon faces into a style of their server ([`crate::stylepack::StylePacks`]);
+//!   the training's progress is one public message, edited as it goes.
+//! - Presets, jobs, guild settings and style packs live in SQLite ([`crate::store::Store`]). On
+//!   start, jobs left unfinished by a previous run are marked `interrupted` and their users
+//!   told; a style pack that was training resumes.
 //!
 //! Gateway intents: `DIRECT_MESSAGES` only (interactions need none; in DMs with the bot,
 //! message content and attachments come without the privileged MESSAGE_CONTENT intent).
@@ -19,6 +23,7 @@ pub mod download;
 mod handler;
 mod reply;
 mod settings;
+mod stylepack;
 mod texts;
 
 use std::fmt;
@@ -36,6 +41,7 @@ pub use config::BotConfig;
 
 use crate::jobs::{JobQueue, Renderer};
 use crate::store::{JobRecord, Store};
+use crate::stylepack::{PackSetup, RunEvents, StylePacks};
 use download::Downloader;
 
 /// Log filter directives for `main` to add to its `EnvFilter` (after `RUST_LOG`, so that they
@@ -122,6 +128,10 @@ pub(crate) struct BotState {
     pub recent: DashMap<u64, RecentStickers>,
     /// Jobs a previous run left unfinished, to tell their users once connected.
     pub interrupted: Mutex<Vec<JobRecord>>,
+    /// `None` when style packs are not set up.
+    pub stylepacks: Option<StylePacks>,
+    /// The training run resumed at start, to follow once connected.
+    pub resumed_run: Mutex<Option<RunEvents>>,
     /// Set once the commands are registered (not again on reconnects).
     pub commands_registered: AtomicBool,
 }
@@ -129,6 +139,11 @@ pub(crate) struct BotState {
 impl BotState {
     pub fn renderer(&self) -> &Arc<dyn Renderer> {
         self.queue.renderer()
+    }
+
+    /// Least time between two progress edits of a message.
+    pub fn progress_interval(&self) -> Duration {
+        Duration::from_millis(self.config.progress_interval_ms)
     }
 
     pub fn remember_stickers(&self, user: u64, guild_id: u64, mut stickers: Vec<Vec<u8>>) {
@@ -177,21 +192,27 @@ impl RunningBot {
     }
 
     /// Disconnects, stops the queue (waiting jobs are dropped; their rows stay `queued` or
-    /// `running` and the next start reports them) and closes the database.
+    /// `running` and the next start reports them), stops a training at its next step (the
+    /// next start resumes it) and closes the database.
     pub async fn shutdown(self) {
         self.shard_manager.shutdown_all().await;
         self.client.abort();
         let _ = self.client.await;
         self.state.queue.shutdown();
+        if let Some(packs) = &self.state.stylepacks {
+            packs.shutdown().await;
+        }
         self.state.store.close().await;
     }
 }
 
-/// Opens the database, starts the queue and connects to Discord.
+/// Opens the database, starts the queue, resumes a style pack's training and connects to
+/// Discord. Without `stylepacks`, `/stylepack` says they are not enabled.
 pub async fn start(
     config: BotConfig,
     token: Token,
     renderer: Arc<dyn Renderer>,
+    stylepacks: Option<PackSetup>,
 ) -> Result<RunningBot> {
     let store = Store::open(&config.database).await?;
     let interrupted = store.interrupt_unfinished().await?;
@@ -204,6 +225,14 @@ pub async fn start(
             "job interrupted by a restart"
         );
     }
+    let stylepacks = stylepacks.map(|setup| StylePacks::new(setup, store.clone()));
+    let resumed_run = match &stylepacks {
+        Some(packs) => packs.resume_unfinished().await.unwrap_or_else(|e| {
+            tracing::error!(error = %format!("{e:#}"), "resuming a style pack's training failed");
+            None
+        }),
+        None => None,
+    };
     let queue = JobQueue::new(renderer, config.queue_config());
     let downloader = Downloader::new(
         &config.allowed_cdn_hosts,
@@ -221,6 +250,8 @@ pub async fn start(
         downloader,
         recent: DashMap::new(),
         interrupted: Mutex::new(interrupted),
+        stylepacks,
+        resumed_run: Mutex::new(resumed_run),
         commands_registered: AtomicBool::new(false),
     });
     let handler = handler::Handler {
@@ -240,8 +271,13 @@ pub async fn start(
 }
 
 /// `toonbot serve`: runs the bot until Ctrl-C (or SIGTERM) or a fatal gateway error.
-pub async fn serve(config: BotConfig, token: Token, renderer: Arc<dyn Renderer>) -> Result<()> {
-    let mut bot = start(config, token, renderer).await?;
+pub async fn serve(
+    config: BotConfig,
+    token: Token,
+    renderer: Arc<dyn Renderer>,
+    stylepacks: Option<PackSetup>,
+) -> Result<()> {
+    let mut bot = start(config, token, renderer, stylepacks).await?;
     let result = tokio::select! {
         r = bot.wait() => r,
         _ = shutdown_signal() => {

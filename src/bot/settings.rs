@@ -1,4 +1,5 @@
-//! `/preset`, `/styles`, `/sticker add` and `/server-settings`: short, ephemeral answers.
+//! `/preset`, `/styles`, `/sticker add` and `/server-settings`: short, ephemeral answers; and
+//! what the admin commands share (who is an admin).
 
 use std::sync::Arc;
 
@@ -9,7 +10,9 @@ use serenity::all::{
     Permissions, ResolvedOption, ResolvedValue,
 };
 
-use super::cartoon::{check_style, DEFAULT_OUTLINE, DEFAULT_OUTPUT, DEFAULT_ROUND_AVATAR};
+use super::cartoon::{
+    check_style, usable_styles, DEFAULT_OUTLINE, DEFAULT_OUTPUT, DEFAULT_ROUND_AVATAR,
+};
 use super::{texts, BotState};
 use crate::jobs::OutputKind;
 use crate::store::{GuildSettings, Preset};
@@ -20,7 +23,11 @@ const STICKER_MAX_BYTES: usize = 512 * 1024;
 const MAX_STICKERS_REACHED: isize = 30039;
 const MISSING_PERMISSIONS: isize = 50013;
 
-async fn say(http: &Arc<Http>, cmd: &CommandInteraction, text: impl Into<String>) -> Result<()> {
+pub(super) async fn say(
+    http: &Arc<Http>,
+    cmd: &CommandInteraction,
+    text: impl Into<String>,
+) -> Result<()> {
     let message = CreateInteractionResponseMessage::new()
         .content(text)
         .ephemeral(true);
@@ -29,7 +36,9 @@ async fn say(http: &Arc<Http>, cmd: &CommandInteraction, text: impl Into<String>
     Ok(())
 }
 
-fn sub_command<'a>(cmd: &'a CommandInteraction) -> Option<(&'a str, Vec<ResolvedOption<'a>>)> {
+pub(super) fn sub_command<'a>(
+    cmd: &'a CommandInteraction,
+) -> Option<(&'a str, Vec<ResolvedOption<'a>>)> {
     cmd.data.options().into_iter().find_map(|o| match o.value {
         ResolvedValue::SubCommand(options) => Some((o.name, options)),
         _ => None,
@@ -108,7 +117,8 @@ pub async fn preset(state: &BotState, http: &Arc<Http>, cmd: &CommandInteraction
                     _ => {}
                 }
             }
-            if let Err(e) = check_style(state, preset.style.as_deref()) {
+            let guild = cmd.guild_id.map(|g| g.get());
+            if let Err(e) = check_style(state, guild, preset.style.as_deref()).await {
                 return say(http, cmd, texts::render_error(&e, None)).await;
             }
             state.store.set_preset(user, &preset).await?;
@@ -131,7 +141,7 @@ pub async fn preset(state: &BotState, http: &Arc<Http>, cmd: &CommandInteraction
 }
 
 pub async fn styles(state: &BotState, http: &Arc<Http>, cmd: &CommandInteraction) -> Result<()> {
-    let styles = state.renderer().styles();
+    let styles = usable_styles(state, cmd.guild_id.map(|g| g.get())).await?;
     if styles.is_empty() {
         return say(
             http,
@@ -315,6 +325,19 @@ pub async fn sticker(state: &BotState, http: &Arc<Http>, cmd: &CommandInteractio
     Ok(())
 }
 
+/// Whether the member may administer the bot on this server: Manage Server (or
+/// Administrator), or the configured admin role.
+pub(super) fn is_server_admin(state: &BotState, cmd: &CommandInteraction) -> bool {
+    let member = cmd.member.as_ref();
+    member
+        .and_then(|m| m.permissions)
+        .is_some_and(|p| p.intersects(Permissions::MANAGE_GUILD | Permissions::ADMINISTRATOR))
+        || state
+            .config
+            .admin_role_id
+            .is_some_and(|role| member.is_some_and(|m| m.roles.iter().any(|r| r.get() == role)))
+}
+
 pub async fn server_settings(
     state: &BotState,
     http: &Arc<Http>,
@@ -323,16 +346,8 @@ pub async fn server_settings(
     let Some(guild) = cmd.guild_id else {
         return say(http, cmd, "Server settings only exist in a server.").await;
     };
-    let member = cmd.member.as_ref();
-    let is_admin = member
-        .and_then(|m| m.permissions)
-        .is_some_and(|p| p.intersects(Permissions::MANAGE_GUILD | Permissions::ADMINISTRATOR))
-        || state
-            .config
-            .admin_role_id
-            .is_some_and(|role| member.is_some_and(|m| m.roles.iter().any(|r| r.get() == role)));
-    if !is_admin {
-        return say(http, cmd, "Only members with **Manage Server** (or the bot's admin role) can change these settings.").await;
+    if !is_server_admin(state, cmd) {
+        return say(http, cmd, texts::admins_only("change these settings")).await;
     }
     let mut settings: GuildSettings = state.store.guild_settings(guild.get()).await?;
     let mut changed = false;
@@ -350,7 +365,7 @@ pub async fn server_settings(
             _ => {}
         }
     }
-    if let Err(e) = check_style(state, settings.default_style.as_deref()) {
+    if let Err(e) = check_style(state, Some(guild.get()), settings.default_style.as_deref()).await {
         return say(http, cmd, texts::render_error(&e, None)).await;
     }
     if changed {

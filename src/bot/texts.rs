@@ -1,6 +1,13 @@
 //! What the bot says to people: each error says what happened and what to do.
 
+use std::time::Duration;
+
+use crate::config::StylePackConfig;
 use crate::jobs::{JobStatus, OutputKind, RenderError, RenderOutput, SubmitError};
+use crate::store::{GuildStyle, StyleStatus, TrainingRun};
+use crate::stylepack::{
+    Accepted, ArchiveError, EvalReport, PackError, RunEnd, RunProgress, SkipReason, Skipped,
+};
 
 use super::download::PhotoError;
 
@@ -139,4 +146,413 @@ pub fn result_summary(
 
 fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1_000_000.0)
+}
+
+// --- style packs -------------------------------------------------------------------------------
+
+/// Entries listed at most when telling what was skipped.
+const SKIPPED_SHOWN: usize = 10;
+
+pub fn admins_only(what: &str) -> String {
+    format!("Only members with **Manage Server** (or the bot's admin role) can {what}.")
+}
+
+pub const STYLEPACKS_OFF: &str = "Style packs aren't enabled on this bot.";
+
+pub const STYLEPACK_IN_SERVER: &str =
+    "Style packs belong to a server: use `/stylepack` in the server that should get the style.";
+
+pub const STYLEPACK_USAGE: &str = "Use `/stylepack upload`, `cancel`, `resume`, `publish`, \
+    `delete` or `list`.";
+
+pub const STYLEPACK_NO_FILE: &str =
+    "Attach the style pack: a .zip of cartoon faces (PNG, JPEG or WebP).";
+
+pub const STYLEPACK_CHECKING: &str = "📦 Checking the archive…";
+
+/// An entry name as shown in Discord: no formatting characters, at most 60 characters.
+fn entry(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .filter(|c| !c.is_control() && *c != '`')
+        .collect();
+    let n = clean.chars().count();
+    if n > 60 {
+        format!("…{}", clean.chars().skip(n - 59).collect::<String>())
+    } else {
+        clean
+    }
+}
+
+fn skip_reason(reason: &SkipReason) -> String {
+    match reason {
+        SkipReason::MacMetadata => "macOS metadata".into(),
+        SkipReason::Hidden => "hidden file".into(),
+        SkipReason::NotAnImage => "not a PNG, JPEG or WebP image".into(),
+        SkipReason::TooManyPixels {
+            width,
+            height,
+            limit,
+        } => format!(
+            "{width}x{height} is over the {:.1} megapixel limit",
+            *limit as f64 / 1e6
+        ),
+        SkipReason::Unreadable(_) => "damaged, can't be read".into(),
+    }
+}
+
+/// "Skipped N files:" and a bulleted list (empty when nothing was skipped).
+pub fn skipped_files(skipped: &[Skipped]) -> String {
+    if skipped.is_empty() {
+        return String::new();
+    }
+    let mut text = format!(
+        "Skipped {} file{}:",
+        skipped.len(),
+        if skipped.len() == 1 { "" } else { "s" }
+    );
+    for s in skipped.iter().take(SKIPPED_SHOWN) {
+        text.push_str(&format!(
+            "\n• `{}`: {}",
+            entry(&s.entry),
+            skip_reason(&s.reason)
+        ));
+    }
+    if skipped.len() > SKIPPED_SHOWN {
+        text.push_str(&format!("\n• … and {} more", skipped.len() - SKIPPED_SHOWN));
+    }
+    text
+}
+
+pub fn archive_error(e: &ArchiveError, config: &StylePackConfig) -> String {
+    match e {
+        ArchiveError::TooLarge { bytes, max } => format!(
+            "That archive is too large ({} MB; the limit is {} MB). Upload fewer or smaller \
+             images.",
+            mb(*bytes),
+            mb(*max)
+        ),
+        ArchiveError::NotAZip => "That file isn't a zip archive. Put the cartoon faces (PNG, \
+             JPEG or WebP) in a .zip and upload that."
+            .into(),
+        ArchiveError::Corrupt(_) => "That zip archive is damaged. Zip the images again and \
+             upload the new archive."
+            .into(),
+        ArchiveError::TooManyEntries { count, max } => format!(
+            "That archive has {count} files; a style pack may have at most {max} files and {} \
+             images. Pick your best cartoon faces and upload again.",
+            config.max_images
+        ),
+        ArchiveError::DuplicateNames => "That archive has several files with the same name. \
+             Zip the images again and upload the new archive."
+            .into(),
+        ArchiveError::UnsafePath(name) => format!(
+            "That archive is refused: `{}` has a path that leads outside the archive's folder \
+             (`..`, an absolute path, a backslash or a drive letter). Zip the images again \
+             from a plain folder.",
+            entry(name)
+        ),
+        ArchiveError::Encrypted(name) => format!(
+            "That archive is encrypted (`{}`). Upload a zip without a password.",
+            entry(name)
+        ),
+        ArchiveError::EntryExpandsTooMuch { entry: name, max } => format!(
+            "That archive is refused: `{}` expands to more than {} MB, far more than any \
+             cartoon face (a zip bomb?). Upload just the images.",
+            entry(name),
+            mb(*max)
+        ),
+        ArchiveError::ArchiveExpandsTooMuch { max } => format!(
+            "That archive is refused: it expands to more than {} MB. Upload fewer or smaller \
+             images.",
+            mb(*max)
+        ),
+        ArchiveError::TooManyImages { max } => format!(
+            "That archive has more than {max} images; a style pack may have at most {max}. \
+             Pick your best cartoon faces and upload again."
+        ),
+        ArchiveError::TooFewImages {
+            found,
+            min,
+            skipped,
+        } => {
+            let mut text = format!(
+                "That archive has {found} usable image{}; a style pack needs at least {min} \
+                 cartoon faces (PNG, JPEG or WebP).",
+                if *found == 1 { "" } else { "s" }
+            );
+            let skipped = skipped_files(skipped);
+            if !skipped.is_empty() {
+                text.push('\n');
+                text.push_str(&skipped);
+            }
+            text
+        }
+    }
+}
+
+/// What to do about a style pack in its current state.
+fn status_hint(name: &str, status: StyleStatus) -> String {
+    match status {
+        StyleStatus::Training => {
+            "Wait for it to finish, or stop it with `/stylepack cancel`.".to_string()
+        }
+        StyleStatus::Cancelled | StyleStatus::Failed => format!(
+            "Continue it with `/stylepack resume name:{name}`, or remove it with \
+             `/stylepack delete name:{name}`."
+        ),
+        StyleStatus::Draft => format!("Publish it with `/stylepack publish name:{name}`."),
+        StyleStatus::Published => "This server's members can already use it.".to_string(),
+    }
+}
+
+/// A refused style-pack action, as told to an admin of `guild_id`.
+pub fn pack_error(e: &PackError, guild_id: u64, config: &StylePackConfig) -> String {
+    match e {
+        PackError::NoTrainer => "This bot can't train styles on its host yet (no trainer is \
+             installed). Ask the bot's admin."
+            .into(),
+        PackError::InvalidName(name) => format!(
+            "`{}` can't be a style name: use 1 to 32 lowercase letters, digits, `-` or `_`.",
+            entry(name)
+        ),
+        PackError::NameTaken(name) => format!(
+            "There's already a style called `{name}`. Pick another name (see `/styles` and \
+             `/stylepack list`)."
+        ),
+        PackError::BaseMissing { name, available } => format!(
+            "There's no style called `{}` to start from. Available: {}.",
+            entry(name),
+            available
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        PackError::Busy {
+            guild_id: owner,
+            name,
+        } if *owner == guild_id => format!(
+            "**{name}** is still being trained on this server, and the bot trains one style at \
+             a time. Wait for it to finish, or stop it with `/stylepack cancel`."
+        ),
+        PackError::Busy { .. } => "The bot is training another server's style right now, and \
+             it trains one at a time. Try again later."
+            .into(),
+        PackError::Archive(e) => archive_error(e, config),
+        PackError::NotFound(name) => format!(
+            "This server has no style pack called `{}` (see `/stylepack list`).",
+            entry(name)
+        ),
+        PackError::WrongStatus { name, status } => format!(
+            "**{name}** is {status}, so that can't be done now. {}",
+            status_hint(name, *status)
+        ),
+        PackError::NothingTraining => "Nothing is training on this server.".into(),
+        PackError::Internal(_) => "Something went wrong on my side with that style pack. \
+             Please try again; if it keeps happening, tell the bot's admin."
+            .into(),
+    }
+}
+
+/// A style-pack archive that could not be downloaded.
+pub fn pack_download_error(e: &PhotoError) -> String {
+    match e {
+        PhotoError::TooLarge { size, max } => format!(
+            "That archive is too large ({} MB; the limit is {} MB). Upload fewer or smaller \
+             images.",
+            mb(*size),
+            mb(*max)
+        ),
+        PhotoError::HostNotAllowed(_) => {
+            "Attach the .zip itself to the command rather than a link.".into()
+        }
+        PhotoError::NotAnImage(_) | PhotoError::Download(_) => {
+            "I couldn't download that archive from Discord. Try uploading it again.".into()
+        }
+    }
+}
+
+pub fn pack_accepted(name: &str, accepted: &Accepted) -> String {
+    let mut text = format!(
+        "📦 **{name}**: {} images accepted, {} to train on and {} kept aside to evaluate the \
+         style.",
+        accepted.train + accepted.held_out,
+        accepted.train,
+        accepted.held_out,
+    );
+    let skipped = skipped_files(&accepted.skipped);
+    if !skipped.is_empty() {
+        text.push('\n');
+        text.push_str(&skipped);
+    }
+    text.push_str(&format!(
+        "\nPreparing the faces and training from **{}** now: follow it in this channel, stop \
+         it with `/stylepack cancel`.",
+        accepted.base()
+    ));
+    text
+}
+
+/// "40 s", "9 min", "2 h 05 min".
+fn duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s.div_ceil(60)),
+        _ => format!("{} h {:02} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn training_started(style: &GuildStyle, run: &TrainingRun) -> String {
+    if run.step > 0 {
+        format!(
+            "🧪 Training **{}** resumes at step {}/{}…",
+            style.name, run.step, run.total_steps
+        )
+    } else {
+        format!(
+            "🧪 Training **{}** from **{}** on {} images…",
+            style.name, style.base, style.images
+        )
+    }
+}
+
+pub fn training_progress(style: &GuildStyle, progress: &RunProgress) -> String {
+    let (step, total, losses, images_per_sec, eta) = match progress {
+        RunProgress::Preparing { done, total } => {
+            return format!(
+                "🧑‍🎨 Preparing the cartoon faces of **{}**: {done}/{total}…",
+                style.name
+            )
+        }
+        RunProgress::Training {
+            step,
+            total,
+            losses,
+            images_per_sec,
+            eta,
+        } => (step, total, losses, images_per_sec, eta),
+    };
+    let percent = u64::from(*step) * 100 / u64::from((*total).max(1));
+    let mut text = format!(
+        "🧪 Training **{}** from **{}**: step {step}/{total} ({percent}%)",
+        style.name, style.base
+    );
+    if !losses.is_empty() {
+        let losses: Vec<String> = losses
+            .iter()
+            .take(6)
+            .map(|(name, value)| format!("{name} {value:.3}"))
+            .collect();
+        text.push_str(&format!(" · losses {}", losses.join(", ")));
+    }
+    text.push_str(&format!(" · {images_per_sec:.1} images/s"));
+    if let Some(eta) = eta {
+        text.push_str(&format!(" · ETA {}", duration(*eta)));
+    }
+    text
+}
+
+pub fn preview_caption(style: &GuildStyle, step: u32, total: u32) -> String {
+    format!("🖼️ **{}** at step {step}/{total}", style.name)
+}
+
+/// The progress message's final text.
+pub fn training_ended(style: &GuildStyle, end: &RunEnd) -> String {
+    let name = &style.name;
+    match end {
+        RunEnd::Trained { steps, .. } => {
+            format!(
+                "✅ **{name}** trained from **{}**: {steps} steps.",
+                style.base
+            )
+        }
+        RunEnd::Cancelled { step, total } => format!(
+            "⏹️ Training **{name}** was cancelled at step {step}/{total}. The checkpoint is \
+             kept: `/stylepack resume name:{name}` continues from it, `/stylepack delete \
+             name:{name}` removes it."
+        ),
+        RunEnd::Failed(_) => format!(
+            "❌ Training **{name}** failed. `/stylepack resume name:{name}` tries again from the \
+             last checkpoint; if it keeps failing, tell the bot's admin."
+        ),
+    }
+}
+
+/// The evaluation, posted with the last preview once a style is trained.
+pub fn trained(style: &GuildStyle, faces_found: u32, eval: &Result<EvalReport, String>) -> String {
+    let name = &style.name;
+    let images = style.images + style.held_out;
+    let numbers = match eval {
+        Ok(e) => format!(
+            "Evaluation on the {} held-out image{}: **KID×100 {:.2} ± {:.2}** (lower is closer \
+             to the pack's style), **identity {:.2}** (cosine, higher keeps faces \
+             recognisable).",
+            style.held_out,
+            if style.held_out == 1 { "" } else { "s" },
+            e.kid_x100_mean,
+            e.kid_x100_std,
+            e.identity_cosine
+        ),
+        Err(_) => {
+            "The evaluation failed, so there are no numbers; judge by the preview.".to_string()
+        }
+    };
+    format!(
+        "🎨 **{name}** is ready as a draft. A face was found and aligned in {faces_found} of its \
+         {images} images, the others were centre-cropped. {numbers}\nPublish it for this \
+         server's members with `/stylepack publish name:{name}`, or remove it with \
+         `/stylepack delete name:{name}`."
+    )
+}
+
+pub fn published(name: &str) -> String {
+    format!(
+        "Published **{name}**: this server's members can now pick it with `/cartoon style:{name}` \
+         (and `/preset set`)."
+    )
+}
+
+pub fn deleted(name: &str) -> String {
+    format!("Deleted the style pack **{name}** and its files.")
+}
+
+pub fn cancelling(name: &str) -> String {
+    format!(
+        "Stopping **{name}** at its next step; the checkpoint is kept (`/stylepack resume \
+         name:{name}` continues from it)."
+    )
+}
+
+pub fn resumed(name: &str) -> String {
+    format!("Training **{name}** again from its last checkpoint: follow it in this channel.")
+}
+
+pub fn pack_list(packs: &[(GuildStyle, Option<TrainingRun>)]) -> String {
+    if packs.is_empty() {
+        return "This server has no style packs yet. Upload one with `/stylepack upload`.".into();
+    }
+    let mut text = String::from("Style packs on this server:");
+    for (style, run) in packs {
+        text.push_str(&format!(
+            "\n• **{}** — {}, from **{}** on {} images",
+            style.name, style.status, style.base, style.images
+        ));
+        if let (StyleStatus::Training | StyleStatus::Cancelled | StyleStatus::Failed, Some(run)) =
+            (style.status, run)
+        {
+            text.push_str(&format!(", step {}/{}", run.step, run.total_steps));
+        }
+        if let Some(e) = style.eval {
+            text.push_str(&format!(
+                " · KID×100 {:.2} ± {:.2}, identity {:.2}",
+                e.kid_x100_mean, e.kid_x100_std, e.identity_cosine
+            ));
+        }
+        if style.status != StyleStatus::Published {
+            text.push_str(&format!(" · {}", status_hint(&style.name, style.status)));
+        }
+    }
+    text
 }

@@ -5,7 +5,7 @@ pub mod styles;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
 use candle_core::Device;
@@ -57,12 +57,16 @@ pub struct CartoonPhoto {
     pub timings: BTreeMap<&'static str, f64>,
 }
 
+/// A style's generator, with its weights file's modification time when loaded (a style
+/// deleted and installed again under the same name is loaded again).
+type LoadedGenerator = (Option<SystemTime>, Arc<Generator>);
+
 /// The face pipeline plus the generators of the styles used so far, kept loaded.
 pub struct Cartoonizer {
     faces: FacePipeline,
     registry: StyleRegistry,
     default_style: String,
-    generators: Mutex<HashMap<String, Arc<Generator>>>,
+    generators: Mutex<HashMap<String, LoadedGenerator>>,
     device: Device,
 }
 
@@ -95,8 +99,11 @@ impl Cartoonizer {
         style: Option<&str>,
     ) -> Result<(StyleInfo, Arc<Generator>), CartoonError> {
         let info = self.registry.find(style.unwrap_or(&self.default_style))?;
+        let modified = std::fs::metadata(info.weights())
+            .and_then(|m| m.modified())
+            .ok();
         let mut loaded = self.generators.lock().expect("generator cache lock");
-        if let Some(g) = loaded.get(&info.name) {
+        if let Some((_, g)) = loaded.get(&info.name).filter(|(at, _)| *at == modified) {
             return Ok((info, g.clone()));
         }
         let vb = face::load_weights(&info.dir, "generator", &self.device)?;
@@ -105,7 +112,7 @@ impl Cartoonizer {
                 format!("loading style {:?} from {}", info.name, info.dir.display())
             })?,
         );
-        loaded.insert(info.name.clone(), g.clone());
+        loaded.insert(info.name.clone(), (modified, g.clone()));
         Ok((info, g))
     }
 

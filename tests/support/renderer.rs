@@ -3,13 +3,18 @@
 //!
 //! Test photos come from [`photo`]: a small PNG whose first pixels say how many faces it has,
 //! which behaviour to trigger, and a tag identifying it.
+//!
+//! Besides its two built-in styles, it can offer the styles installed in a folder (as the
+//! style registry sees them), checking that their generator weights load.
 
 use std::io::Cursor;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use image::{ImageFormat, Rgba, RgbaImage};
+use toonbot::cartoon::styles::StyleRegistry;
 use toonbot::jobs::{
     FileKind, OutputKind, RenderError, RenderOutput, RenderRequest, RenderedFile, Renderer,
     StyleInfo,
@@ -71,6 +76,8 @@ pub struct TestRenderer {
     gate_changed: Condvar,
     /// Renders currently blocked on the gate or running.
     active: AtomicUsize,
+    /// Installed styles offered besides the built-in ones.
+    registry: Option<StyleRegistry>,
 }
 
 impl Default for TestRenderer {
@@ -82,6 +89,7 @@ impl Default for TestRenderer {
             gate: Mutex::new(true),
             gate_changed: Condvar::new(),
             active: AtomicUsize::new(0),
+            registry: None,
         }
     }
 }
@@ -89,6 +97,22 @@ impl Default for TestRenderer {
 impl TestRenderer {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Also offers the styles installed in `dir` (trained styles, as in `styles.dir`).
+    pub fn with_styles_dir(dir: &Path) -> Self {
+        Self {
+            registry: Some(StyleRegistry::new(dir, dir)),
+            ..Self::default()
+        }
+    }
+
+    /// An installed style's generator weights, loaded (a real safetensors file, not empty).
+    fn check_installed(&self, name: &str) -> Option<()> {
+        let style = self.registry.as_ref()?.find(name).ok()?;
+        let tensors =
+            candle_core::safetensors::load(style.weights(), &candle_core::Device::Cpu).ok()?;
+        (!tensors.is_empty()).then_some(())
     }
 
     /// Renders started so far.
@@ -138,10 +162,10 @@ impl TestRenderer {
             .style
             .clone()
             .unwrap_or_else(|| STYLES[0].to_string());
-        if !STYLES.contains(&style.as_str()) {
+        if !STYLES.contains(&style.as_str()) && self.check_installed(&style).is_none() {
             return Err(RenderError::StyleMissing {
                 name: style,
-                available: STYLES.iter().map(|s| s.to_string()).collect(),
+                available: self.styles().into_iter().map(|s| s.name).collect(),
             });
         }
         let img = image::load_from_memory(&request.image)
@@ -239,6 +263,16 @@ impl Renderer for TestRenderer {
     }
 
     fn styles(&self) -> Vec<StyleInfo> {
+        let installed = self
+            .registry
+            .iter()
+            .flat_map(|r| r.list())
+            .map(|s| StyleInfo {
+                preview_png: s.preview().and_then(|p| std::fs::read(p).ok()),
+                name: s.name,
+                description: s.description,
+                is_default: false,
+            });
         STYLES
             .iter()
             .enumerate()
@@ -249,6 +283,7 @@ impl Renderer for TestRenderer {
                 preview_png: (i == 0)
                     .then(|| png(&RgbaImage::from_pixel(64, 64, Rgba([1, 2, 3, 255])))),
             })
+            .chain(installed)
             .collect()
     }
 }

@@ -1,0 +1,536 @@
+//! Style packs in SQLite: the guild styles, their training runs, and the audit entries of the
+//! admin actions on them (`migrations/0002_stylepacks.sql`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::{anyhow, Result};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+
+use super::{id, insert_audit, now_ms, snowflake, Store};
+
+/// Where a guild style stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StyleStatus {
+    /// A run is training it (or will resume it after a restart).
+    Training,
+    /// Its run was cancelled; the last checkpoint is kept for a resume.
+    Cancelled,
+    /// Its run failed; the last checkpoint is kept for a resume.
+    Failed,
+    /// Trained and evaluated, usable by nobody until published.
+    Draft,
+    /// Installed: the guild's members can use it.
+    Published,
+}
+
+impl StyleStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Training => "training",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+            Self::Draft => "draft",
+            Self::Published => "published",
+        }
+    }
+}
+
+impl fmt::Display for StyleStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StyleStatus {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            Self::Training,
+            Self::Cancelled,
+            Self::Failed,
+            Self::Draft,
+            Self::Published,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
+        .ok_or_else(|| anyhow!("unknown style status {s:?}"))
+    }
+}
+
+/// How a training run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    Running,
+    Done,
+    Cancelled,
+    Failed,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Cancelled => "cancelled",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for RunStatus {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        [Self::Running, Self::Done, Self::Cancelled, Self::Failed]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| anyhow!("unknown run status {s:?}"))
+    }
+}
+
+/// A pack as first recorded (status `training`).
+#[derive(Debug, Clone)]
+pub struct NewGuildStyle {
+    pub name: String,
+    pub guild_id: u64,
+    pub base: String,
+    pub images: u32,
+    pub held_out: u32,
+    pub created_by: u64,
+}
+
+/// A row of `guild_styles`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuildStyle {
+    pub name: String,
+    pub guild_id: u64,
+    pub base: String,
+    pub status: StyleStatus,
+    pub images: u32,
+    pub held_out: u32,
+    /// Images aligned on a detected face (the others were centre-cropped), once prepared.
+    pub faces_found: Option<u32>,
+    pub created_by: u64,
+    pub created_at: i64,
+    pub published_at: Option<i64>,
+    pub eval: Option<StyleEval>,
+    /// Why the evaluation failed, when it did (the style is still a draft).
+    pub eval_error: Option<String>,
+}
+
+/// The evaluation numbers of a trained style.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StyleEval {
+    pub kid_x100_mean: f64,
+    pub kid_x100_std: f64,
+    pub identity_cosine: f64,
+}
+
+/// A training run as first recorded (status `running`).
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub user_id: u64,
+    pub channel_id: u64,
+    pub total_steps: u32,
+}
+
+/// A row of `training_runs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingRun {
+    pub id: i64,
+    pub style: String,
+    pub user_id: u64,
+    pub channel_id: u64,
+    pub message_id: Option<u64>,
+    pub status: RunStatus,
+    pub step: u32,
+    pub total_steps: u32,
+    pub losses: Vec<(String, f32)>,
+    pub images_per_sec: Option<f64>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+    pub train_ms: f64,
+    pub eval_ms: Option<f64>,
+}
+
+/// Where a run is, as recorded while it trains.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunProgressRecord {
+    pub step: u32,
+    pub losses: Vec<(String, f32)>,
+    pub images_per_sec: Option<f64>,
+    pub train_ms: f64,
+}
+
+/// How a run ended, and what it makes of its style.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunFinish {
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub progress: RunProgressRecord,
+    pub eval_ms: Option<f64>,
+    pub style_status: StyleStatus,
+    pub eval: Option<StyleEval>,
+    pub eval_error: Option<String>,
+}
+
+/// The columns `guild_style` reads, as a literal for `concat!`.
+macro_rules! style_columns {
+    () => {
+        "name, guild_id, base, status, images, held_out, faces_found, created_by, created_at, \
+         published_at, kid_x100_mean, kid_x100_std, identity_cosine, eval_error"
+    };
+}
+
+/// The columns `training_run` reads, as a literal for `concat!`.
+macro_rules! run_columns {
+    () => {
+        "id, style, user_id, channel_id, message_id, status, step, total_steps, losses, \
+         images_per_sec, error, created_at, updated_at, finished_at, train_ms, eval_ms"
+    };
+}
+
+impl Store {
+    /// Records a new pack and its first run (`running`), and audits the upload; returns the
+    /// run's id.
+    pub async fn create_guild_style(&self, style: &NewGuildStyle, run: &NewRun) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO guild_styles (name, guild_id, base, status, images, held_out, \
+             created_by, created_at) VALUES (?, ?, ?, 'training', ?, ?, ?, ?)",
+        )
+        .bind(&style.name)
+        .bind(id(style.guild_id))
+        .bind(&style.base)
+        .bind(style.images)
+        .bind(style.held_out)
+        .bind(id(style.created_by))
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let run_id = insert_run(&mut tx, &style.name, run).await?;
+        let detail = format!(
+            "name={} base={} images={} held_out={}",
+            style.name, style.base, style.images, style.held_out
+        );
+        insert_audit(
+            &mut tx,
+            Some(style.guild_id),
+            style.created_by,
+            "stylepack_upload",
+            &detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(run_id)
+    }
+
+    /// Starts another run of a cancelled or failed pack (which resumes from its checkpoint)
+    /// and audits it; returns the run's id.
+    pub async fn resume_guild_style(&self, name: &str, guild_id: u64, run: &NewRun) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE guild_styles SET status = 'training' WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        let run_id = insert_run(&mut tx, name, run).await?;
+        insert_audit(
+            &mut tx,
+            Some(guild_id),
+            run.user_id,
+            "stylepack_resume",
+            &format!("name={name}"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(run_id)
+    }
+
+    pub async fn guild_style(&self, name: &str) -> Result<Option<GuildStyle>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            style_columns!(),
+            " FROM guild_styles WHERE name = ?"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(guild_style).transpose()
+    }
+
+    /// A guild's packs, oldest first.
+    pub async fn guild_styles(&self, guild_id: u64) -> Result<Vec<GuildStyle>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            style_columns!(),
+            " FROM guild_styles WHERE guild_id = ? \
+             ORDER BY created_at, name"
+        ))
+        .bind(id(guild_id))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(guild_style).collect()
+    }
+
+    /// Every guild's published styles.
+    pub async fn published_guild_styles(&self) -> Result<Vec<GuildStyle>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            style_columns!(),
+            " FROM guild_styles WHERE status = 'published' ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(guild_style).collect()
+    }
+
+    /// Marks a draft published and audits it.
+    pub async fn publish_guild_style(&self, name: &str, guild_id: u64, by_user: u64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE guild_styles SET status = 'published', published_at = ? WHERE name = ?",
+        )
+        .bind(now_ms())
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        insert_audit(
+            &mut tx,
+            Some(guild_id),
+            by_user,
+            "stylepack_publish",
+            &format!("name={name}"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Forgets a pack and its runs, clears it as the guild's default style, and audits it.
+    pub async fn delete_guild_style(&self, name: &str, guild_id: u64, by_user: u64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM guild_styles WHERE name = ?")
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE guild_settings SET default_style = NULL, updated_at = ? \
+             WHERE guild_id = ? AND default_style = ?",
+        )
+        .bind(now_ms())
+        .bind(id(guild_id))
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        insert_audit(
+            &mut tx,
+            Some(guild_id),
+            by_user,
+            "stylepack_delete",
+            &format!("name={name}"),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an admin action that changes no other row (e.g. a cancel).
+    pub async fn record_audit(
+        &self,
+        guild_id: u64,
+        user_id: u64,
+        action: &str,
+        detail: &str,
+    ) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        insert_audit(&mut conn, Some(guild_id), user_id, action, detail).await
+    }
+
+    pub async fn training_run(&self, run_id: i64) -> Result<Option<TrainingRun>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM training_runs WHERE id = ?"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(training_run).transpose()
+    }
+
+    /// A pack's latest run.
+    pub async fn latest_run(&self, style: &str) -> Result<Option<TrainingRun>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM training_runs WHERE style = ? ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(style)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(training_run).transpose()
+    }
+
+    /// Runs left `running` (by a restart), oldest first.
+    pub async fn unfinished_runs(&self) -> Result<Vec<TrainingRun>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            run_columns!(),
+            " FROM training_runs WHERE status = 'running' ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(training_run).collect()
+    }
+
+    /// Records how many of a pack's images were aligned on a face, once it is prepared.
+    pub async fn record_prepared(&self, name: &str, faces_found: u32) -> Result<()> {
+        sqlx::query("UPDATE guild_styles SET faces_found = ? WHERE name = ?")
+            .bind(faces_found)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The message the bot edits with the run's progress.
+    pub async fn set_run_message(&self, run_id: i64, message_id: u64) -> Result<()> {
+        sqlx::query("UPDATE training_runs SET message_id = ? WHERE id = ?")
+            .bind(id(message_id))
+            .bind(run_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn record_run_progress(
+        &self,
+        run_id: i64,
+        progress: &RunProgressRecord,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE training_runs SET step = ?, losses = ?, images_per_sec = ?, train_ms = ?, \
+             updated_at = ? WHERE id = ?",
+        )
+        .bind(progress.step)
+        .bind(serde_json::to_string(&progress.losses)?)
+        .bind(progress.images_per_sec)
+        .bind(progress.train_ms)
+        .bind(now_ms())
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records how a run ended, and its style's new status and evaluation.
+    pub async fn finish_run(&self, run_id: i64, style: &str, end: &RunFinish) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE training_runs SET status = ?, error = ?, step = ?, losses = ?, \
+             images_per_sec = ?, train_ms = ?, eval_ms = ?, updated_at = ?, finished_at = ? \
+             WHERE id = ?",
+        )
+        .bind(end.status.as_str())
+        .bind(&end.error)
+        .bind(end.progress.step)
+        .bind(serde_json::to_string(&end.progress.losses)?)
+        .bind(end.progress.images_per_sec)
+        .bind(end.progress.train_ms)
+        .bind(end.eval_ms)
+        .bind(now)
+        .bind(now)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE guild_styles SET status = ?, kid_x100_mean = ?, kid_x100_std = ?, \
+             identity_cosine = ?, eval_error = ? WHERE name = ?",
+        )
+        .bind(end.style_status.as_str())
+        .bind(end.eval.map(|e| e.kid_x100_mean))
+        .bind(end.eval.map(|e| e.kid_x100_std))
+        .bind(end.eval.map(|e| e.identity_cosine))
+        .bind(&end.eval_error)
+        .bind(style)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+async fn insert_run(conn: &mut SqliteConnection, style: &str, run: &NewRun) -> Result<i64> {
+    let now = now_ms();
+    let done = sqlx::query(
+        "INSERT INTO training_runs (style, user_id, channel_id, status, total_steps, \
+         created_at, updated_at) VALUES (?, ?, ?, 'running', ?, ?, ?)",
+    )
+    .bind(style)
+    .bind(id(run.user_id))
+    .bind(id(run.channel_id))
+    .bind(run.total_steps)
+    .bind(now)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(done.last_insert_rowid())
+}
+
+fn guild_style(r: &SqliteRow) -> Result<GuildStyle> {
+    let eval = match (
+        r.get::<Option<f64>, _>("kid_x100_mean"),
+        r.get::<Option<f64>, _>("kid_x100_std"),
+        r.get::<Option<f64>, _>("identity_cosine"),
+    ) {
+        (Some(kid_x100_mean), Some(kid_x100_std), Some(identity_cosine)) => Some(StyleEval {
+            kid_x100_mean,
+            kid_x100_std,
+            identity_cosine,
+        }),
+        _ => None,
+    };
+    Ok(GuildStyle {
+        name: r.get("name"),
+        guild_id: snowflake(r.get("guild_id")),
+        base: r.get("base"),
+        status: r.get::<String, _>("status").parse()?,
+        images: r.get("images"),
+        held_out: r.get("held_out"),
+        faces_found: r.get("faces_found"),
+        created_by: snowflake(r.get("created_by")),
+        created_at: r.get("created_at"),
+        published_at: r.get("published_at"),
+        eval,
+        eval_error: r.get("eval_error"),
+    })
+}
+
+fn training_run(r: &SqliteRow) -> Result<TrainingRun> {
+    let losses = match r.get::<Option<String>, _>("losses") {
+        Some(json) => serde_json::from_str(&json)?,
+        None => Vec::new(),
+    };
+    Ok(TrainingRun {
+        id: r.get("id"),
+        style: r.get("style"),
+        user_id: snowflake(r.get("user_id")),
+        channel_id: snowflake(r.get("channel_id")),
+        message_id: r.get::<Option<i64>, _>("message_id").map(snowflake),
+        status: r.get::<String, _>("status").parse()?,
+        step: r.get("step"),
+        total_steps: r.get("total_steps"),
+        losses,
+        images_per_sec: r.get("images_per_sec"),
+        error: r.get("error"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        finished_at: r.get("finished_at"),
+        train_ms: r.get("train_ms"),
+        eval_ms: r.get("eval_ms"),
+    })
+}

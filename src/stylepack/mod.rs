@@ -1,0 +1,1086 @@
+//! Style packs: a server admin's archive of cartoon faces becomes a style of that server.
+//!
+//! [`StylePacks`] does everything but talk to Discord:
+//! 1. [`StylePacks::reserve`] checks the name, the base style and that nothing else trains
+//!    (one training job at a time per host), and holds the training slot;
+//! 2. [`Reservation::upload`] checks the archive ([`archive::read_pack`]), saves its images in
+//!    `<stylepacks.dir>/<guild>/<name>/` and records the pack and its run; a refusal leaves no
+//!    file and no row behind;
+//! 3. [`StylePacks::start`] prepares the images ([`prepare::prepare_pack`]: faces aligned,
+//!    whitened), then runs the fine-tune and the evaluation through the [`StyleTrainer`]
+//!    boundary, all on a dedicated thread (never the render workers), recording the run's
+//!    progress in SQLite and reporting it through [`RunEvents`];
+//! 4. the new style is a draft until [`StylePacks::publish`] installs it in the style
+//!    registry, where only its guild sees it ([`styles_for_guild`]).
+//!
+//! A cancel keeps the last checkpoint ([`StylePacks::resume`] continues from it); a restart
+//! resumes a run that was training ([`StylePacks::resume_unfinished`]). Publish, delete,
+//! cancel and resume are audited with who did it and when.
+
+pub mod archive;
+pub mod prepare;
+pub mod trainer;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+pub use archive::{ArchiveError, PackArchive, SkipReason, Skipped};
+pub use prepare::PreparedPack;
+pub use trainer::{
+    EvalReport, FinetuneJob, FinetuneOutcome, StyleTrainer, TrainError, TrainEvent, TrainProgress,
+};
+
+use crate::cartoon::styles::{self, StyleRegistry};
+use crate::config::{Config, Limits, StylePackConfig};
+use crate::face::FacePipeline;
+use crate::jobs::StyleInfo;
+use crate::store::{
+    GuildStyle, NewGuildStyle, NewRun, RunFinish, RunProgressRecord, RunStatus, Store, StyleEval,
+    StyleStatus, TrainingRun,
+};
+
+/// The new style, under a pack's folder, until it is published.
+const STYLE_DIR: &str = "style";
+/// Checkpoints, under a pack's folder.
+const WORK_DIR: &str = "work";
+/// The latest preview grid, under a pack's folder (kept across restarts).
+const LATEST_PREVIEW: &str = "latest-preview.png";
+/// Least time between two progress writes to the database.
+const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a shutdown waits for the trainer to stop at its next step.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
+
+/// What the style-pack service is made of.
+#[derive(Clone)]
+pub struct PackSetup {
+    pub config: StylePackConfig,
+    pub registry: StyleRegistry,
+    /// The base style when an upload names none.
+    pub default_base: String,
+    pub faces: Arc<FacePipeline>,
+    /// `None` where this host cannot train: uploads are refused, the rest works.
+    pub trainer: Option<Arc<dyn StyleTrainer>>,
+}
+
+impl PackSetup {
+    pub fn new(
+        config: &Config,
+        faces: Arc<FacePipeline>,
+        trainer: Option<Arc<dyn StyleTrainer>>,
+    ) -> Self {
+        Self {
+            config: config.stylepacks.clone(),
+            registry: StyleRegistry::from_config(config),
+            default_base: config.styles.default.clone(),
+            faces,
+            trainer,
+        }
+    }
+}
+
+/// Why a style-pack action was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("this host has no trainer")]
+    NoTrainer,
+    #[error("{0:?} is not a valid style name")]
+    InvalidName(String),
+    #[error("a style called {0:?} already exists")]
+    NameTaken(String),
+    #[error("there is no base style called {name:?}")]
+    BaseMissing {
+        name: String,
+        available: Vec<String>,
+    },
+    /// Another pack is being prepared or trained (`guild_id` owns it).
+    #[error("the pack {name:?} is training")]
+    Busy { guild_id: u64, name: String },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("this server has no style pack called {0:?}")]
+    NotFound(String),
+    #[error("the pack {name:?} is {status}")]
+    WrongStatus { name: String, status: StyleStatus },
+    #[error("nothing is training on this server")]
+    NothingTraining,
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Who starts a training (an upload or a resume), and where the bot talks about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester {
+    pub user_id: u64,
+    pub channel_id: u64,
+}
+
+/// Where a running job is, as the bot shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunProgress {
+    /// Preparing the pack's images: `done` of `total`.
+    Preparing { done: usize, total: usize },
+    Training {
+        step: u32,
+        total: u32,
+        losses: Vec<(String, f32)>,
+        images_per_sec: f32,
+        /// From the step rate since this run (re)started.
+        eta: Option<Duration>,
+    },
+}
+
+/// What happens once in a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Milestone {
+    Preview { step: u32, total: u32, png: Vec<u8> },
+    Finished(RunEnd),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// Trained: the style is a draft. `faces_found` of its images were aligned on a face;
+    /// `eval` is the evaluation or why it failed; `preview` the latest preview grid.
+    Trained {
+        steps: u32,
+        faces_found: u32,
+        eval: Result<EvalReport, String>,
+        preview: Option<Vec<u8>>,
+    },
+    Cancelled {
+        step: u32,
+        total: u32,
+    },
+    Failed(String),
+}
+
+/// A started run: its rows as they were at the start, its progress (latest only) and its
+/// milestones. Both channels close when the run ends, or when a shutdown interrupts it.
+pub struct RunEvents {
+    pub style: GuildStyle,
+    pub run: TrainingRun,
+    pub progress: watch::Receiver<Option<RunProgress>>,
+    pub milestones: mpsc::UnboundedReceiver<Milestone>,
+}
+
+/// The style-pack service. Cheap to clone.
+#[derive(Clone)]
+pub struct StylePacks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    setup: PackSetup,
+    store: Store,
+    /// The one pack being prepared or trained on this host.
+    slot: Mutex<Option<Slot>>,
+    shutting_down: AtomicBool,
+}
+
+struct Slot {
+    guild_id: u64,
+    name: String,
+    cancel: Arc<AtomicBool>,
+    /// Set once training started.
+    run: Option<RunThreads>,
+}
+
+struct RunThreads {
+    thread: std::thread::JoinHandle<()>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+/// The training slot, held from the checks before a download until the run starts (or the
+/// upload is refused: dropping it frees the slot).
+pub struct Reservation {
+    packs: StylePacks,
+    guild_id: u64,
+    name: String,
+    base: styles::StyleInfo,
+    cancel: Arc<AtomicBool>,
+    /// Whether dropping it frees the slot (until a run takes the slot over).
+    frees_slot: bool,
+}
+
+/// A checked and recorded pack, ready to prepare and train.
+pub struct Accepted {
+    reservation: Reservation,
+    run_id: i64,
+    /// Images to train on, and kept aside for the evaluation.
+    pub train: usize,
+    pub held_out: usize,
+    pub skipped: Vec<Skipped>,
+}
+
+impl StylePacks {
+    pub fn new(setup: PackSetup, store: Store) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                setup,
+                store,
+                slot: Mutex::new(None),
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &StylePackConfig {
+        &self.inner.setup.config
+    }
+
+    /// Checks everything that needs no archive and takes the training slot.
+    pub async fn reserve(
+        &self,
+        guild_id: u64,
+        name: &str,
+        base: Option<&str>,
+    ) -> Result<Reservation, PackError> {
+        let setup = &self.inner.setup;
+        if setup.trainer.is_none() {
+            return Err(PackError::NoTrainer);
+        }
+        if !styles::is_valid_name(name) {
+            return Err(PackError::InvalidName(name.to_string()));
+        }
+        let installed = setup.registry.list();
+        if installed.iter().any(|s| s.name == name)
+            || self.inner.store.guild_style(name).await?.is_some()
+        {
+            return Err(PackError::NameTaken(name.to_string()));
+        }
+        let base = base.unwrap_or(&setup.default_base);
+        let foreign: Vec<String> = self
+            .inner
+            .store
+            .published_guild_styles()
+            .await?
+            .into_iter()
+            .filter(|s| s.guild_id != guild_id)
+            .map(|s| s.name)
+            .collect();
+        let Some(base) = installed
+            .iter()
+            .find(|s| s.name == base && !foreign.contains(&s.name))
+            .cloned()
+        else {
+            return Err(PackError::BaseMissing {
+                name: base.to_string(),
+                available: installed
+                    .into_iter()
+                    .map(|s| s.name)
+                    .filter(|n| !foreign.contains(n))
+                    .collect(),
+            });
+        };
+        self.take_slot(guild_id, name, base)
+    }
+
+    /// Takes the training slot for a pack, unless another pack holds it.
+    fn take_slot(
+        &self,
+        guild_id: u64,
+        name: &str,
+        base: styles::StyleInfo,
+    ) -> Result<Reservation, PackError> {
+        let mut slot = self.inner.lock_slot();
+        if let Some(busy) = slot.as_ref() {
+            return Err(PackError::Busy {
+                guild_id: busy.guild_id,
+                name: busy.name.clone(),
+            });
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        *slot = Some(Slot {
+            guild_id,
+            name: name.to_string(),
+            cancel: Arc::clone(&cancel),
+            run: None,
+        });
+        Ok(Reservation {
+            packs: self.clone(),
+            guild_id,
+            name: name.to_string(),
+            base,
+            cancel,
+            frees_slot: true,
+        })
+    }
+
+    /// Starts training an accepted pack.
+    pub async fn start(&self, accepted: Accepted) -> Result<RunEvents, PackError> {
+        let Accepted {
+            reservation,
+            run_id,
+            ..
+        } = accepted;
+        let store = &self.inner.store;
+        let style = store
+            .guild_style(&reservation.name)
+            .await?
+            .context("the pack's row is missing")?;
+        let run = store
+            .training_run(run_id)
+            .await?
+            .context("the run's row is missing")?;
+        Ok(self.launch(reservation, style, run))
+    }
+
+    /// Trains a cancelled or failed pack again, from its last checkpoint.
+    pub async fn resume(
+        &self,
+        guild_id: u64,
+        name: &str,
+        by: Requester,
+    ) -> Result<RunEvents, PackError> {
+        let style = self.own_style(guild_id, name).await?;
+        if !matches!(style.status, StyleStatus::Cancelled | StyleStatus::Failed) {
+            return Err(PackError::WrongStatus {
+                name: style.name,
+                status: style.status,
+            });
+        }
+        if self.inner.setup.trainer.is_none() {
+            return Err(PackError::NoTrainer);
+        }
+        let base = self
+            .inner
+            .setup
+            .registry
+            .find(&style.base)
+            .map_err(|e| anyhow::anyhow!("the base style is gone: {e}"))?;
+        let reservation = self.take_slot(guild_id, name, base)?;
+        let new_run = NewRun {
+            user_id: by.user_id,
+            channel_id: by.channel_id,
+            total_steps: self.config().steps,
+        };
+        let store = &self.inner.store;
+        let run_id = store.resume_guild_style(name, guild_id, &new_run).await?;
+        let run = store
+            .training_run(run_id)
+            .await?
+            .context("the run's row is missing")?;
+        let style = GuildStyle {
+            status: StyleStatus::Training,
+            ..style
+        };
+        Ok(self.launch(reservation, style, run))
+    }
+
+    /// Resumes the run a previous process left training (at most one trains: any other is
+    /// marked failed).
+    pub async fn resume_unfinished(&self) -> Result<Option<RunEvents>, PackError> {
+        let store = &self.inner.store;
+        let mut runs = store.unfinished_runs().await?;
+        let Some(run) = runs.pop() else {
+            return Ok(None);
+        };
+        for stale in runs {
+            self.fail_run(&stale, "interrupted by a restart").await?;
+        }
+        let style = store
+            .guild_style(&run.style)
+            .await?
+            .context("the run's pack is missing")?;
+        let base = match self.inner.setup.registry.find(&style.base) {
+            Ok(base) if self.inner.setup.trainer.is_some() => base,
+            Ok(_) => {
+                self.fail_run(&run, "this host has no trainer").await?;
+                return Ok(None);
+            }
+            Err(e) => {
+                self.fail_run(&run, &format!("the base style is gone: {e}"))
+                    .await?;
+                return Ok(None);
+            }
+        };
+        let reservation = self.take_slot(style.guild_id, &style.name, base)?;
+        tracing::info!(run = run.id, style = %style.name, step = run.step, "resuming a training run");
+        Ok(Some(self.launch(reservation, style, run)))
+    }
+
+    async fn fail_run(&self, run: &TrainingRun, error: &str) -> anyhow::Result<()> {
+        tracing::warn!(run = run.id, style = %run.style, error, "training run failed");
+        let end = RunFinish {
+            status: RunStatus::Failed,
+            error: Some(error.to_string()),
+            progress: RunProgressRecord {
+                step: run.step,
+                losses: run.losses.clone(),
+                images_per_sec: run.images_per_sec,
+                train_ms: run.train_ms,
+            },
+            eval_ms: None,
+            style_status: StyleStatus::Failed,
+            eval: None,
+            eval_error: None,
+        };
+        self.inner.store.finish_run(run.id, &run.style, &end).await
+    }
+
+    /// Records the message the bot edits with the run's progress.
+    pub async fn set_progress_message(&self, run_id: i64, message_id: u64) -> anyhow::Result<()> {
+        self.inner.store.set_run_message(run_id, message_id).await
+    }
+
+    /// Stops the guild's training at its next step (the checkpoint is kept); returns the
+    /// pack's name.
+    pub async fn cancel(&self, guild_id: u64, user_id: u64) -> Result<String, PackError> {
+        let name = {
+            let slot = self.inner.lock_slot();
+            match slot.as_ref() {
+                Some(s) if s.guild_id == guild_id && s.run.is_some() => {
+                    s.cancel.store(true, Ordering::SeqCst);
+                    s.name.clone()
+                }
+                _ => return Err(PackError::NothingTraining),
+            }
+        };
+        self.inner
+            .store
+            .record_audit(
+                guild_id,
+                user_id,
+                "stylepack_cancel",
+                &format!("name={name}"),
+            )
+            .await?;
+        Ok(name)
+    }
+
+    /// Installs a draft in the style registry, for the guild's members.
+    pub async fn publish(
+        &self,
+        guild_id: u64,
+        user_id: u64,
+        name: &str,
+    ) -> Result<GuildStyle, PackError> {
+        let style = self.own_style(guild_id, name).await?;
+        if style.status != StyleStatus::Draft {
+            return Err(PackError::WrongStatus {
+                name: style.name,
+                status: style.status,
+            });
+        }
+        let to = self
+            .inner
+            .setup
+            .registry
+            .trained_dir(name)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if to.exists() {
+            return Err(PackError::NameTaken(name.to_string()));
+        }
+        let from = self.pack_dir(guild_id, name).join(STYLE_DIR);
+        move_dir(&from, &to)
+            .with_context(|| format!("installing {} as {}", from.display(), to.display()))?;
+        self.inner
+            .store
+            .publish_guild_style(name, guild_id, user_id)
+            .await?;
+        Ok(GuildStyle {
+            status: StyleStatus::Published,
+            ..style
+        })
+    }
+
+    /// Removes a pack that is not training: its files, its installed style and its rows.
+    pub async fn delete(&self, guild_id: u64, user_id: u64, name: &str) -> Result<(), PackError> {
+        let style = self.own_style(guild_id, name).await?;
+        let training = self
+            .inner
+            .lock_slot()
+            .as_ref()
+            .is_some_and(|s| s.name == name);
+        if training {
+            return Err(PackError::WrongStatus {
+                name: style.name,
+                status: StyleStatus::Training,
+            });
+        }
+        if style.status == StyleStatus::Published {
+            // The installed style goes first: without its row it would be everybody's.
+            let installed = self
+                .inner
+                .setup
+                .registry
+                .trained_dir(name)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            remove_dir_if_present(&installed)?;
+        }
+        self.inner
+            .store
+            .delete_guild_style(name, guild_id, user_id)
+            .await?;
+        self.remove_pack_dir(guild_id, name)?;
+        Ok(())
+    }
+
+    /// The guild's packs, oldest first, each with its latest run.
+    pub async fn list(
+        &self,
+        guild_id: u64,
+    ) -> Result<Vec<(GuildStyle, Option<TrainingRun>)>, PackError> {
+        let store = &self.inner.store;
+        let mut packs = Vec::new();
+        for style in store.guild_styles(guild_id).await? {
+            let run = store.latest_run(&style.name).await?;
+            packs.push((style, run));
+        }
+        Ok(packs)
+    }
+
+    /// Stops a running training so that the next start resumes it: the run stays `running`.
+    /// Waits (a bounded time) for the trainer to stop.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        let run = {
+            let mut slot = self.inner.lock_slot();
+            slot.as_mut().and_then(|s| {
+                s.cancel.store(true, Ordering::SeqCst);
+                s.run.take()
+            })
+        };
+        let Some(RunThreads { thread, follower }) = run else {
+            return;
+        };
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout(SHUTDOWN_WAIT, joined).await.is_err() {
+            tracing::warn!("the trainer did not stop in time");
+            return;
+        }
+        if tokio::time::timeout(SHUTDOWN_WAIT, follower).await.is_err() {
+            tracing::warn!("recording the training's end did not finish in time");
+        }
+    }
+
+    async fn own_style(&self, guild_id: u64, name: &str) -> Result<GuildStyle, PackError> {
+        self.inner
+            .store
+            .guild_style(name)
+            .await?
+            .filter(|s| s.guild_id == guild_id)
+            .ok_or_else(|| PackError::NotFound(name.to_string()))
+    }
+
+    fn pack_dir(&self, guild_id: u64, name: &str) -> PathBuf {
+        self.inner
+            .setup
+            .config
+            .dir
+            .join(guild_id.to_string())
+            .join(name)
+    }
+
+    /// Removes a pack's folder, and its guild's folder once empty.
+    fn remove_pack_dir(&self, guild_id: u64, name: &str) -> anyhow::Result<()> {
+        let dir = self.pack_dir(guild_id, name);
+        remove_dir_if_present(&dir)?;
+        if let Some(guild_dir) = dir.parent() {
+            // Fails (and is meant to) while other packs of the guild remain.
+            let _ = std::fs::remove_dir(guild_dir);
+        }
+        Ok(())
+    }
+
+    /// Spawns the training thread (preparing the pack first, unless it was) and the task that
+    /// records and reports its progress.
+    fn launch(
+        &self,
+        mut reservation: Reservation,
+        style: GuildStyle,
+        run: TrainingRun,
+    ) -> RunEvents {
+        let setup = &self.inner.setup;
+        let dir = self.pack_dir(style.guild_id, &style.name);
+        let work = TrainingWork {
+            trainer: Arc::clone(setup.trainer.as_ref().expect("checked before launching")),
+            prepare: style.faces_found.is_none().then(|| Preparation {
+                faces: Arc::clone(&setup.faces),
+                limits: Limits {
+                    max_bytes: setup.config.max_entry_bytes,
+                    max_pixels: setup.config.max_image_pixels,
+                },
+                held_out_percent: setup.config.held_out_percent,
+            }),
+            job: FinetuneJob {
+                base_dir: reservation.base.dir.clone(),
+                images_dir: dir.join(prepare::TRAIN_DIR),
+                out_dir: dir.join(STYLE_DIR),
+                work_dir: dir.join(WORK_DIR),
+                steps: run.total_steps,
+                preview_every: setup.config.preview_every,
+                description: format!(
+                    "{}: a style pack fine-tuned from {} on {} images",
+                    style.name, style.base, style.images
+                ),
+            },
+            dir: dir.clone(),
+            cancel: Arc::clone(&reservation.cancel),
+        };
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("toonbot-train".into())
+            .spawn(move || work.run(&events_tx))
+            .expect("spawning the training thread");
+        let (progress_tx, progress_rx) = watch::channel(None);
+        let (milestones_tx, milestones_rx) = mpsc::unbounded_channel();
+        let follower = tokio::spawn(follow(
+            self.clone(),
+            style.clone(),
+            run.clone(),
+            dir,
+            events_rx,
+            progress_tx,
+            milestones_tx,
+        ));
+        // The slot now belongs to the run, which frees it when it ends (maybe already).
+        reservation.frees_slot = false;
+        let mut slot = self.inner.lock_slot();
+        if let Some(s) = slot
+            .as_mut()
+            .filter(|s| s.name == style.name && s.run.is_none())
+        {
+            s.run = Some(RunThreads { thread, follower });
+        }
+        drop(slot);
+        RunEvents {
+            style,
+            run,
+            progress: progress_rx,
+            milestones: milestones_rx,
+        }
+    }
+}
+
+impl Inner {
+    fn lock_slot(&self) -> MutexGuard<'_, Option<Slot>> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn free_slot(&self, name: &str) {
+        let mut slot = self.lock_slot();
+        if slot.as_ref().is_some_and(|s| s.name == name) {
+            *slot = None;
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.frees_slot {
+            self.packs.inner.free_slot(&self.name);
+        }
+    }
+}
+
+impl Accepted {
+    /// The base style it trains from.
+    pub fn base(&self) -> &str {
+        &self.reservation.base.name
+    }
+}
+
+impl Reservation {
+    /// Checks the archive, saves its images and records the pack and its run. On any refusal
+    /// nothing stays behind.
+    pub async fn upload(self, zip: Vec<u8>, by: Requester) -> Result<Accepted, PackError> {
+        let packs = self.packs.clone();
+        let config = packs.config().clone();
+        let archive = tokio::task::spawn_blocking(move || archive::read_pack(&zip, &config))
+            .await
+            .context("the archive check stopped")??;
+        let dir = packs.pack_dir(self.guild_id, &self.name);
+        // A folder left by a crash, before its pack was recorded.
+        remove_dir_if_present(&dir)?;
+        let mut cleanup = PackDirGuard {
+            packs: &packs,
+            guild_id: self.guild_id,
+            name: &self.name,
+            armed: true,
+        };
+        let PackArchive { images, skipped } = archive;
+        let n = images.len();
+        let originals = dir.clone();
+        tokio::task::spawn_blocking(move || prepare::save_originals(&images, &originals))
+            .await
+            .context("saving the pack stopped")??;
+        let held_out = prepare::held_out_count(n, packs.config().held_out_percent);
+        let style = NewGuildStyle {
+            name: self.name.clone(),
+            guild_id: self.guild_id,
+            base: self.base.name.clone(),
+            images: (n - held_out) as u32,
+            held_out: held_out as u32,
+            created_by: by.user_id,
+        };
+        let run = NewRun {
+            user_id: by.user_id,
+            channel_id: by.channel_id,
+            total_steps: packs.config().steps,
+        };
+        let run_id = packs.inner.store.create_guild_style(&style, &run).await?;
+        cleanup.armed = false;
+        drop(cleanup);
+        Ok(Accepted {
+            reservation: self,
+            run_id,
+            train: n - held_out,
+            held_out,
+            skipped,
+        })
+    }
+}
+
+/// Removes a pack's folder on a refusal (until disarmed, once the pack is recorded).
+struct PackDirGuard<'a> {
+    packs: &'a StylePacks,
+    guild_id: u64,
+    name: &'a str,
+    armed: bool,
+}
+
+impl Drop for PackDirGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Err(e) = self.packs.remove_pack_dir(self.guild_id, self.name) {
+            tracing::warn!(error = %format!("{e:#}"), "removing a refused pack's folder");
+        }
+    }
+}
+
+/// The styles a guild's members may use: the installed styles less the other guilds' packs,
+/// plus the guild's published packs (also before the renderer's list shows them).
+pub async fn styles_for_guild(
+    store: &Store,
+    installed: Vec<StyleInfo>,
+    guild_id: Option<u64>,
+) -> anyhow::Result<Vec<StyleInfo>> {
+    let published = store.published_guild_styles().await?;
+    let mut visible: Vec<StyleInfo> = installed
+        .iter()
+        .filter(|s| !published.iter().any(|p| p.name == s.name))
+        .cloned()
+        .collect();
+    for own in published.iter().filter(|p| Some(p.guild_id) == guild_id) {
+        visible.push(
+            installed
+                .iter()
+                .find(|s| s.name == own.name)
+                .cloned()
+                .unwrap_or_else(|| StyleInfo {
+                    name: own.name.clone(),
+                    description: format!("this server's style, fine-tuned from {}", own.base),
+                    is_default: false,
+                    preview_png: None,
+                }),
+        );
+    }
+    visible.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(visible)
+}
+
+/// What the training thread tells its follower.
+enum ThreadEvent {
+    Preparing {
+        done: usize,
+        total: usize,
+    },
+    Prepared(PreparedPack),
+    Train(TrainEvent),
+    Ended {
+        outcome: Result<FinetuneOutcome, String>,
+        train_time: Duration,
+        eval: Option<(Result<EvalReport, String>, Duration)>,
+    },
+}
+
+/// What the training thread does.
+struct TrainingWork {
+    trainer: Arc<dyn StyleTrainer>,
+    /// `None` when the pack is already prepared.
+    prepare: Option<Preparation>,
+    job: FinetuneJob,
+    /// The pack's folder.
+    dir: PathBuf,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Preparation {
+    faces: Arc<FacePipeline>,
+    limits: Limits,
+    held_out_percent: u32,
+}
+
+impl TrainingWork {
+    /// Prepare (unless done), fine-tune, then (when completed) evaluate.
+    fn run(self, events: &mpsc::UnboundedSender<ThreadEvent>) {
+        let started = Instant::now();
+        let send = |e: ThreadEvent| {
+            let _ = events.send(e);
+        };
+        let stopped = |outcome| {
+            send(ThreadEvent::Ended {
+                outcome,
+                train_time: started.elapsed(),
+                eval: None,
+            })
+        };
+        if let Some(p) = &self.prepare {
+            let progress = |done, total| send(ThreadEvent::Preparing { done, total });
+            let prepared = prepare::prepare_pack(
+                &p.faces,
+                &p.limits,
+                &self.dir,
+                p.held_out_percent,
+                &progress,
+                &self.cancel,
+            );
+            match prepared {
+                Ok(Some(prepared)) => send(ThreadEvent::Prepared(prepared)),
+                Ok(None) => return stopped(Ok(FinetuneOutcome::Cancelled { step: 0 })),
+                Err(e) => return stopped(Err(format!("preparing the pack: {e:#}"))),
+            }
+        }
+        let report = |e: TrainEvent| send(ThreadEvent::Train(e));
+        let trainer = self.trainer.as_ref();
+        let outcome = guarded(|| trainer.finetune(&self.job, &report, &self.cancel));
+        let train_time = started.elapsed();
+        let eval = matches!(outcome, Ok(FinetuneOutcome::Completed { .. })).then(|| {
+            let started = Instant::now();
+            let held_out = self.dir.join(prepare::HELD_OUT_DIR);
+            let eval = guarded(|| trainer.evaluate(&self.job.out_dir, &held_out));
+            (eval, started.elapsed())
+        });
+        send(ThreadEvent::Ended {
+            outcome,
+            train_time,
+            eval,
+        });
+    }
+}
+
+/// Runs a trainer call, turning its errors and panics into text.
+fn guarded<T>(call: impl FnOnce() -> Result<T, TrainError>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!(
+            "the trainer panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default()
+        )),
+    }
+}
+
+/// Records a run's progress and end, and reports them to the bot; frees the slot at the end.
+async fn follow(
+    packs: StylePacks,
+    style: GuildStyle,
+    run: TrainingRun,
+    dir: PathBuf,
+    mut events: mpsc::UnboundedReceiver<ThreadEvent>,
+    progress: watch::Sender<Option<RunProgress>>,
+    milestones: mpsc::UnboundedSender<Milestone>,
+) {
+    let store = &packs.inner.store;
+    let started = Instant::now();
+    let mut record = RunProgressRecord {
+        step: run.step,
+        losses: run.losses.clone(),
+        images_per_sec: run.images_per_sec,
+        train_ms: run.train_ms,
+    };
+    let mut first_step: Option<(Instant, u32)> = None;
+    let mut last_write: Option<Instant> = None;
+    let mut preview: Option<Vec<u8>> = std::fs::read(dir.join(LATEST_PREVIEW)).ok();
+    let mut faces_found = style.faces_found;
+    let mut ended = None;
+    while let Some(event) = events.recv().await {
+        match event {
+            ThreadEvent::Preparing { done, total } => {
+                progress.send_replace(Some(RunProgress::Preparing { done, total }));
+            }
+            ThreadEvent::Prepared(prepared) => {
+                let found = prepared.faces_found as u32;
+                faces_found = Some(found);
+                if let Err(e) = store.record_prepared(&style.name, found).await {
+                    tracing::warn!(run = run.id, error = %e, "recording a prepared pack");
+                }
+            }
+            ThreadEvent::Train(TrainEvent::Step(p)) => {
+                let now = Instant::now();
+                let (t0, s0) = *first_step.get_or_insert((now, p.step));
+                let rate = (p.step > s0)
+                    .then(|| f64::from(p.step - s0) / now.duration_since(t0).as_secs_f64());
+                let eta = rate.filter(|r| r.is_finite() && *r > 0.0).map(|r| {
+                    Duration::from_secs_f64(f64::from(p.total.saturating_sub(p.step)) / r)
+                });
+                record.step = p.step;
+                record.losses = p.losses.clone();
+                record.images_per_sec = Some(f64::from(p.images_per_sec));
+                record.train_ms = run.train_ms + started.elapsed().as_secs_f64() * 1e3;
+                progress.send_replace(Some(RunProgress::Training {
+                    step: p.step,
+                    total: p.total,
+                    losses: p.losses,
+                    images_per_sec: p.images_per_sec,
+                    eta,
+                }));
+                if last_write.is_none_or(|t| t.elapsed() >= PROGRESS_WRITE_INTERVAL) {
+                    last_write = Some(now);
+                    if let Err(e) = store.record_run_progress(run.id, &record).await {
+                        tracing::warn!(run = run.id, error = %e, "recording training progress");
+                    }
+                }
+            }
+            ThreadEvent::Train(TrainEvent::Preview { step, png }) => {
+                if let Err(e) = std::fs::write(dir.join(LATEST_PREVIEW), &png) {
+                    tracing::warn!(run = run.id, error = %e, "saving a preview");
+                }
+                let _ = milestones.send(Milestone::Preview {
+                    step,
+                    total: run.total_steps,
+                    png: png.clone(),
+                });
+                preview = Some(png);
+            }
+            ThreadEvent::Ended {
+                outcome,
+                train_time,
+                eval,
+            } => {
+                record.train_ms = run.train_ms + train_time.as_secs_f64() * 1e3;
+                ended = Some((outcome, eval));
+                break;
+            }
+        }
+    }
+    let Some((outcome, eval)) = ended else {
+        return;
+    };
+    let shutting_down = packs.inner.shutting_down.load(Ordering::SeqCst);
+    let (end, finish) = match outcome {
+        Ok(FinetuneOutcome::Cancelled { step }) if shutting_down => {
+            // Left `running`: the next start resumes it.
+            record.step = step;
+            if let Err(e) = store.record_run_progress(run.id, &record).await {
+                tracing::warn!(run = run.id, error = %e, "recording an interrupted run");
+            }
+            tracing::info!(run = run.id, step, "training interrupted by a shutdown");
+            return;
+        }
+        Ok(FinetuneOutcome::Cancelled { step }) => {
+            record.step = step;
+            (
+                RunEnd::Cancelled {
+                    step,
+                    total: run.total_steps,
+                },
+                finish_record(RunStatus::Cancelled, None, &record, StyleStatus::Cancelled),
+            )
+        }
+        Ok(FinetuneOutcome::Completed { steps }) => {
+            record.step = steps;
+            let (eval, eval_time) = eval.unwrap_or((Err("not evaluated".into()), Duration::ZERO));
+            let out_dir = dir.join(STYLE_DIR);
+            if let Some(png) = &preview {
+                if let Err(e) = std::fs::write(out_dir.join(styles::PREVIEW_FILE), png) {
+                    tracing::warn!(run = run.id, error = %e, "saving the style's preview");
+                }
+            }
+            let mut finish = finish_record(RunStatus::Done, None, &record, StyleStatus::Draft);
+            finish.eval_ms = Some(eval_time.as_secs_f64() * 1e3);
+            match &eval {
+                Ok(report) => {
+                    finish.eval = Some(StyleEval {
+                        kid_x100_mean: report.kid_x100_mean,
+                        kid_x100_std: report.kid_x100_std,
+                        identity_cosine: report.identity_cosine,
+                    })
+                }
+                Err(e) => finish.eval_error = Some(e.clone()),
+            }
+            (
+                RunEnd::Trained {
+                    steps,
+                    faces_found: faces_found.unwrap_or(0),
+                    eval,
+                    preview,
+                },
+                finish,
+            )
+        }
+        Err(error) => (
+            RunEnd::Failed(error.clone()),
+            finish_record(RunStatus::Failed, Some(error), &record, StyleStatus::Failed),
+        ),
+    };
+    if let Err(e) = store.finish_run(run.id, &style.name, &finish).await {
+        tracing::error!(run = run.id, error = %e, "recording the end of a training run");
+    }
+    tracing::info!(
+        run = run.id,
+        style = %style.name,
+        status = finish.status.as_str(),
+        step = record.step,
+        train_ms = record.train_ms.round(),
+        error = finish.error.as_deref(),
+        "training run"
+    );
+    packs.inner.free_slot(&style.name);
+    let _ = milestones.send(Milestone::Finished(end));
+}
+
+fn finish_record(
+    status: RunStatus,
+    error: Option<String>,
+    progress: &RunProgressRecord,
+    style_status: StyleStatus,
+) -> RunFinish {
+    RunFinish {
+        status,
+        error,
+        progress: progress.clone(),
+        eval_ms: None,
+        style_status,
+        eval: None,
+        eval_error: None,
+    }
+}
+
+fn remove_dir_if_present(dir: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Moves a style folder (files only), by renaming where possible, else by copying.
+fn move_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    if std::fs::rename(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::create_dir(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    std::fs::remove_dir_all(from)?;
+    Ok(())
+}

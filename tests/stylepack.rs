@@ -1,0 +1,944 @@
+//! Style packs end to end: the real bot against the fake Discord, the real face pipeline
+//! preparing the packs, a test trainer writing real style folders, and the test renderer
+//! drawing with the installed styles. Every refused upload must leave no file and no row.
+
+mod common;
+mod support;
+
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use image::{Rgb, RgbImage};
+use serde_json::{json, Value};
+use support::discord::{
+    FakeDiscord, Recorded, CHANNEL_ID, GUILD_ID, PERM_ALL_TEXT, PERM_MANAGE_GUILD,
+};
+use support::harness::{assert_immediate_ephemeral, png_info, Harness, EPHEMERAL, MEMBER};
+use support::trainer::{TestTrainer, EVAL};
+use toonbot::cartoon::styles::StyleRegistry;
+use toonbot::config::StylePackConfig;
+use toonbot::face::FacePipeline;
+use toonbot::store::{RunStatus, StyleStatus};
+use toonbot::stylepack::archive::PackImage;
+use toonbot::stylepack::{prepare, PackSetup};
+use zip::write::SimpleFileOptions;
+
+const ADMIN: u64 = 6000;
+const USER: u64 = 6001;
+const ADMIN_PERMS: Option<u64> = Some(PERM_ALL_TEXT | PERM_MANAGE_GUILD);
+const STEPS: u32 = 6;
+const PREVIEW_EVERY: u32 = 2;
+/// Preparing a pack runs the face pipeline on every image; training steps are short.
+const SLOW: Duration = Duration::from_secs(60);
+
+/// The face pipeline, loaded once for all tests.
+fn faces() -> Arc<FacePipeline> {
+    static FACES: OnceLock<Arc<FacePipeline>> = OnceLock::new();
+    FACES
+        .get_or_init(|| {
+            let config = common::config_with_styles(Path::new("unused"), "classic");
+            Arc::new(FacePipeline::load(&config, &candle_core::Device::Cpu).unwrap())
+        })
+        .clone()
+}
+
+fn pack_config(dir: &Path) -> StylePackConfig {
+    StylePackConfig {
+        dir: dir.join("packs"),
+        max_zip_bytes: 5_000_000,
+        max_entry_bytes: 1_000_000,
+        max_total_bytes: 10_000_000,
+        max_image_pixels: 1024 * 1024,
+        steps: STEPS,
+        preview_every: PREVIEW_EVERY,
+        ..StylePackConfig::default()
+    }
+}
+
+struct Packs {
+    h: Harness,
+    trainer: Arc<TestTrainer>,
+}
+
+impl Packs {
+    /// A bot with style packs: the base style `classic` (random generator weights) shipped,
+    /// trained styles in `<dir>/styles`, which the renderer also draws with.
+    async fn start(trainer: TestTrainer, tweak: impl FnOnce(&mut toonbot::bot::BotConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = dir.path().join("shipped");
+        let trained = dir.path().join("styles");
+        common::install_random_style(&shipped, "classic");
+        let trainer = Arc::new(trainer);
+        let setup = PackSetup {
+            config: pack_config(dir.path()),
+            registry: StyleRegistry::new(&shipped, &trained),
+            default_base: "classic".into(),
+            faces: faces(),
+            trainer: Some(Arc::clone(&trainer) as Arc<dyn toonbot::stylepack::StyleTrainer>),
+        };
+        let renderer = support::renderer::TestRenderer::with_styles_dir(&trained);
+        let h = Harness::start_with(dir, renderer, Some(setup), tweak).await;
+        Self { h, trainer }
+    }
+
+    fn packs_dir(&self) -> PathBuf {
+        self.h.dir.path().join("packs")
+    }
+
+    fn trained_dir(&self) -> PathBuf {
+        self.h.dir.path().join("styles")
+    }
+
+    /// `/stylepack upload file:<zip> name:<name> [base]`; returns the interaction token.
+    fn upload(&self, perms: Option<u64>, zip: Vec<u8>, name: &str, base: Option<&str>) -> String {
+        let interaction = self.upload_interaction(perms, zip, name, base);
+        let token = interaction["token"].as_str().unwrap().to_string();
+        self.h.fake.dispatch("INTERACTION_CREATE", interaction);
+        token
+    }
+
+    fn upload_interaction(
+        &self,
+        perms: Option<u64>,
+        zip: Vec<u8>,
+        name: &str,
+        base: Option<&str>,
+    ) -> Value {
+        let attachment = self
+            .h
+            .fake
+            .attachment("pack.zip", "application/zip", zip, None);
+        let id = attachment["id"].as_str().unwrap().to_string();
+        let mut options = vec![
+            json!({ "name": "file", "type": 11, "value": id }),
+            json!({ "name": "name", "type": 3, "value": name }),
+        ];
+        if let Some(base) = base {
+            options.push(json!({ "name": "base", "type": 3, "value": base }));
+        }
+        let data = json!({
+            "id": "905", "name": "stylepack", "type": 1,
+            "options": [{ "name": "upload", "type": 1, "options": options }],
+            "resolved": { "attachments": { id.clone(): attachment } },
+        });
+        let token = format!("tok{}", self.h.fake.next_id());
+        self.h.fake.command(&token, ADMIN, perms, data)
+    }
+
+    /// `/stylepack <sub> [name]` by the admin; returns the interaction token.
+    fn admin(&self, sub: &str, name: Option<&str>) -> String {
+        let options = match name {
+            Some(n) => json!([{ "name": "name", "type": 3, "value": n }]),
+            None => json!([]),
+        };
+        self.h.command(
+            ADMIN,
+            ADMIN_PERMS,
+            FakeDiscord::sub_command_data("stylepack", sub, options),
+        )
+    }
+
+    /// The final answer to an upload: the edit of its ephemeral deferral, or an immediate
+    /// ephemeral answer.
+    async fn upload_answer(&self, token: &str, needle: &str) -> String {
+        let cb = self.h.callback(token).await;
+        assert_eq!(cb.flags() & EPHEMERAL, EPHEMERAL, "ephemeral");
+        if cb.callback_type() == Some(4) {
+            assert!(
+                cb.content().contains(needle),
+                "{needle:?} in {:?}",
+                cb.content()
+            );
+            return cb.content();
+        }
+        assert_eq!(cb.callback_type(), Some(5));
+        let original = format!(
+            "/webhooks/{}/{token}/messages/@original",
+            support::discord::APP_ID
+        );
+        let answer = self
+            .h
+            .fake
+            .wait_for("the upload's answer", SLOW, |r| {
+                r.is("PATCH", &original) && r.content().contains(needle)
+            })
+            .await;
+        answer.content()
+    }
+
+    /// Files under the packs folder and rows about packs.
+    async fn leftovers(&self) -> (Vec<PathBuf>, usize, usize) {
+        let files = walk(&self.packs_dir());
+        let store = self.h.bot().store();
+        let packs = store.guild_styles(GUILD_ID).await.unwrap().len();
+        let audit = store.audit_log(GUILD_ID).await.unwrap().len();
+        (files, packs, audit)
+    }
+
+    async fn assert_nothing_left(&self) {
+        assert_eq!(self.leftovers().await, (vec![], 0, 0), "no files, no rows");
+        assert!(self.trainer.starts().is_empty(), "no training started");
+    }
+
+    /// The progress edits and messages the bot posted in the channel.
+    fn channel_posts(&self) -> Vec<Recorded> {
+        let messages = format!("/channels/{CHANNEL_ID}/messages");
+        self.h
+            .fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with(&messages))
+            .collect()
+    }
+
+    async fn wait_post(&self, what: &str, pred: impl Fn(&Recorded) -> bool) -> Recorded {
+        let messages = format!("/channels/{CHANNEL_ID}/messages");
+        self.h
+            .fake
+            .wait_for(what, SLOW, |r| r.path.starts_with(&messages) && pred(r))
+            .await
+    }
+}
+
+/// Every file under `dir` (none when it is absent).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.push(path.clone());
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// A cartoon-ish face: a coloured disc with two eyes on white.
+fn cartoon(i: u32) -> Vec<u8> {
+    let img = RgbImage::from_fn(96, 96, |x, y| {
+        let (dx, dy) = (x as f32 - 48.0, y as f32 - 50.0);
+        let eye = |ex: f32| ((x as f32 - ex).powi(2) + (y as f32 - 40.0).powi(2)) < 16.0;
+        if eye(36.0) || eye(60.0) {
+            Rgb([20, 20, 20])
+        } else if dx * dx + dy * dy < 900.0 {
+            Rgb([240, (150 + i * 7 % 100) as u8, 120])
+        } else {
+            Rgb([255, 255, 255])
+        }
+    });
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn zip_of(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options = SimpleFileOptions::default();
+    for (name, bytes) in entries {
+        if name.ends_with('/') {
+            zip.add_directory(name.as_str(), options).unwrap();
+        } else {
+            zip.start_file(name.as_str(), options).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+fn faces_entries(n: u32) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| (format!("faces/{i:02}.png"), cartoon(i)))
+        .collect()
+}
+
+fn pack_zip(n: u32, extra: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut entries = faces_entries(n);
+    entries.extend(extra.iter().map(|(n, b)| (n.to_string(), b.clone())));
+    zip_of(&entries)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members_use_it() {
+    let p = Packs::start(TestTrainer::new(Duration::from_millis(60)), |_| {}).await;
+    let zip = pack_zip(
+        12,
+        &[
+            ("faces/", vec![]),
+            ("notes.txt", b"my cartoons".to_vec()),
+            ("__MACOSX/faces/._00.png", vec![0; 8]),
+            ("faces/.DS_Store", vec![0; 8]),
+        ],
+    );
+    let token = p.upload(ADMIN_PERMS, zip, "Anime", None);
+
+    // Accepted: what was kept, held out and skipped, in the ephemeral answer.
+    let answer = p.upload_answer(&token, "images accepted").await;
+    for needle in [
+        "**anime**: 12 images accepted, 11 to train on and 1 kept aside",
+        "Skipped 3 files",
+        "`notes.txt`: not a PNG, JPEG or WebP image",
+        "`__MACOSX/faces/._00.png`: macOS metadata",
+        "`faces/.DS_Store`: hidden file",
+        "training from **classic**",
+    ] {
+        assert!(answer.contains(needle), "{needle:?} in {answer}");
+    }
+
+    // One progress message, edited with step, losses, images/s and ETA; previews every 2 steps;
+    // then the evaluation with the last preview.
+    let done = p
+        .wait_post("the evaluation", |r| {
+            r.content().contains("ready as a draft")
+        })
+        .await;
+    for needle in [
+        "of its 12 images, the others were centre-cropped",
+        "KID×100 4.25 ± 0.50",
+        "identity 0.71",
+        "1 held-out image",
+        "/stylepack publish name:anime",
+    ] {
+        assert!(
+            done.content().contains(needle),
+            "{needle:?} in {}",
+            done.content()
+        );
+    }
+    assert_eq!(done.files.len(), 1);
+    assert_eq!(done.files[0].filename.as_deref(), Some("anime-preview.png"));
+    assert_eq!(png_info(&done.files[0].bytes).0, 96);
+
+    let posts = p.channel_posts();
+    let started: Vec<&Recorded> = posts
+        .iter()
+        .filter(|r| r.method == "POST" && r.content().contains("🧪 Training **anime**"))
+        .collect();
+    assert_eq!(started.len(), 1, "one progress message");
+    let edits: Vec<&Recorded> = posts.iter().filter(|r| r.method == "PATCH").collect();
+    let edited: std::collections::BTreeSet<&str> = edits.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        edited.len(),
+        1,
+        "all edits go to the progress message: {edited:?}"
+    );
+    assert!(
+        edits[0]
+            .content()
+            .contains("Preparing the cartoon faces of **anime**: "),
+        "{}",
+        edits[0].content()
+    );
+    let progress = edits
+        .iter()
+        .find(|r| r.content().contains("ETA"))
+        .expect("a progress edit with an ETA");
+    for needle in [
+        "step ",
+        "/6 (",
+        "losses g_adv",
+        "cycle 0.500",
+        "22.0 images/s",
+    ] {
+        assert!(
+            progress.content().contains(needle),
+            "{needle:?} in {}",
+            progress.content()
+        );
+    }
+    assert!(edits
+        .last()
+        .unwrap()
+        .content()
+        .contains("✅ **anime** trained from **classic**: 6 steps"));
+    let previews: Vec<String> = posts
+        .iter()
+        .filter(|r| r.method == "POST" && r.content().contains("🖼️ **anime** at step"))
+        .map(|r| r.files[0].filename.clone().unwrap())
+        .collect();
+    assert_eq!(
+        previews,
+        ["anime-step2.png", "anime-step4.png", "anime-step6.png"]
+    );
+
+    // Recorded: the run with its timings, the draft with its evaluation, the progress message.
+    let store = p.h.bot().store();
+    let style = store.guild_style("anime").await.unwrap().unwrap();
+    assert_eq!(style.status, StyleStatus::Draft);
+    assert_eq!(
+        (style.images, style.held_out, style.base.as_str()),
+        (11, 1, "classic")
+    );
+    assert!(style.faces_found.is_some());
+    let prepared = walk(&p.packs_dir());
+    let count = |dir: &str| {
+        prepared
+            .iter()
+            .filter(|f| f.parent().unwrap().ends_with(dir))
+            .count()
+    };
+    assert_eq!((count("train"), count("held_out")), (11, 1));
+    let face = prepared
+        .iter()
+        .find(|f| f.parent().unwrap().ends_with("train"))
+        .unwrap();
+    assert_eq!(image::image_dimensions(face).unwrap(), (256, 256));
+    assert_eq!(style.eval.unwrap().kid_x100_mean, EVAL.kid_x100_mean);
+    let run = store.latest_run("anime").await.unwrap().unwrap();
+    assert_eq!(
+        (run.status, run.step, run.total_steps),
+        (RunStatus::Done, 6, 6)
+    );
+    assert!(run.train_ms >= 6.0 * 60.0, "{}", run.train_ms);
+    assert!(run.eval_ms.is_some() && run.finished_at.is_some());
+    assert_eq!(run.losses[1], ("cycle".to_string(), 0.5));
+    let message_path = edited.into_iter().next().unwrap();
+    assert!(message_path.ends_with(&run.message_id.unwrap().to_string()));
+
+    // A draft is nobody's style yet.
+    let token = p.h.cartoon(
+        USER,
+        support::renderer::photo(1, support::renderer::Trigger::Normal, 1),
+        Some("anime"),
+        None,
+    );
+    assert_immediate_ephemeral(&p.h, &token, "no style called `anime`").await;
+
+    // Published: the members of this server draw with it.
+    assert_immediate_ephemeral(
+        &p.h,
+        &p.admin("publish", Some("anime")),
+        "Published **anime**",
+    )
+    .await;
+    assert!(p
+        .trained_dir()
+        .join("anime/generator.safetensors")
+        .is_file());
+    let token = p.h.cartoon(
+        USER,
+        support::renderer::photo(1, support::renderer::Trigger::Normal, 2),
+        Some("anime"),
+        Some("sticker"),
+    );
+    let result = p.h.result(&token).await;
+    assert!(
+        result.content().contains("style **anime**"),
+        "{}",
+        result.content()
+    );
+    assert_eq!(
+        p.h.renderer.log().last().unwrap().style.as_deref(),
+        Some("anime")
+    );
+
+    // The server's style choices include it; a DM's do not.
+    let choices = autocomplete(&p.h, MEMBER, "an").await;
+    assert_eq!(choices, ["anime"]);
+    assert!(autocomplete(&p.h, None, "")
+        .await
+        .iter()
+        .all(|c| c != "anime"));
+    let token = p.h.command(
+        USER,
+        None,
+        FakeDiscord::cartoon_data(
+            &p.h.fake.attachment(
+                "me.png",
+                "image/png",
+                support::renderer::photo(1, support::renderer::Trigger::Normal, 3),
+                None,
+            ),
+            Some("anime"),
+            None,
+        ),
+    );
+    assert_immediate_ephemeral(&p.h, &token, "no style called `anime`").await;
+    let styles = p.h.command(
+        USER,
+        MEMBER,
+        json!({ "id": "903", "name": "styles", "type": 1 }),
+    );
+    let listed = p.h.callback(&styles).await;
+    assert!(
+        listed.content().contains("**anime**"),
+        "{}",
+        listed.content()
+    );
+
+    // `/stylepack list`, and every admin action audited.
+    let list = p.h.callback(&p.admin("list", None)).await;
+    assert!(
+        list.content()
+            .contains("**anime** — published, from **classic** on 11 images"),
+        "{}",
+        list.content()
+    );
+    let audit = store.audit_log(GUILD_ID).await.unwrap();
+    let actions: Vec<(u64, &str)> = audit
+        .iter()
+        .rev()
+        .map(|(u, a, _, _)| (*u, a.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [(ADMIN, "stylepack_upload"), (ADMIN, "stylepack_publish")]
+    );
+    assert!(audit
+        .iter()
+        .all(|(_, _, detail, at)| detail.contains("name=anime") && *at > 0));
+
+    // Deleted: gone from disk, the database and the style choices.
+    assert_immediate_ephemeral(
+        &p.h,
+        &p.admin("delete", Some("anime")),
+        "Deleted the style pack **anime**",
+    )
+    .await;
+    assert!(!p.trained_dir().join("anime").exists());
+    assert!(walk(&p.packs_dir()).is_empty());
+    assert!(store.guild_style("anime").await.unwrap().is_none());
+    assert!(autocomplete(&p.h, MEMBER, "an").await.is_empty());
+    assert_eq!(
+        store.audit_log(GUILD_ID).await.unwrap()[0].1,
+        "stylepack_delete"
+    );
+}
+
+/// The style choices autocomplete offers for `/cartoon style:<typed>`.
+async fn autocomplete(h: &Harness, perms: Option<u64>, typed: &str) -> Vec<String> {
+    let data = json!({ "id": "900", "name": "cartoon", "type": 1, "options": [{ "name": "style", "type": 3, "value": typed, "focused": true }] });
+    let token = format!("tok{}", h.fake.next_id());
+    let mut interaction = h.fake.command(&token, USER, perms, data);
+    interaction["type"] = json!(4);
+    h.fake.dispatch("INTERACTION_CREATE", interaction);
+    let cb = h.callback(&token).await;
+    cb.json.as_ref().unwrap()["data"]["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["value"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_keeps_the_checkpoint_resume_continues_and_a_restart_resumes() {
+    let mut p = Packs::start(TestTrainer::new(Duration::from_millis(10)), |_| {}).await;
+    p.trainer.hold_before(3);
+    let token = p.upload(ADMIN_PERMS, pack_zip(10, &[]), "ink2", Some("classic"));
+    p.upload_answer(&token, "images accepted").await;
+    let trainer = Arc::clone(&p.trainer);
+    tokio::task::spawn_blocking(move || trainer.wait_holding(3))
+        .await
+        .unwrap();
+
+    // Cancelled while training: the checkpoint (step 2) stays.
+    assert_immediate_ephemeral(&p.h, &p.admin("cancel", None), "Stopping **ink2**").await;
+    p.wait_post("the cancel", |r| {
+        r.content().contains("cancelled at step 2/6")
+    })
+    .await;
+    let store = p.h.bot().store();
+    let style = store.guild_style("ink2").await.unwrap().unwrap();
+    assert_eq!(style.status, StyleStatus::Cancelled);
+    let run = store.latest_run("ink2").await.unwrap().unwrap();
+    assert_eq!((run.status, run.step), (RunStatus::Cancelled, 2));
+    assert!(walk(&p.packs_dir())
+        .iter()
+        .any(|f| f.ends_with("work/checkpoint.txt")));
+    assert_immediate_ephemeral(&p.h, &p.admin("cancel", None), "Nothing is training").await;
+    assert_immediate_ephemeral(&p.h, &p.admin("publish", Some("ink2")), "is cancelled").await;
+
+    // Resumed from the checkpoint, then the bot restarts mid-training.
+    p.trainer.hold_before(5);
+    assert_immediate_ephemeral(
+        &p.h,
+        &p.admin("resume", Some("ink2")),
+        "again from its last checkpoint",
+    )
+    .await;
+    let trainer = Arc::clone(&p.trainer);
+    tokio::task::spawn_blocking(move || trainer.wait_holding(5))
+        .await
+        .unwrap();
+    p.h.stop().await;
+    let run = p.stored_run("ink2").await;
+    assert_eq!(
+        (run.status, run.step),
+        (RunStatus::Running, 4),
+        "left running for the restart"
+    );
+    let message = run.message_id.unwrap();
+    p.trainer.release();
+    p.h.start().await;
+
+    // The restart resumed it from step 4, editing the same progress message, to the end.
+    let edited = format!("/channels/{CHANNEL_ID}/messages/{message}");
+    p.h.fake
+        .wait_for("the resumed run's end", SLOW, |r| {
+            r.is("PATCH", &edited) && r.content().contains("trained from **classic**: 6 steps")
+        })
+        .await;
+    p.wait_post("the evaluation", |r| {
+        r.content().contains("**ink2** is ready as a draft")
+    })
+    .await;
+    assert_eq!(p.trainer.starts(), [0, 2, 4]);
+    let store = p.h.bot().store();
+    assert_eq!(
+        store.guild_style("ink2").await.unwrap().unwrap().status,
+        StyleStatus::Draft
+    );
+    let run = store.latest_run("ink2").await.unwrap().unwrap();
+    assert_eq!((run.status, run.step), (RunStatus::Done, 6));
+    let actions: Vec<String> = store
+        .audit_log(GUILD_ID)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|a| a.1)
+        .collect();
+    assert_eq!(
+        actions,
+        ["stylepack_upload", "stylepack_cancel", "stylepack_resume"]
+    );
+}
+
+impl Packs {
+    /// A pack's latest run, read from the database file while the bot is stopped.
+    async fn stored_run(&self, name: &str) -> toonbot::store::TrainingRun {
+        let store = toonbot::store::Store::open(&self.h.config.database)
+            .await
+            .unwrap();
+        let run = store.latest_run(name).await.unwrap().unwrap();
+        store.close().await;
+        run
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_preparing_prepares_again_and_trains() {
+    let mut p = Packs::start(TestTrainer::new(Duration::ZERO), |_| {}).await;
+    let token = p.upload(ADMIN_PERMS, pack_zip(10, &[]), "early", None);
+    p.upload_answer(&token, "images accepted").await;
+    // Preparing runs the face pipeline on ten images: the bot stops in the middle of it.
+    p.h.stop().await;
+    let run = p.stored_run("early").await;
+    assert_eq!(run.status, RunStatus::Running);
+    p.h.start().await;
+    p.wait_post("the evaluation", |r| {
+        r.content().contains("**early** is ready as a draft")
+    })
+    .await;
+    let store = p.h.bot().store();
+    let style = store.guild_style("early").await.unwrap().unwrap();
+    assert_eq!(style.status, StyleStatus::Draft);
+    assert!(style.faces_found.is_some());
+    let run = store.latest_run("early").await.unwrap().unwrap();
+    assert_eq!((run.status, run.step), (RunStatus::Done, STEPS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_training_says_so_and_can_be_resumed() {
+    let p = Packs::start(TestTrainer::new(Duration::ZERO), |_| {}).await;
+    p.trainer.fail_after(3);
+    let token = p.upload(ADMIN_PERMS, pack_zip(10, &[]), "flaky", None);
+    p.upload_answer(&token, "images accepted").await;
+    p.wait_post("the failure", |r| {
+        r.content().contains("❌ Training **flaky** failed")
+    })
+    .await;
+    let store = p.h.bot().store();
+    let run = store.latest_run("flaky").await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Failed);
+    assert!(run.error.unwrap().contains("test failure after step 3"));
+    p.trainer.stop_failing();
+    assert_immediate_ephemeral(&p.h, &p.admin("resume", Some("flaky")), "again").await;
+    p.wait_post("the evaluation", |r| {
+        r.content().contains("**flaky** is ready as a draft")
+    })
+    .await;
+    assert_eq!(p.trainer.starts(), [0, 3]);
+}
+
+// --- bad input: a clear ephemeral answer, and nothing left behind ---------------------------
+
+async fn refused(p: &Packs, zip: Vec<u8>, needle: &str) -> String {
+    let token = p.upload(ADMIN_PERMS, zip, "pack", None);
+    let answer = p.upload_answer(&token, needle).await;
+    p.assert_nothing_left().await;
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_a_zip_is_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    refused(&p, cartoon(1), "isn't a zip archive").await;
+    refused(&p, b"PK\x03\x04 not really".to_vec(), "isn't a zip archive").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_zip_is_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    let mut zip = pack_zip(12, &[]);
+    // Set the "encrypted" flag (general purpose bit 0) on every entry, in both headers.
+    for at in 0..zip.len() - 4 {
+        match &zip[at..at + 4] {
+            [0x50, 0x4b, 0x03, 0x04] => zip[at + 6] |= 1,
+            [0x50, 0x4b, 0x01, 0x02] => zip[at + 8] |= 1,
+            _ => {}
+        }
+    }
+    refused(&p, zip, "That archive is encrypted (`faces/00.png`)").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zip_slip_entry_is_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    for evil in [
+        "../../etc/evil.png",
+        "/tmp/evil.png",
+        "faces\\..\\..\\evil.png",
+        "C:/evil.png",
+    ] {
+        let answer = refused(&p, pack_zip(12, &[(evil, cartoon(99))]), "leads outside").await;
+        assert!(answer.contains(&format!("`{evil}`")), "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zip_bomb_is_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    // 50 MB of zeros, deflated to about 50 KB.
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let deflated =
+        SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, bytes) in faces_entries(12) {
+        zip.start_file(name, deflated).unwrap();
+        zip.write_all(&bytes).unwrap();
+    }
+    zip.start_file("faces/huge.png", deflated).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..50 {
+        zip.write_all(&zeros).unwrap();
+    }
+    let zip = zip.finish().unwrap().into_inner();
+    assert!(zip.len() < 200_000);
+    refused(&p, zip, "`faces/huge.png` expands to more than 1.0 MB").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_images_or_ten_thousand_are_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    let answer = refused(
+        &p,
+        zip_of(&[("readme.txt".into(), b"hi".to_vec())]),
+        "0 usable images",
+    )
+    .await;
+    assert!(
+        answer.contains("`readme.txt`: not a PNG, JPEG or WebP image"),
+        "{answer}"
+    );
+    refused(&p, zip_of(&[]), "0 usable images").await;
+
+    let tiny = {
+        let mut out = Cursor::new(Vec::new());
+        RgbImage::from_pixel(1, 1, Rgb([9, 9, 9]))
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    };
+    let many: Vec<(String, Vec<u8>)> = (0..10_000)
+        .map(|i| (format!("{i}.png"), tiny.clone()))
+        .collect();
+    refused(
+        &p,
+        zip_of(&many),
+        "10000 files; a style pack may have at most 2000 files and 500 images",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_image_files_are_listed_and_too_few_images_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    let zip = pack_zip(
+        9,
+        &[
+            ("cv.pdf", b"%PDF-1.4".to_vec()),
+            ("anim.gif", b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec()),
+            ("broken.png", b"\x89PNG\r\n\x1a\n broken".to_vec()),
+        ],
+    );
+    let answer = refused(&p, zip, "9 usable images; a style pack needs at least 10").await;
+    for needle in [
+        "Skipped 3 files",
+        "`cv.pdf`: not a PNG, JPEG or WebP image",
+        "`anim.gif`: not a PNG, JPEG or WebP image",
+        "`broken.png`: damaged",
+    ] {
+        assert!(answer.contains(needle), "{needle:?} in {answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admins_may_upload() {
+    let p = Packs::start(TestTrainer::default(), |c| c.admin_role_id = Some(777)).await;
+    let token = p.upload(MEMBER, pack_zip(12, &[]), "pack", None);
+    assert_immediate_ephemeral(
+        &p.h,
+        &token,
+        "Only members with **Manage Server** (or the bot's admin role) can manage style packs",
+    )
+    .await;
+    p.assert_nothing_left().await;
+    for sub in ["list", "cancel"] {
+        let token = p.h.command(
+            USER,
+            MEMBER,
+            FakeDiscord::sub_command_data("stylepack", sub, json!([])),
+        );
+        assert_immediate_ephemeral(&p.h, &token, "Manage Server").await;
+    }
+    // The admin role is enough (the upload gets past the check, to the name check).
+    let mut interaction = p.upload_interaction(MEMBER, pack_zip(12, &[]), "Not valid!", None);
+    interaction["member"]["roles"] = json!(["777"]);
+    let token = interaction["token"].as_str().unwrap().to_string();
+    p.h.fake.dispatch("INTERACTION_CREATE", interaction);
+    assert_immediate_ephemeral(&p.h, &token, "can't be a style name").await;
+    p.assert_nothing_left().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_style_name_is_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    // An installed style.
+    let token = p.upload(ADMIN_PERMS, pack_zip(12, &[]), "classic", None);
+    assert_immediate_ephemeral(&p.h, &token, "There's already a style called `classic`").await;
+    p.assert_nothing_left().await;
+    // Another pack (a draft once trained).
+    let token = p.upload(ADMIN_PERMS, pack_zip(10, &[]), "mine", None);
+    p.upload_answer(&token, "images accepted").await;
+    p.wait_post("the evaluation", |r| {
+        r.content().contains("**mine** is ready")
+    })
+    .await;
+    let before = p.leftovers().await;
+    let token = p.upload(ADMIN_PERMS, pack_zip(12, &[]), "mine", None);
+    assert_immediate_ephemeral(&p.h, &token, "There's already a style called `mine`").await;
+    // A base that does not exist.
+    let token = p.upload(ADMIN_PERMS, pack_zip(12, &[]), "other", Some("nope"));
+    assert_immediate_ephemeral(&p.h, &token, "no style called `nope` to start from").await;
+    assert_eq!(p.leftovers().await, before);
+    assert_eq!(p.trainer.starts(), [0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_while_another_pack_trains_is_refused() {
+    let p = Packs::start(TestTrainer::default(), |_| {}).await;
+    p.trainer.hold_before(1);
+    let token = p.upload(ADMIN_PERMS, pack_zip(10, &[]), "first", None);
+    p.upload_answer(&token, "images accepted").await;
+    let trainer = Arc::clone(&p.trainer);
+    tokio::task::spawn_blocking(move || trainer.wait_holding(1))
+        .await
+        .unwrap();
+    let before = p.leftovers().await;
+
+    let token = p.upload(ADMIN_PERMS, pack_zip(12, &[]), "second", None);
+    assert_immediate_ephemeral(
+        &p.h,
+        &token,
+        "**first** is still being trained on this server",
+    )
+    .await;
+    // From another server, the first pack's name is not told.
+    let mut interaction = p.upload_interaction(ADMIN_PERMS, pack_zip(12, &[]), "third", None);
+    interaction["guild_id"] = json!("301");
+    let token = interaction["token"].as_str().unwrap().to_string();
+    p.h.fake.dispatch("INTERACTION_CREATE", interaction);
+    assert_immediate_ephemeral(&p.h, &token, "training another server's style").await;
+    assert_eq!(p.leftovers().await, before);
+    assert!(p
+        .h
+        .bot()
+        .store()
+        .guild_styles(301)
+        .await
+        .unwrap()
+        .is_empty());
+
+    p.trainer.release();
+    p.wait_post("the evaluation", |r| {
+        r.content().contains("**first** is ready")
+    })
+    .await;
+    assert_eq!(p.trainer.starts(), [0]);
+}
+
+/// Real cartoon faces from `../shared/data`: the face pipeline aligns those it finds (all of
+/// photo2cartoon's, some anime ones); no prepared image is blank, even where the portrait
+/// segmenter (trained on photos) finds no figure.
+#[test]
+fn real_cartoon_faces_are_aligned_where_found_and_never_blanked() {
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    let limits = toonbot::config::Limits {
+        max_bytes: 10_000_000,
+        max_pixels: 10_000_000,
+    };
+    for (set, least_found) in [("cartoons/p2c/train", 7), ("anime/s2a/train", 1)] {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(data.join(set))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        let images: Vec<PackImage> = paths
+            .iter()
+            .take(8)
+            .map(|p| PackImage {
+                entry: p.display().to_string(),
+                bytes: std::fs::read(p).unwrap(),
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        prepare::save_originals(&images, dir.path()).unwrap();
+        let started = std::time::Instant::now();
+        let prepared = prepare::prepare_pack(
+            &faces(),
+            &limits,
+            dir.path(),
+            10,
+            &|_, _| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap()
+        .unwrap();
+        eprintln!(
+            "{set}: {prepared:?} in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        assert_eq!((prepared.train, prepared.held_out), (7, 1));
+        assert!(prepared.faces_found >= least_found, "{set}: {prepared:?}");
+        for file in walk(dir.path())
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "png"))
+        {
+            let img = image::open(file).unwrap().to_rgb8();
+            assert_eq!(img.dimensions(), (256, 256));
+            let mean =
+                img.as_raw().iter().map(|&v| f64::from(v)).sum::<f64>() / img.as_raw().len() as f64;
+            assert!(mean < 250.0, "{} is blank ({mean:.1})", file.display());
+        }
+    }
+}
