@@ -272,7 +272,9 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
         config.styles.default.clone(),
     );
     let faces = std::sync::Arc::new(FacePipeline::load(config, device)?);
-    let stylepacks = crate::stylepack::PackSetup::new(config, faces, None);
+    let trainer = crate::stylepack::finetuner::CandleTrainer::new(config, faces.clone(), device);
+    let stylepacks =
+        crate::stylepack::PackSetup::new(config, faces, Some(std::sync::Arc::new(trainer)));
     tokio::runtime::Runtime::new()?.block_on(crate::bot::serve(
         config.bot.clone(),
         token,
@@ -512,7 +514,7 @@ pub fn train_finetune(
     ft: &FinetuneArgs,
     args: &TrainArgs,
 ) -> Result<ExitCode> {
-    let (from, name, freeze) = (ft.from.as_str(), ft.name.as_str(), ft.freeze);
+    let (from, name) = (ft.from.as_str(), ft.name.as_str());
     let registry = StyleRegistry::from_config(config);
     let target = registry
         .trained_dir(name)
@@ -526,38 +528,15 @@ pub fn train_finetune(
         ),
         e => anyhow::anyhow!("{e}"),
     })?;
-    let base = train::style::load_base(&base_style, device)?;
-    if base.spec.is_none() {
-        anyhow::ensure!(
-            freeze == train::params::Freeze::None,
-            "style {from:?} holds only its generator, not its training state ({}): \
-             --freeze {freeze:?} needs the base's other networks. Install the base with \
-             `toonbot train export --finetunable`, or use --freeze none",
-            train::style::TRAINING_FILE
-        );
-        eprintln!(
-            "style {from:?} has no training state: generator B->A and the discriminators start \
-             from scratch"
-        );
-    }
-    let photos = (ft.photos.clone())
-        .or_else(|| base.spec.as_ref().map(|s| s.photos.clone()))
-        .context("--photos is needed: the base style does not record its training photos")?;
-    let mut spec = args.spec(photos, ft.cartoons.clone());
-    spec.freeze = freeze;
-    spec.base = Some(from.to_string());
-    if let Some(base_spec) = &base.spec {
-        spec.net = base_spec.net;
-    }
-    let start = if ft.resume {
-        train::run::Start::Resume(out.join(train::run::CHECKPOINT_FILE))
-    } else {
-        train::run::Start::Weights {
-            tensors: base.tensors,
-            networks: base.networks,
-        }
+    let finetune = train::finetune::Finetune {
+        base_name: from.to_string(),
+        base_dir: base_style.dir,
+        photos: ft.photos.clone(),
+        cartoons: ft.cartoons.clone(),
+        freeze: ft.freeze,
     };
-    let mut trainer = train::run::Trainer::new(spec, args.options(config, &out), start, device)?;
+    let template = args.spec(PathBuf::new(), PathBuf::new());
+    let mut trainer = finetune.trainer(&template, args.options(config, &out), ft.resume, device)?;
     if run_with_progress(&mut trainer)? != train::run::Finish::Completed {
         eprintln!(
             "not installing style {name:?} yet: the fine-tune did not finish (continue it with \
@@ -565,15 +544,11 @@ pub fn train_finetune(
         );
         return Ok(ExitCode::from(2));
     }
-    let manifest = StyleManifest {
-        description: format!(
-            "fine-tuned from {from} on {}",
-            trainer.spec.cartoons.display()
-        ),
-        base: Some(from.to_string()),
-        steps: Some(trainer.step()),
-    };
-    train::style::install(&target, &trainer.model, ft.dtype, &manifest, None)?;
+    let description = format!(
+        "fine-tuned from {from} on {}",
+        trainer.spec.cartoons.display()
+    );
+    train::finetune::install(&trainer, &target, ft.dtype, description)?;
     eprintln!("installed style {name:?} in {}", target.display());
     Ok(ExitCode::SUCCESS)
 }

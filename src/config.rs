@@ -130,13 +130,20 @@ pub struct StylePackConfig {
     /// Fewest and most images a pack may have.
     pub min_images: usize,
     pub max_images: usize,
-    /// Share of the images (in percent, at least one image) kept out of training for the
+    /// Share of the images (in percent, at least two images) kept out of training for the
     /// evaluation.
     pub held_out_percent: u32,
     /// Fine-tune steps per pack.
     pub steps: u32,
     /// A preview grid is posted every this many steps.
     pub preview_every: u32,
+    /// Aligned face photos (`toonbot prepare` output): the photo side of every fine-tune,
+    /// and the photos the new style is evaluated on.
+    pub photos: PathBuf,
+    /// Fine-tune image side (256 as photo2cartoon; smaller trains faster on a CPU).
+    pub size: usize,
+    /// Photos (the first ones of `photos`) cartoonised for the evaluation.
+    pub eval_photos: usize,
 }
 
 impl Default for StylePackConfig {
@@ -153,6 +160,9 @@ impl Default for StylePackConfig {
             held_out_percent: 10,
             steps: 2000,
             preview_every: 200,
+            photos: PathBuf::from("data/photos"),
+            size: 256,
+            eval_photos: 50,
         }
     }
 }
@@ -207,6 +217,7 @@ impl Config {
             &mut config.styles.dir,
             &mut bot.database,
             &mut config.stylepacks.dir,
+            &mut config.stylepacks.photos,
         ]
         .into_iter()
         .chain(bot.token_file.as_mut())

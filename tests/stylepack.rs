@@ -68,20 +68,30 @@ impl Packs {
     /// trained styles in `<dir>/styles`, which the renderer also draws with.
     async fn start(trainer: TestTrainer, tweak: impl FnOnce(&mut toonbot::bot::BotConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let shipped = dir.path().join("shipped");
-        let trained = dir.path().join("styles");
-        common::install_random_style(&shipped, "classic");
+        common::install_random_style(&dir.path().join("shipped"), "classic");
         let trainer = Arc::new(trainer);
+        let config = pack_config(dir.path());
+        let h = Self::harness(dir, config, Arc::clone(&trainer) as _, tweak).await;
+        Self { h, trainer }
+    }
+
+    /// A bot whose packs train with `trainer`, from the styles in `<dir>/shipped`.
+    async fn harness(
+        dir: tempfile::TempDir,
+        config: StylePackConfig,
+        trainer: Arc<dyn toonbot::stylepack::StyleTrainer>,
+        tweak: impl FnOnce(&mut toonbot::bot::BotConfig),
+    ) -> Harness {
+        let trained = dir.path().join("styles");
         let setup = PackSetup {
-            config: pack_config(dir.path()),
-            registry: StyleRegistry::new(&shipped, &trained),
+            config,
+            registry: StyleRegistry::new(dir.path().join("shipped"), &trained),
             default_base: "classic".into(),
             faces: faces(),
-            trainer: Some(Arc::clone(&trainer) as Arc<dyn toonbot::stylepack::StyleTrainer>),
+            trainer: Some(trainer),
         };
         let renderer = support::renderer::TestRenderer::with_styles_dir(&trained);
-        let h = Harness::start_with(dir, renderer, Some(setup), tweak).await;
-        Self { h, trainer }
+        Harness::start_with(dir, renderer, Some(setup), tweak).await
     }
 
     fn packs_dir(&self) -> PathBuf {
@@ -282,7 +292,7 @@ async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members
     // Accepted: what was kept, held out and skipped, in the ephemeral answer.
     let answer = p.upload_answer(&token, "images accepted").await;
     for needle in [
-        "**anime**: 12 images accepted, 11 to train on and 1 kept aside",
+        "**anime**: 12 images accepted, 10 to train on and 2 kept aside",
         "Skipped 3 files",
         "`notes.txt`: not a PNG, JPEG or WebP image",
         "`__MACOSX/faces/._00.png`: macOS metadata",
@@ -303,7 +313,7 @@ async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members
         "of its 12 images, the others were centre-cropped",
         "KID×100 4.25 ± 0.50",
         "identity 0.71",
-        "1 held-out image",
+        "2 held-out images",
         "/stylepack publish name:anime",
     ] {
         assert!(
@@ -345,7 +355,7 @@ async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members
         "/6 (",
         "losses g_adv",
         "cycle 0.500",
-        "22.0 images/s",
+        "20.0 images/s",
     ] {
         assert!(
             progress.content().contains(needle),
@@ -374,7 +384,7 @@ async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members
     assert_eq!(style.status, StyleStatus::Draft);
     assert_eq!(
         (style.images, style.held_out, style.base.as_str()),
-        (11, 1, "classic")
+        (10, 2, "classic")
     );
     assert!(style.faces_found.is_some());
     let prepared = walk(&p.packs_dir());
@@ -384,7 +394,7 @@ async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members
             .filter(|f| f.parent().unwrap().ends_with(dir))
             .count()
     };
-    assert_eq!((count("train"), count("held_out")), (11, 1));
+    assert_eq!((count("train"), count("held_out")), (10, 2));
     let face = prepared
         .iter()
         .find(|f| f.parent().unwrap().ends_with("train"))
@@ -477,7 +487,7 @@ async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members
     let list = p.h.callback(&p.admin("list", None)).await;
     assert!(
         list.content()
-            .contains("**anime** — published, from **classic** on 11 images"),
+            .contains("**anime** — published, from **classic** on 10 images"),
         "{}",
         list.content()
     );
@@ -928,7 +938,7 @@ fn real_cartoon_faces_are_aligned_where_found_and_never_blanked() {
             "{set}: {prepared:?} in {:.1} s",
             started.elapsed().as_secs_f64()
         );
-        assert_eq!((prepared.train, prepared.held_out), (7, 1));
+        assert_eq!((prepared.train, prepared.held_out), (6, 2));
         assert!(prepared.faces_found >= least_found, "{set}: {prepared:?}");
         for file in walk(dir.path())
             .iter()
@@ -941,4 +951,130 @@ fn real_cartoon_faces_are_aligned_where_found_and_never_blanked() {
             assert!(mean < 250.0, "{} is blank ({mean:.1})", file.display());
         }
     }
+}
+
+/// A fine-tunable base style in `dir`: photo2cartoon's generators (fresh weights) with small
+/// discriminators, and its training state recording `photos`.
+fn tiny_finetunable_base(dir: &Path, photos: &Path) {
+    use toonbot::train::model::{NetConfig, Ugatit};
+    let spec = toonbot::train::RunSpec {
+        size: 32,
+        net: NetConfig {
+            ndf: 4,
+            global_layers: 4,
+            local_layers: 3,
+            ..NetConfig::photo2cartoon()
+        },
+        ..toonbot::train::RunSpec::photo2cartoon(photos.to_path_buf(), "unused".into(), 1)
+    };
+    let model = Ugatit::new(spec.net, spec.freeze, 0, &candle_core::Device::Cpu).unwrap();
+    let manifest = toonbot::cartoon::styles::StyleManifest {
+        description: "fresh weights, for tests".into(),
+        base: None,
+        steps: Some(0),
+    };
+    toonbot::train::style::install(
+        dir,
+        &model,
+        toonbot::train::style::WeightsDtype::F32,
+        &manifest,
+        Some((0, &spec)),
+    )
+    .unwrap();
+}
+
+/// The real trainer behind the bot: a pack fine-tunes `classic` for 2 steps at 32 px with
+/// progress, previews and (where the Inception weights are present) KID; the published style
+/// then cartoonises a real photo through the real pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_candle_trainer_fine_tunes_a_pack_that_the_cartoonizer_then_uses() {
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let mut aligned = walk(&data.join("photos/p2c-aligned/test"));
+    aligned.sort();
+    for from in &aligned[..3] {
+        std::fs::copy(from, photos.join(from.file_name().unwrap())).unwrap();
+    }
+    tiny_finetunable_base(&dir.path().join("shipped/classic"), &photos);
+    let mut config = common::config_with_styles(&dir.path().join("styles"), "classic");
+    config.stylepacks = StylePackConfig {
+        photos,
+        size: 32,
+        eval_photos: 2,
+        steps: 2,
+        preview_every: 1,
+        ..pack_config(dir.path())
+    };
+    let device = candle_core::Device::Cpu;
+    let trainer = toonbot::stylepack::finetuner::CandleTrainer::new(&config, faces(), &device);
+    let h = Packs::harness(dir, config.stylepacks.clone(), Arc::new(trainer), |_| {}).await;
+    // Not used: the candle trainer trains.
+    let p = Packs {
+        h,
+        trainer: Arc::new(TestTrainer::default()),
+    };
+    p.upload(ADMIN_PERMS, pack_zip(10, &[]), "blobs", None);
+
+    let done =
+        p.h.fake
+            .wait_for("the trained draft", Duration::from_secs(600), |r| {
+                r.content().contains("ready as a draft")
+            })
+            .await;
+    let inception = config.models.dir.join("inception.safetensors").is_file();
+    let expected = if inception {
+        "**KID×100 "
+    } else {
+        "The evaluation failed"
+    };
+    let store = p.h.bot().store();
+    let style = store.guild_style("blobs").await.unwrap().unwrap();
+    assert!(
+        done.content().contains(expected),
+        "{}\n{:?}",
+        done.content(),
+        style.eval_error
+    );
+    let grid = &done.files[0].bytes;
+    assert_eq!(png_info(grid).0, 3 * 32, "photos | cartoons | cycle");
+    let posts = p.channel_posts();
+    let progress = posts
+        .iter()
+        .find(|r| r.method == "PATCH" && r.content().contains("step 2/2"))
+        .expect("a progress edit at the last step");
+    for needle in ["losses G ", "cycle ", "face-id ", "images/s"] {
+        assert!(
+            progress.content().contains(needle),
+            "{needle:?} in {}",
+            progress.content()
+        );
+    }
+    assert_eq!(style.eval.is_some(), inception);
+    let run = store.latest_run("blobs").await.unwrap().unwrap();
+    assert_eq!((run.status, run.step), (RunStatus::Done, 2));
+
+    assert_immediate_ephemeral(
+        &p.h,
+        &p.admin("publish", Some("blobs")),
+        "Published **blobs**",
+    )
+    .await;
+    let styles_dir = p.trained_dir();
+    let manifest = std::fs::read_to_string(styles_dir.join("blobs/style.toml")).unwrap();
+    assert!(
+        manifest.contains("base = \"classic\"") && manifest.contains("steps = 2"),
+        "{manifest}"
+    );
+    let cartoonizer = toonbot::cartoon::Cartoonizer::load(&config, &device).unwrap();
+    let selfie = std::fs::read(&aligned[3]).unwrap();
+    let options = toonbot::cartoon::compose::ComposeOptions::default();
+    let result = cartoonizer
+        .cartoonize_bytes(&selfie, &config.limits, Some("blobs"), options)
+        .unwrap();
+    assert_eq!((result.style.as_str(), result.faces.len()), ("blobs", 1));
+    assert_eq!(result.faces[0].sticker.dimensions(), (320, 320));
 }

@@ -18,6 +18,7 @@
 //! cancel and resume are audited with who did it and when.
 
 pub mod archive;
+pub mod finetuner;
 pub mod prepare;
 pub mod trainer;
 

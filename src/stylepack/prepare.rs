@@ -35,9 +35,13 @@ pub struct PreparedPack {
     pub faces_found: usize,
 }
 
-/// How many of `n` images are held out: `percent` of them, at least one.
+/// Fewest held-out images: KID compares sets of at least two.
+const MIN_HELD_OUT: usize = 2;
+
+/// How many of `n` images are held out: `percent` of them, at least two (fewer only when
+/// `n` is smaller).
 pub fn held_out_count(n: usize, percent: u32) -> usize {
-    ((n * percent as usize + 50) / 100).clamp(1, n.max(1))
+    ((n * percent as usize + 50) / 100).clamp(MIN_HELD_OUT.min(n), n)
 }
 
 /// Whether image `index` of `n` is held out: `held` indices spread evenly.
@@ -142,12 +146,12 @@ mod tests {
 
     #[test]
     fn held_out_images_are_about_the_percentage_and_spread_evenly() {
-        assert_eq!(held_out_count(10, 10), 1);
+        assert_eq!(held_out_count(10, 10), 2, "at least two");
         assert_eq!(held_out_count(500, 10), 50);
-        assert_eq!(held_out_count(14, 10), 1);
-        assert_eq!(held_out_count(15, 10), 2);
-        assert_eq!(held_out_count(3, 0), 1, "at least one");
-        for (n, held) in [(10, 1), (37, 4), (500, 50)] {
+        assert_eq!(held_out_count(25, 10), 3);
+        assert_eq!(held_out_count(3, 0), 2, "at least two");
+        assert_eq!(held_out_count(1, 10), 1);
+        for (n, held) in [(10, 2), (37, 4), (500, 50)] {
             let picked: Vec<usize> = (0..n).filter(|&i| is_held_out(i, n, held)).collect();
             assert_eq!(picked.len(), held, "{n}");
             let gaps: Vec<usize> = picked.windows(2).map(|w| w[1] - w[0]).collect();

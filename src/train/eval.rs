@@ -22,10 +22,11 @@ use super::data::ImageFolder;
 use super::face_id::FaceIdLoss;
 use crate::cartoon::{compose, Cartoonizer};
 use crate::config::Config;
+use crate::face::FacePipeline;
 use crate::face::ALIGNED_SIZE;
 use crate::imageops;
 use crate::metrics::{identity_cosine, kid, KidConfig};
-use crate::nets::generator;
+use crate::nets::generator::{self, Generator};
 use crate::nets::inception::InceptionV3;
 
 /// Images per network batch.
@@ -72,68 +73,100 @@ pub fn evaluate(
     style: Option<&str>,
     photos: &Path,
     cartoons: &Path,
-    mut on_image: impl FnMut(),
+    on_image: impl FnMut(),
 ) -> Result<EvalReport> {
-    let inception = load_inception(config, device)?;
     let cartoonizer = Cartoonizer::load(config, device)?;
     let (info, generator) = cartoonizer
         .generator(style)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let face_id = FaceIdLoss::load(&config.models.dir, ALIGNED_SIZE as usize, device)?;
-    let photos = ImageFolder::open(photos)?;
-    let cartoon_set = ImageFolder::open(cartoons)?;
+    let scored = Scored {
+        name: &info.name,
+        generator: &generator,
+        faces: cartoonizer.faces(),
+    };
+    scored.evaluate(
+        config,
+        device,
+        &ImageFolder::open(photos)?,
+        cartoons,
+        on_image,
+    )
+}
 
-    let mut generated_features = Vec::new();
-    let (mut photo_embeddings, mut cartoon_embeddings) = (Vec::new(), Vec::new());
-    for chunk in (0..photos.len()).collect::<Vec<_>>().chunks(BATCH) {
-        let crops = chunk
-            .iter()
-            .map(|&i| Ok(square(&photos.load(i)?)))
-            .collect::<Result<Vec<_>>>()?;
-        let masks = cartoonizer.faces().segment(&crops)?;
-        let inputs: Vec<RgbImage> = crops
-            .iter()
-            .zip(&masks)
-            .map(|(c, m)| imageops::whiten(c, m))
-            .collect();
-        let input = generator::normalize(&imageops::rgb_batch(&inputs, device)?)?;
-        let output = generator.forward(&input)?.0.to_device(&Device::Cpu)?;
-        let cartoons = masks
-            .iter()
-            .enumerate()
-            .map(|(i, mask)| {
-                let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
-                Ok(compose::cartoon_on_white(&values, mask))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let cartoon_batch = imageops::rgb_batch(&cartoons, device)?;
-        generated_features.push(inception.forward(&cartoon_batch)?);
-        photo_embeddings.push(face_id.embed(&input)?);
-        cartoon_embeddings.push(face_id.embed(&generator::normalize(&cartoon_batch)?)?);
-        chunk.iter().for_each(|_| on_image());
+/// A generator to score, with the face pipeline that segments its inputs.
+pub struct Scored<'a> {
+    pub name: &'a str,
+    pub generator: &'a Generator,
+    pub faces: &'a FacePipeline,
+}
+
+impl Scored<'_> {
+    /// KID and identity of the generator's cartoons of `photos` against `cartoons`.
+    pub fn evaluate(
+        &self,
+        config: &Config,
+        device: &Device,
+        photos: &ImageFolder,
+        cartoons: &Path,
+        mut on_image: impl FnMut(),
+    ) -> Result<EvalReport> {
+        let inception = load_inception(config, device)?;
+        let face_id = FaceIdLoss::load(&config.models.dir, ALIGNED_SIZE as usize, device)?;
+        let (generator, faces) = (self.generator, self.faces);
+        let cartoon_set = ImageFolder::open(cartoons)?;
+
+        let mut generated_features = Vec::new();
+        let (mut photo_embeddings, mut cartoon_embeddings) = (Vec::new(), Vec::new());
+        for chunk in (0..photos.len()).collect::<Vec<_>>().chunks(BATCH) {
+            let crops = chunk
+                .iter()
+                .map(|&i| Ok(square(&photos.load(i)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let masks = faces.segment(&crops)?;
+            let inputs: Vec<RgbImage> = crops
+                .iter()
+                .zip(&masks)
+                .map(|(c, m)| imageops::whiten(c, m))
+                .collect();
+            let input = generator::normalize(&imageops::rgb_batch(&inputs, device)?)?;
+            let output = generator.forward(&input)?.0.to_device(&Device::Cpu)?;
+            let cartoons = masks
+                .iter()
+                .enumerate()
+                .map(|(i, mask)| {
+                    let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(compose::cartoon_on_white(&values, mask))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let cartoon_batch = imageops::rgb_batch(&cartoons, device)?;
+            generated_features.push(inception.forward(&cartoon_batch)?);
+            photo_embeddings.push(face_id.embed(&input)?);
+            cartoon_embeddings.push(face_id.embed(&generator::normalize(&cartoon_batch)?)?);
+            chunk.iter().for_each(|_| on_image());
+        }
+        let mut reference_features = Vec::new();
+        for chunk in (0..cartoon_set.len()).collect::<Vec<_>>().chunks(BATCH) {
+            let images = chunk
+                .iter()
+                .map(|&i| Ok(square(&cartoon_set.load(i)?)))
+                .collect::<Result<Vec<_>>>()?;
+            reference_features.push(inception.forward(&imageops::rgb_batch(&images, device)?)?);
+        }
+        let cat = |v: Vec<Tensor>| Tensor::cat(&v, 0).context("stacking features");
+        let score = kid(
+            &cat(generated_features)?,
+            &cat(reference_features)?,
+            &KidConfig::default(),
+        )?;
+        let (kid_x100, kid_std_x100) = score.times_100();
+        Ok(EvalReport {
+            style: self.name.to_string(),
+            photos: photos.len(),
+            cartoons: cartoon_set.len(),
+            kid_x100,
+            kid_std_x100,
+            kid_subset_size: score.subset_size,
+            identity_cosine: identity_cosine(&cat(photo_embeddings)?, &cat(cartoon_embeddings)?)?,
+        })
     }
-    let mut reference_features = Vec::new();
-    for chunk in (0..cartoon_set.len()).collect::<Vec<_>>().chunks(BATCH) {
-        let images = chunk
-            .iter()
-            .map(|&i| Ok(square(&cartoon_set.load(i)?)))
-            .collect::<Result<Vec<_>>>()?;
-        reference_features.push(inception.forward(&imageops::rgb_batch(&images, device)?)?);
-    }
-    let cat = |v: Vec<Tensor>| Tensor::cat(&v, 0).context("stacking features");
-    let score = kid(
-        &cat(generated_features)?,
-        &cat(reference_features)?,
-        &KidConfig::default(),
-    )?;
-    let (kid_x100, kid_std_x100) = score.times_100();
-    Ok(EvalReport {
-        style: info.name,
-        photos: photos.len(),
-        cartoons: cartoon_set.len(),
-        kid_x100,
-        kid_std_x100,
-        kid_subset_size: score.subset_size,
-        identity_cosine: identity_cosine(&cat(photo_embeddings)?, &cat(cartoon_embeddings)?)?,
-    })
 }

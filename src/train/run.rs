@@ -234,16 +234,17 @@ impl Trainer {
     /// Writes `samples/step-NNNNNNN.png` and returns its path.
     pub fn write_samples(&self) -> Result<PathBuf> {
         let grid = sample_grid(&self.model, &self.preview)?;
-        let path = self
-            .options
-            .out
-            .join(SAMPLES_DIR)
-            .join(format!("step-{:07}.png", self.step));
+        let path = sample_path(&self.options.out, self.step);
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
         grid.save(&path)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
     }
+}
+
+/// The sample grid of `step` in the run directory `out`.
+pub fn sample_path(out: &Path, step: u64) -> PathBuf {
+    out.join(SAMPLES_DIR).join(format!("step-{step:07}.png"))
 }
 
 /// Loss means over each logging interval, appended to the JSON-lines log.

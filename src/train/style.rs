@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use super::checkpoint;
 use super::model::Ugatit;
 use super::RunSpec;
-use crate::cartoon::styles::{StyleInfo, StyleManifest, MANIFEST_FILE, WEIGHTS_FILE};
+use crate::cartoon::styles::{StyleManifest, MANIFEST_FILE, WEIGHTS_FILE};
 
 /// A style's training state (a compact checkpoint of all six networks), when it has one.
 pub const TRAINING_FILE: &str = "training.safetensors";
@@ -70,10 +70,10 @@ pub struct Base {
     pub spec: Option<RunSpec>,
 }
 
-/// Reads `style` as a fine-tuning base: all six networks from its training state, or
-/// generator A->B alone when it has none.
-pub fn load_base(style: &StyleInfo, device: &Device) -> Result<Base> {
-    let training = style.dir.join(TRAINING_FILE);
+/// Reads the style in `dir` as a fine-tuning base: all six networks from its training
+/// state, or generator A->B alone when it has none.
+pub fn load_base(dir: &Path, device: &Device) -> Result<Base> {
+    let training = dir.join(TRAINING_FILE);
     if training.is_file() {
         let loaded = checkpoint::load(&training, device)?;
         return Ok(Base {
@@ -82,8 +82,9 @@ pub fn load_base(style: &StyleInfo, device: &Device) -> Result<Base> {
             spec: Some(loaded.state.spec),
         });
     }
-    let weights = candle_core::safetensors::load(style.weights(), device)
-        .with_context(|| format!("loading {}", style.weights().display()))?;
+    let path = dir.join(WEIGHTS_FILE);
+    let weights = candle_core::safetensors::load(&path, device)
+        .with_context(|| format!("loading {}", path.display()))?;
     Ok(Base {
         tensors: weights
             .into_iter()
