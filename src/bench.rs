@@ -29,6 +29,18 @@ pub struct BenchReport {
     pub generator_ms_per_image: BTreeMap<usize, f64>,
     /// The PyTorch reference's CPU time for the same generator, when measured.
     pub reference: Option<ReferenceTiming>,
+    /// With `--profile`: median ms of each generator stage at batch 1.
+    pub profile: Option<StageProfile>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageProfile {
+    /// Whether the default path is the CPU fast path (`nets::cpu_ops`).
+    pub cpu_fast_path: bool,
+    /// `(stage, median ms)` in forward order, on the default path.
+    pub stages_ms: Vec<(String, f64)>,
+    /// The same with the fast path turned off (plain candle ops), when it was on.
+    pub candle_stages_ms: Option<Vec<(String, f64)>>,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -78,13 +90,69 @@ fn generator_for_bench(
     }
 }
 
-/// Times every stage `runs` times on `photo` and the generator alone at batch 1 and 4.
+/// Median per-stage times of `runs` batch-1 generator passes.
+fn stage_medians(generator: &Generator, input: &Tensor, runs: usize) -> Result<Vec<(String, f64)>> {
+    generator.forward(input)?; // warm-up
+    let mut per_stage: Vec<(String, Vec<f64>)> = Vec::new();
+    for _ in 0..runs {
+        let (_, times) = generator.forward_profiled(input)?;
+        for (i, (name, ms)) in times.into_iter().enumerate() {
+            if per_stage.len() <= i {
+                per_stage.push((name, Vec::new()));
+            }
+            per_stage[i].1.push(ms);
+        }
+    }
+    Ok(per_stage
+        .into_iter()
+        .map(|(name, v)| (name, median(v)))
+        .collect())
+}
+
+/// Per-stage profile of the generator at batch 1 (interleaving the fast and candle paths
+/// run by run when the fast path is on, so that both see the same machine load).
+fn profile(generator: &Generator, device: &Device, runs: usize) -> Result<StageProfile> {
+    let input = Tensor::randn(0f32, 0.5, (1, 3, 256, 256), device)?;
+    let fast = generator.uses_cpu_fast_path(&input);
+    if !fast {
+        return Ok(StageProfile {
+            cpu_fast_path: false,
+            stages_ms: stage_medians(generator, &input, runs)?,
+            candle_stages_ms: None,
+        });
+    }
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        on.push(stage_medians(generator, &input, 1)?);
+        crate::nets::cpu_ops::set_enabled(false);
+        let r = stage_medians(generator, &input, 1);
+        crate::nets::cpu_ops::set_enabled(true);
+        off.push(r?);
+    }
+    let merge = |runs: Vec<Vec<(String, f64)>>| -> Vec<(String, f64)> {
+        (0..runs[0].len())
+            .map(|i| {
+                let name = runs[0][i].0.clone();
+                (name, median(runs.iter().map(|r| r[i].1).collect()))
+            })
+            .collect()
+    };
+    Ok(StageProfile {
+        cpu_fast_path: true,
+        stages_ms: merge(on),
+        candle_stages_ms: Some(merge(off)),
+    })
+}
+
+/// Times every stage `runs` times on `photo` and the generator alone at batch 1 and 4; with
+/// `with_profile`, also each generator stage.
 pub fn run(
     config: &Config,
     device: &Device,
     photo_path: &Path,
     style: Option<&str>,
     runs: usize,
+    with_profile: bool,
 ) -> Result<BenchReport> {
     let runs = runs.max(1);
     let cartoonizer = Cartoonizer::load(config, device)?;
@@ -144,6 +212,11 @@ pub fn run(
             .collect::<Result<Vec<f64>>>()?;
         generator_ms_per_image.insert(batch, median(times));
     }
+    let profile = if with_profile {
+        Some(profile(&generator, device, runs)?)
+    } else {
+        None
+    };
     Ok(BenchReport {
         device: format!("{device:?}"),
         photo: photo_path.display().to_string(),
@@ -156,6 +229,7 @@ pub fn run(
             .collect(),
         generator_ms_per_image,
         reference: None,
+        profile,
     })
 }
 
@@ -208,6 +282,34 @@ impl BenchReport {
                 .and_then(|r| r.ms_per_image.get(batch))
             {
                 out += &format!("   {reference:>10.1}   {:>6.2}x", ms / reference);
+            }
+            out += "\n";
+        }
+        if let Some(p) = &self.profile {
+            out += &format!(
+                "\ngenerator stage (batch 1)   ms ({})",
+                if p.cpu_fast_path {
+                    "cpu fast path"
+                } else {
+                    "candle ops"
+                }
+            );
+            if p.candle_stages_ms.is_some() {
+                out += "   candle-ops ms   speed-up";
+            }
+            out += "\n";
+            let total: f64 = p.stages_ms.iter().map(|s| s.1).sum();
+            for (i, (stage, ms)) in p.stages_ms.iter().enumerate() {
+                out += &format!("{stage:<26} {ms:>8.1}");
+                if let Some(c) = &p.candle_stages_ms {
+                    out += &format!("   {:>13.1}   {:>7.2}x", c[i].1, c[i].1 / ms);
+                }
+                out += "\n";
+            }
+            out += &format!("{:<26} {total:>8.1}", "sum");
+            if let Some(c) = &p.candle_stages_ms {
+                let ct: f64 = c.iter().map(|s| s.1).sum();
+                out += &format!("   {ct:>13.1}   {:>7.2}x", ct / total);
             }
             out += "\n";
         }

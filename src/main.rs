@@ -75,6 +75,10 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also time each generator stage (and, when the CPU fast path is on, the same
+        /// stages with plain candle ops).
+        #[arg(long)]
+        profile: bool,
     },
     /// List the installed cartoon styles.
     Styles,
@@ -139,6 +143,7 @@ fn run(args: Args) -> Result<ExitCode> {
             runs,
             reference_python,
             json,
+            profile,
         } => cli::bench(
             &config,
             &device,
@@ -147,6 +152,7 @@ fn run(args: Args) -> Result<ExitCode> {
             runs,
             reference_python.as_deref(),
             json,
+            profile,
         ),
         Command::Serve => cli::serve(&config, &device),
         Command::Styles => cli::styles(&config),
