@@ -1,7 +1,7 @@
 //! Times the photo2cartoon generator (random weights, 256x256) on the CPU fast path and with
 //! plain candle ops, interleaved run by run; prints one JSON line of median ms per image.
 //!
-//! `cargo run --release --example gen_bench [runs] [batches, e.g. 1,4] [fast|candle|both]`
+//! `cargo run --release --example gen_bench [runs] [batches, e.g. 1,4] [fast|candle|both|profile]`
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -41,6 +41,32 @@ fn main() -> Result<()> {
         Config::default(),
         VarBuilder::from_tensors(weights, DType::F32, &dev),
     )?;
+    if mode == "profile" {
+        // Median ms of each stage on the fast path, batch 1.
+        let x = Tensor::randn(0f32, 0.5, (1, 3, 256, 256), &dev)?;
+        gen.forward(&x)?;
+        let mut stages: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+        for _ in 0..runs {
+            let (_, times) = gen.forward_profiled(&x)?;
+            for (i, t) in times.into_iter().enumerate() {
+                if stages.len() <= i {
+                    stages.push((t.stage, Vec::new(), Vec::new()));
+                }
+                stages[i].1.push(t.wall_ms);
+                stages[i].2.push(t.cpu_ms);
+            }
+        }
+        let (mut total, mut total_cpu) = (0.0, 0.0);
+        println!("{:<14} {:>8} {:>8}", "stage", "wall ms", "cpu ms");
+        for (name, wall, cpu) in stages {
+            let (w, c) = (median(wall), median(cpu));
+            total += w;
+            total_cpu += c;
+            println!("{name:<14} {w:8.1} {c:8.1}");
+        }
+        println!("{:<14} {total:8.1} {total_cpu:8.1}", "sum");
+        return Ok(());
+    }
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
     for &b in &batches {
         let x = Tensor::randn(0f32, 0.5, (b, 3, 256, 256), &dev)?;

@@ -37,10 +37,18 @@ pub struct BenchReport {
 pub struct StageProfile {
     /// Whether the default path is the CPU fast path (`nets::cpu_ops`).
     pub cpu_fast_path: bool,
-    /// `(stage, median ms)` in forward order, on the default path.
-    pub stages_ms: Vec<(String, f64)>,
+    /// Median times of each stage in forward order, on the default path.
+    pub stages: Vec<StageMs>,
     /// The same with the fast path turned off (plain candle ops), when it was on.
-    pub candle_stages_ms: Option<Vec<(String, f64)>>,
+    pub candle_stages: Option<Vec<StageMs>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageMs {
+    pub stage: String,
+    pub wall_ms: f64,
+    /// CPU time of all threads (steadier than wall time on a shared machine).
+    pub cpu_ms: f64,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -91,21 +99,26 @@ fn generator_for_bench(
 }
 
 /// Median per-stage times of `runs` batch-1 generator passes.
-fn stage_medians(generator: &Generator, input: &Tensor, runs: usize) -> Result<Vec<(String, f64)>> {
+fn stage_medians(generator: &Generator, input: &Tensor, runs: usize) -> Result<Vec<StageMs>> {
     generator.forward(input)?; // warm-up
-    let mut per_stage: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut per_stage: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     for _ in 0..runs {
         let (_, times) = generator.forward_profiled(input)?;
-        for (i, (name, ms)) in times.into_iter().enumerate() {
+        for (i, t) in times.into_iter().enumerate() {
             if per_stage.len() <= i {
-                per_stage.push((name, Vec::new()));
+                per_stage.push((t.stage, Vec::new(), Vec::new()));
             }
-            per_stage[i].1.push(ms);
+            per_stage[i].1.push(t.wall_ms);
+            per_stage[i].2.push(t.cpu_ms);
         }
     }
     Ok(per_stage
         .into_iter()
-        .map(|(name, v)| (name, median(v)))
+        .map(|(stage, wall, cpu)| StageMs {
+            stage,
+            wall_ms: median(wall),
+            cpu_ms: median(cpu),
+        })
         .collect())
 }
 
@@ -117,8 +130,8 @@ fn profile(generator: &Generator, device: &Device, runs: usize) -> Result<StageP
     if !fast {
         return Ok(StageProfile {
             cpu_fast_path: false,
-            stages_ms: stage_medians(generator, &input, runs)?,
-            candle_stages_ms: None,
+            stages: stage_medians(generator, &input, runs)?,
+            candle_stages: None,
         });
     }
     let (mut on, mut off) = (Vec::new(), Vec::new());
@@ -129,18 +142,19 @@ fn profile(generator: &Generator, device: &Device, runs: usize) -> Result<StageP
         crate::nets::cpu_ops::set_enabled(true);
         off.push(r?);
     }
-    let merge = |runs: Vec<Vec<(String, f64)>>| -> Vec<(String, f64)> {
+    let merge = |runs: Vec<Vec<StageMs>>| -> Vec<StageMs> {
         (0..runs[0].len())
-            .map(|i| {
-                let name = runs[0][i].0.clone();
-                (name, median(runs.iter().map(|r| r[i].1).collect()))
+            .map(|i| StageMs {
+                stage: runs[0][i].stage.clone(),
+                wall_ms: median(runs.iter().map(|r| r[i].wall_ms).collect()),
+                cpu_ms: median(runs.iter().map(|r| r[i].cpu_ms).collect()),
             })
             .collect()
     };
     Ok(StageProfile {
         cpu_fast_path: true,
-        stages_ms: merge(on),
-        candle_stages_ms: Some(merge(off)),
+        stages: merge(on),
+        candle_stages: Some(merge(off)),
     })
 }
 
@@ -286,32 +300,38 @@ impl BenchReport {
             out += "\n";
         }
         if let Some(p) = &self.profile {
-            out += &format!(
-                "\ngenerator stage (batch 1)   ms ({})",
-                if p.cpu_fast_path {
-                    "cpu fast path"
-                } else {
-                    "candle ops"
-                }
-            );
-            if p.candle_stages_ms.is_some() {
-                out += "   candle-ops ms   speed-up";
+            let path = if p.cpu_fast_path {
+                "cpu fast path"
+            } else {
+                "candle ops"
+            };
+            out += &format!("\ngenerator stage (batch 1)   {path}: wall ms  cpu ms");
+            if p.candle_stages.is_some() {
+                out += "   candle ops: wall ms  cpu ms   speed-up (cpu)";
             }
             out += "\n";
-            let total: f64 = p.stages_ms.iter().map(|s| s.1).sum();
-            for (i, (stage, ms)) in p.stages_ms.iter().enumerate() {
-                out += &format!("{stage:<26} {ms:>8.1}");
-                if let Some(c) = &p.candle_stages_ms {
-                    out += &format!("   {:>13.1}   {:>7.2}x", c[i].1, c[i].1 / ms);
+            let sum = |s: &[StageMs]| -> (f64, f64) {
+                (
+                    s.iter().map(|t| t.wall_ms).sum(),
+                    s.iter().map(|t| t.cpu_ms).sum(),
+                )
+            };
+            let line = |name: &str, (w, c): (f64, f64), other: Option<(f64, f64)>| -> String {
+                let mut l = format!("{name:<26} {:>20.1} {c:>7.1}", w);
+                if let Some((ow, oc)) = other {
+                    l += &format!("   {ow:>19.1} {oc:>7.1}   {:>13.2}x", oc / c);
                 }
-                out += "\n";
+                l + "\n"
+            };
+            for (i, t) in p.stages.iter().enumerate() {
+                let other = p
+                    .candle_stages
+                    .as_ref()
+                    .map(|c| (c[i].wall_ms, c[i].cpu_ms));
+                out += &line(&t.stage, (t.wall_ms, t.cpu_ms), other);
             }
-            out += &format!("{:<26} {total:>8.1}", "sum");
-            if let Some(c) = &p.candle_stages_ms {
-                let ct: f64 = c.iter().map(|s| s.1).sum();
-                out += &format!("   {ct:>13.1}   {:>7.2}x", ct / total);
-            }
-            out += "\n";
+            let other = p.candle_stages.as_deref().map(sum);
+            out += &line("sum", sum(&p.stages), other);
         }
         out
     }

@@ -403,9 +403,10 @@ fn tiny_generator_outputs_and_gradients_match_pytorch() -> Result<()> {
     check_triplet("tiny generator 64x64", &got, &want, "gen", 1e-5)?;
 
     // Our own safetensors with the same names give the same network. Loaded as plain
-    // tensors, it takes the CPU fast path where there is one (nets::cpu_ops, fused ops that
+    // tensors, it takes the CPU fast path where there is one (nets::cpu_ops: fused ops that
     // round differently from the trainable network above), so it is held to the PyTorch
-    // outputs as that one is.
+    // outputs, with twice the tolerance: this tiny network amplifies f32 rounding (the
+    // trainable one above is itself 0.9e-5 from PyTorch).
     let file = std::env::temp_dir().join(format!(
         "toonbot_p2c_tiny_{}.safetensors",
         std::process::id()
@@ -419,7 +420,7 @@ fn tiny_generator_outputs_and_gradients_match_pytorch() -> Result<()> {
         "safetensors generator on the CPU fast path: {}",
         again_gen.uses_cpu_fast_path(&x)
     );
-    check_triplet("tiny generator via safetensors", &again, &want, "gen", 1e-5)?;
+    check_triplet("tiny generator via safetensors", &again, &want, "gen", 2e-5)?;
 
     // Gradients, in f64 on both sides: this tiny network's input gradient is ill-conditioned
     // (PyTorch's own f32 and f64 results differ by 0.7 %).

@@ -115,6 +115,35 @@ impl SendPtr {
     }
 }
 
+/// Asks glibc's malloc (once) to keep freed memory instead of handing it back to the OS:
+/// a generator pass allocates and frees dozens of 2-8 MB activations, and by default each
+/// one is a fresh `mmap` (or a trimmed heap top) whose pages fault in again and are zeroed by
+/// the kernel, about 5 % of a 256x256 pass here. Blocks up to 32 MiB (glibc's limit) then
+/// come from the heap, which keeps its peak size. `TOONBOT_MALLOPT=0` leaves malloc alone.
+fn keep_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var("TOONBOT_MALLOPT").is_ok_and(|v| v == "0") {
+            return;
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            extern "C" {
+                fn mallopt(param: i32, value: i32) -> i32;
+            }
+            const M_TRIM_THRESHOLD: i32 = -1;
+            const M_TOP_PAD: i32 = -2;
+            const M_MMAP_THRESHOLD: i32 = -3;
+            // SAFETY: mallopt only changes glibc malloc's tunables; it is thread safe.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, 32 << 20);
+                mallopt(M_TRIM_THRESHOLD, 1 << 30);
+                mallopt(M_TOP_PAD, 16 << 20);
+            }
+        }
+    });
+}
+
 /// A `Vec` of `len` floats that the caller fully overwrites.
 #[allow(clippy::uninit_vec)]
 fn uninit_vec(len: usize) -> Vec<f32> {
@@ -744,6 +773,7 @@ pub fn conv2d(
     let Some(isa) = isa() else {
         bail!("cpu_ops conv: no supported CPU")
     };
+    keep_freed_memory();
     conv2d_isa(x, conv, input, residual, relu_out, isa)
 }
 

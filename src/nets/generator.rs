@@ -264,6 +264,8 @@ struct HourGlass {
     conv: ReflConv2d,
     conv1: ReflConv2d,
     residual: Option<(ReflConv2d, ReflConv2d)>,
+    /// Fast path: `Conv2(ll) + Conv3(Conv1(ll))` as one 1x1 convolution (both are linear).
+    folded: OnceLock<Option<Arc<PackedConv>>>,
 }
 
 impl HourGlass {
@@ -286,7 +288,39 @@ impl HourGlass {
             conv: conv1x1(cout, cout, false, hg.pp("2"))?,
             conv1: conv1x1(cout, 3, true, vb.pp("Conv1"))?,
             residual,
+            folded: OnceLock::new(),
         })
+    }
+
+    /// The residual branch `Conv2(ll) + Conv3(Conv1(ll))` folded into one 1x1 convolution:
+    /// weight `W2 + W3 W1`, bias `b2 + W3 b1 + b3`. `None` without a residual.
+    fn folded(&self) -> Result<Option<&PackedConv>> {
+        let Some((conv2, conv3)) = &self.residual else {
+            return Ok(None);
+        };
+        let packed = self.folded.get_or_init(|| {
+            let fold = || -> Result<PackedConv> {
+                let mat = |c: &ReflConv2d| -> Result<(Tensor, Tensor)> {
+                    let w = c.conv().weight();
+                    let (o, i, _, _) = w.dims4()?;
+                    let b = match c.conv().bias() {
+                        Some(b) => b.reshape((o, 1))?,
+                        None => Tensor::zeros((o, 1), w.dtype(), w.device())?,
+                    };
+                    Ok((w.reshape((o, i))?, b))
+                };
+                let ((w1, b1), (w2, b2), (w3, b3)) = (mat(&self.conv1)?, mat(conv2)?, mat(conv3)?);
+                let w = (w2 + w3.matmul(&w1)?)?;
+                let b = ((b2 + w3.matmul(&b1)?)? + b3)?;
+                let (o, i) = w.dims2()?;
+                PackedConv::new(&w.reshape((o, i, 1, 1))?, Some(&b.flatten_all()?), 1, 0)
+            };
+            fold().ok().map(Arc::new)
+        });
+        match packed {
+            Some(p) => Ok(Some(p)),
+            None => candle_core::bail!("HourGlass: cannot fold the residual convolutions"),
+        }
     }
 }
 
@@ -308,19 +342,16 @@ impl HourGlass {
         let ll = self.conv_block.forward_fast(&self.block.forward_fast(x)?)?;
         let ll = self.conv.forward_fused(&ll, &plain, None, false)?;
         let norm = in_relu_input(&ll)?;
-        let tmp = self.conv1.forward_fused(&ll, &norm, None, false)?;
-        match &self.residual {
-            Some((conv2, conv3)) => {
-                let y = conv2.forward_fused(&ll, &norm, Some(x), false)?;
-                conv3.forward_fused(&tmp, &plain, Some(&y), false)
-            }
-            None => Ok(tmp),
+        match self.folded()? {
+            Some(folded) => cpu_ops::conv2d(&ll, folded, &norm, Some(x), false),
+            None => self.conv1.forward_fused(&ll, &norm, None, false),
         }
     }
 
     fn packed(&self) -> bool {
         let convs = [&self.conv, &self.conv1];
-        self.block.blocks.iter().all(ConvBlock::packed)
+        self.folded().is_ok()
+            && self.block.blocks.iter().all(ConvBlock::packed)
             && self.conv_block.packed()
             && convs.iter().all(|c| c.packed().is_some())
             && self
@@ -555,21 +586,60 @@ pub struct Generator {
     cam_conv: OnceLock<Option<Arc<PackedConv>>>,
 }
 
-/// Wall time (ms) of each stage of one [`Generator::forward_profiled`] pass.
-pub type StageTimes = Vec<(String, f64)>;
+/// One stage of a [`Generator::forward_profiled`] pass.
+#[derive(Debug, Clone)]
+pub struct StageTime {
+    pub stage: String,
+    /// Wall time, ms.
+    pub wall_ms: f64,
+    /// CPU time of all the process's threads, ms (0 where the OS does not tell): steadier
+    /// than wall time on a shared machine.
+    pub cpu_ms: f64,
+}
+
+pub type StageTimes = Vec<StageTime>;
+
+/// CPU time used so far by all threads of this process, in ms (Linux schedstat).
+pub fn process_cpu_ms() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e6
+}
 
 /// Records the time since the previous mark when profiling.
 struct Stages<'a> {
-    last: Instant,
+    last: (Instant, f64),
     out: Option<&'a mut StageTimes>,
 }
 
 impl Stages<'_> {
+    fn now(&self) -> (Instant, f64) {
+        match self.out {
+            Some(_) => (Instant::now(), process_cpu_ms()),
+            None => (Instant::now(), 0.0),
+        }
+    }
+
     fn mark(&mut self, name: &str) {
-        if let Some(out) = self.out.as_deref_mut() {
-            let now = Instant::now();
-            out.push((name.to_string(), (now - self.last).as_secs_f64() * 1e3));
-            self.last = now;
+        if self.out.is_some() {
+            let now = self.now();
+            let (wall_ms, cpu_ms) = (
+                (now.0 - self.last.0).as_secs_f64() * 1e3,
+                now.1 - self.last.1,
+            );
+            if let Some(out) = self.out.as_deref_mut() {
+                out.push(StageTime {
+                    stage: name.to_string(),
+                    wall_ms,
+                    cpu_ms,
+                });
+            }
+            self.last = self.now();
         }
     }
 }
@@ -725,9 +795,10 @@ impl Generator {
         }
         let fast = self.uses_cpu_fast_path(x);
         let mut st = Stages {
-            last: Instant::now(),
+            last: (Instant::now(), 0.0),
             out: times,
         };
+        st.last = st.now();
         let conv_in_relu = |m: &ConvInRelu, x: &Tensor| {
             if fast {
                 m.forward_fast(x)
