@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use toonbot::nets::cpu_ops::{self, InputTransform, PackedConv};
+use toonbot::nets::cpu_ops::{self, InputTransform, PackedConv, Padding};
 use toonbot::nets::layers::{reflection_pad2d, upsample_nearest2x};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -97,7 +97,7 @@ fn main() -> Result<()> {
             };
             candle_conv.forward(&reflection_pad2d(&x, pad)?)
         };
-        let packed = PackedConv::new(&w, None, stride, pad)?;
+        let packed = PackedConv::new(&w, None, stride, Padding::Reflect(pad))?;
         let input = InputTransform {
             upsample: up,
             ..Default::default()

@@ -23,7 +23,7 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
@@ -173,13 +173,23 @@ const PB: usize = 8;
 /// Largest kernel size supported.
 const MAX_K: usize = 7;
 
+/// How a convolution pads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// `nn.ReflectionPad2d(p)` before a `padding=0` convolution (0: no padding).
+    Reflect(usize),
+    /// TensorFlow's `SAME`: zeros, output `ceil(in / stride)`, the odd extra row or column
+    /// at the bottom or right.
+    TfSame,
+}
+
 /// Convolution weights packed for the kernels: `[cout / 8][cin][k][k][8]` (zero padded).
 pub struct PackedConv {
     cout: usize,
     cin: usize,
     k: usize,
     stride: usize,
-    pad: usize,
+    padding: Padding,
     w: Vec<f32>,
     bias: Option<Vec<f32>>,
 }
@@ -188,16 +198,21 @@ impl std::fmt::Debug for PackedConv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "PackedConv({}->{}, {}x{}, stride {}, reflect pad {})",
-            self.cin, self.cout, self.k, self.k, self.stride, self.pad
+            "PackedConv({}->{}, {}x{}, stride {}, {:?})",
+            self.cin, self.cout, self.k, self.k, self.stride, self.padding
         )
     }
 }
 
 impl PackedConv {
     /// Packs an `(out, in, k, k)` weight (k 1, 3 or 7; stride 1 or 2) for a convolution
-    /// preceded by a reflection pad of `pad`.
-    pub fn new(weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Self> {
+    /// with `padding`.
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: Padding,
+    ) -> Result<Self> {
         let (cout, cin, kh, kw) = weight.dims4()?;
         if kh != kw || !matches!(kh, 1 | 3 | 7) || !matches!(stride, 1 | 2) {
             bail!("cpu_ops: unsupported convolution {kh}x{kw} stride {stride}")
@@ -222,7 +237,7 @@ impl PackedConv {
             cin,
             k,
             stride,
-            pad,
+            padding,
             w,
             bias,
         })
@@ -242,6 +257,9 @@ pub struct InputTransform {
     pub relu: bool,
     /// Nearest 2x upsample (before the padding).
     pub upsample: bool,
+    /// A depthwise convolution (after the affine and ReLU) whose output the (1x1, stride 1)
+    /// convolution reads: a separable convolution in one pass.
+    pub depthwise: Option<Arc<PackedDepthwise>>,
 }
 
 /// `conv(pad_reflect(up?(relu?(x * scale + shift))))` + bias (+ residual), then ReLU if
@@ -249,7 +267,7 @@ pub struct InputTransform {
 pub struct ConvOp<'a> {
     conv: &'a PackedConv,
     input: &'a InputTransform,
-    relu_out: bool,
+    act: Act,
     isa: Isa,
 }
 
@@ -262,10 +280,14 @@ struct Geom {
     up: bool,
     k: usize,
     stride: usize,
-    pad: usize,
+    /// Zero padding (else reflection).
+    zero: bool,
+    pad_top: usize,
+    pad_left: usize,
     /// Input size after the upsample.
     he: usize,
     we: usize,
+    /// Padded width staged (and the padded height read).
     wp: usize,
     ho: usize,
     wo: usize,
@@ -278,25 +300,50 @@ struct Geom {
 
 impl Geom {
     fn new(conv: &PackedConv, dims: &[usize], up: bool) -> Result<Self> {
+        Self::with(conv.cin, conv.k, conv.stride, conv.padding, dims, up)
+    }
+
+    fn with(
+        cin_expected: usize,
+        k: usize,
+        stride: usize,
+        padding: Padding,
+        dims: &[usize],
+        up: bool,
+    ) -> Result<Self> {
         let &[n, cin, h, w] = dims else {
             bail!("cpu_ops conv: NCHW input expected, got {dims:?}")
         };
-        if cin != conv.cin {
-            bail!(
-                "cpu_ops conv: {} input channels expected, got {cin}",
-                conv.cin
-            )
+        if cin != cin_expected {
+            bail!("cpu_ops conv: {cin_expected} input channels expected, got {cin}")
         }
-        let (k, stride, pad) = (conv.k, conv.stride, conv.pad);
         let (he, we) = if up { (2 * h, 2 * w) } else { (h, w) };
-        if pad >= he || pad >= we {
-            bail!("cpu_ops conv: reflection pad {pad} needs an input larger than {he}x{we}")
-        }
         if up && stride != 1 {
             bail!("cpu_ops conv: upsampling needs stride 1")
         }
-        let (hp, wp) = (he + 2 * pad, we + 2 * pad);
-        if hp < k || wp < k {
+        let (zero, pad_top, pad_left, hp, wp) = match padding {
+            Padding::Reflect(pad) => {
+                if pad >= he || pad >= we {
+                    bail!("cpu_ops conv: reflection pad {pad} needs an input larger than {he}x{we}")
+                }
+                (false, pad, pad, he + 2 * pad, we + 2 * pad)
+            }
+            Padding::TfSame => {
+                // Rows read: (out - 1) * stride + k, the padding split with the odd one last.
+                let (hp, wp) = (
+                    (he.div_ceil(stride) - 1) * stride + k,
+                    (we.div_ceil(stride) - 1) * stride + k,
+                );
+                (
+                    true,
+                    hp.saturating_sub(he) / 2,
+                    wp.saturating_sub(we) / 2,
+                    hp,
+                    wp,
+                )
+            }
+        };
+        if hp < k || wp < k || he == 0 || we == 0 {
             bail!("cpu_ops conv: input {he}x{we} smaller than the kernel")
         }
         let (ho, wo) = ((hp - k) / stride + 1, (wp - k) / stride + 1);
@@ -323,7 +370,9 @@ impl Geom {
             up,
             k,
             stride,
-            pad,
+            zero,
+            pad_top,
+            pad_left,
             he,
             we,
             wp,
@@ -363,16 +412,51 @@ struct Micro {
     out: *mut f32,
     /// Distance between output channels, in `out` and `res`.
     out_pitch: usize,
+    /// Residual at the tile's first channel (pitch `out_pitch`), for its first `nres`
+    /// channels (a residual may have fewer channels than the output: zeros beyond).
     res: *const f32,
+    nres: usize,
     bias: *const f32,
     nco: usize,
     ncols: usize,
-    relu: bool,
+    act: Act,
+}
+
+/// The activation a fused op applies last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Act {
+    #[default]
+    None,
+    Relu,
+    /// `x * relu6(x + 3) / 6`.
+    HardSwish,
+}
+
+impl From<bool> for Act {
+    /// `true`: ReLU.
+    fn from(relu: bool) -> Self {
+        if relu {
+            Act::Relu
+        } else {
+            Act::None
+        }
+    }
+}
+
+impl Act {
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Act::None => v,
+            Act::Relu => v.max(0.0),
+            Act::HardSwish => v * (v + 3.0).clamp(0.0, 6.0) * (1.0 / 6.0),
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Micro, PB};
+    use super::{Act, Micro, PB};
     use std::arch::x86_64::*;
 
     /// Defines a register-tiled micro kernel for one instruction set. `acc[c][v]` holds
@@ -380,7 +464,7 @@ mod simd {
     /// broadcasts `CB` weights.
     macro_rules! micro_kernel {
         ($name:ident, $feat:literal, $lanes:expr, $zero:ident, $loadu:ident, $set1:ident,
-         $fmadd:ident, $add:ident, $max:ident, $storeu:ident) => {
+         $fmadd:ident, $add:ident, $mul:ident, $max:ident, $min:ident, $storeu:ident) => {
             #[target_feature(enable = $feat)]
             pub unsafe fn $name<const CB: usize, const NV: usize, const K: usize>(m: &Micro) {
                 let mut acc = [[$zero(); NV]; CB];
@@ -421,28 +505,32 @@ mod simd {
                         *m.bias.add(c)
                     };
                     let (bv, zero) = ($set1(b), $set1(0.0));
+                    let (three, six, sixth) = ($set1(3.0), $set1(6.0), $set1(1.0 / 6.0));
                     let out = m.out.add(c * m.out_pitch);
+                    let has_res = !m.res.is_null() && c < m.nres;
                     let res = m.res.wrapping_add(c * m.out_pitch);
                     let full = m.ncols / $lanes;
                     for v in 0..full {
                         let mut y = $add($loadu(tile[c * NV + v].as_ptr()), bv);
-                        if !m.res.is_null() {
+                        if has_res {
                             y = $add(y, $loadu(res.add(v * $lanes)));
                         }
-                        if m.relu {
-                            y = $max(y, zero);
-                        }
+                        y = match m.act {
+                            Act::None => y,
+                            Act::Relu => $max(y, zero),
+                            Act::HardSwish => {
+                                let g = $min($max($add(y, three), zero), six);
+                                $mul(y, $mul(g, sixth))
+                            }
+                        };
                         $storeu(out.add(v * $lanes), y);
                     }
                     for i in full * $lanes..m.ncols {
                         let mut t = tile[c * NV + i / $lanes][i % $lanes] + b;
-                        if !m.res.is_null() {
+                        if has_res {
                             t += *res.add(i);
                         }
-                        if m.relu {
-                            t = t.max(0.0);
-                        }
-                        *out.add(i) = t;
+                        *out.add(i) = m.act.apply(t);
                     }
                 }
             }
@@ -458,7 +546,9 @@ mod simd {
         _mm512_set1_ps,
         _mm512_fmadd_ps,
         _mm512_add_ps,
+        _mm512_mul_ps,
         _mm512_max_ps,
+        _mm512_min_ps,
         _mm512_storeu_ps
     );
     micro_kernel!(
@@ -470,7 +560,9 @@ mod simd {
         _mm256_set1_ps,
         _mm256_fmadd_ps,
         _mm256_add_ps,
+        _mm256_mul_ps,
         _mm256_max_ps,
+        _mm256_min_ps,
         _mm256_storeu_ps
     );
 }
@@ -515,7 +607,6 @@ unsafe fn micro(_: Isa, _: usize, _: usize, _: &Micro) {
 
 /// Writes one staged row: the padded (and maybe upsampled, stride-2 deinterleaved) input
 /// row `src` after `relu?(x * a + b)`.
-#[allow(clippy::too_many_arguments)]
 fn stage_row(g: &Geom, src: &[f32], dst: &mut [f32], affine: Option<(f32, f32)>, relu: bool) {
     let f = |v: f32| -> f32 {
         match affine {
@@ -531,111 +622,179 @@ fn stage_row(g: &Geom, src: &[f32], dst: &mut [f32], affine: Option<(f32, f32)>,
             None => v,
         }
     };
-    let (pad, w, we) = (g.pad, g.w, g.we);
+    let (pad, we) = (g.pad_left, g.we);
     let col = |e: usize| if g.up { e / 2 } else { e };
+    let value = |px: usize| -> f32 {
+        let e = px as isize - pad as isize;
+        if g.zero {
+            if e < 0 || e >= we as isize {
+                0.0
+            } else {
+                f(src[col(e as usize)])
+            }
+        } else {
+            f(src[col(reflect(e, we))])
+        }
+    };
     if g.stride == 2 {
         for px in 0..g.wp {
-            let e = reflect(px as isize - pad as isize, we);
-            dst[(px & 1) * g.half + px / 2] = f(src[col(e)]);
+            dst[(px & 1) * g.half + px / 2] = value(px);
         }
         return;
     }
-    let interior = &mut dst[pad..pad + we];
+    // Stride 1: the input columns that land in the staged row, then the padding.
+    let n = we.min(g.wp - pad);
+    let interior = &mut dst[pad..pad + n];
     match (g.up, affine, relu) {
         (false, Some((a, b)), true) => {
             for (d, &s) in interior.iter_mut().zip(src) {
                 *d = (s * a + b).max(0.0);
             }
         }
-        (false, None, false) => interior.copy_from_slice(src),
+        (false, None, false) => interior.copy_from_slice(&src[..n]),
         (false, _, _) => {
             for (d, &s) in interior.iter_mut().zip(src) {
                 *d = f(s);
             }
         }
         (true, _, _) => {
-            for (d, &s) in interior.chunks_exact_mut(2).zip(&src[..w]) {
-                let v = f(s);
-                d[0] = v;
-                d[1] = v;
+            for (i, d) in interior.iter_mut().enumerate() {
+                *d = f(src[i / 2]);
             }
         }
     }
-    for i in 0..pad {
-        dst[pad - 1 - i] = dst[pad + 1 + i];
-        dst[pad + we + i] = dst[pad + we - 2 - i];
+    for px in (0..pad).chain(pad + n..g.wp) {
+        dst[px] = value(px);
     }
 }
 
-/// Stages `rows` padded rows from padded row `prow0` on, for every input channel of sample
-/// `n` (`xn`), at `g.pitch` floats per row.
-fn stage(
+/// Stages `rows` padded rows of one input plane `xp`, from padded row `prow0` on, at
+/// `g.pitch` floats per row, after `relu?(x * a + b)`.
+fn stage_plane(
     g: &Geom,
-    input: &InputTransform,
-    xn: &[f32],
-    n: usize,
+    xp: &[f32],
+    affine: Option<(f32, f32)>,
+    relu: bool,
     prow0: usize,
     rows: usize,
-    scratch: &mut [f32],
+    dst: &mut [f32],
 ) {
-    let plane = g.h * g.w;
-    let ci_pitch = rows * g.pitch;
-    for ci in 0..g.cin {
-        let affine = input
-            .affine
-            .as_ref()
-            .map(|(s, t)| (s[n * g.cin + ci], t[n * g.cin + ci]));
-        let xp = &xn[ci * plane..(ci + 1) * plane];
-        for j in 0..rows {
-            let e = reflect((prow0 + j) as isize - g.pad as isize, g.he);
-            let sr = if g.up { e / 2 } else { e };
-            let dst = &mut scratch[ci * ci_pitch + j * g.pitch..][..g.pitch];
-            stage_row(g, &xp[sr * g.w..(sr + 1) * g.w], dst, affine, input.relu);
-        }
+    for j in 0..rows {
+        let dst = &mut dst[j * g.pitch..(j + 1) * g.pitch];
+        let e = (prow0 + j) as isize - g.pad_top as isize;
+        let e = if !g.zero {
+            reflect(e, g.he)
+        } else if e < 0 || e >= g.he as isize {
+            dst.fill(0.0);
+            continue;
+        } else {
+            e as usize
+        };
+        let sr = if g.up { e / 2 } else { e };
+        stage_row(g, &xp[sr * g.w..(sr + 1) * g.w], dst, affine, relu);
     }
 }
 
 /// Computes output rows `r0..r1` of sample `n` (all output channels) into `out`.
 ///
 /// # Safety
-/// `out` (and `res`, when not null) must point at `N * cout * ho * wo` floats; other tasks
-/// must not write the same rows.
+/// `out` must point at `N * cout * ho * wo` floats and `res`, when not null, at
+/// `N * res_c * ho * wo`; other tasks must not write the same rows.
 #[allow(clippy::too_many_arguments)]
 unsafe fn conv_band(
     isa: Isa,
     g: &Geom,
     conv: &PackedConv,
-    input: &InputTransform,
+    input: &InputTransformRef,
     x: &[f32],
     n: usize,
     r0: usize,
     r1: usize,
     out: SendPtr,
-    res: *const f32,
-    relu_out: bool,
+    (res, res_c): (*const f32, usize),
+    act: Act,
     scratch: &mut Vec<f32>,
 ) {
     let (cb, nv_max, lanes) = tile(isa);
-    let plane = g.h * g.w;
-    let xn = &x[n * g.cin * plane..(n + 1) * g.cin * plane];
+    let affine = |ci: usize| {
+        input
+            .affine
+            .as_ref()
+            .map(|(s, t)| (s[n * g.cin + ci], t[n * g.cin + ci]))
+    };
     // A 1x1 convolution of the input as it is reads it in place: rows of whole vectors, so
     // that no load passes the end of a row.
     let direct = g.k == 1
         && g.stride == 1
+        && g.pad_top == 0
+        && g.pad_left == 0
         && !g.up
         && input.affine.is_none()
         && !input.relu
+        && input.depthwise.is_none()
         && g.w.is_multiple_of(lanes);
-    let (src0, ci_pitch, row_pitch) = if direct {
+    let (src0, ci_pitch, row_pitch) = if let Some((dw, gdw)) = &input.depthwise {
+        // Separable: the staged rows are the depthwise convolution's output rows.
+        let plane = gdw.h * gdw.w;
+        let xn = &x[n * gdw.cin * plane..(n + 1) * gdw.cin * plane];
+        let rows = r1 - r0;
+        let ci_pitch = rows * g.pitch;
+        let need = g.cin * ci_pitch + 64;
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        let dw_rows = gdw.staged_rows(rows);
+        DW_SCRATCH.with(|t| {
+            let mut t = t.borrow_mut();
+            let need = dw_rows * gdw.pitch + 64;
+            if t.len() < need {
+                t.resize(need, 0.0);
+            }
+            for ci in 0..g.cin {
+                let xp = &xn[ci * plane..(ci + 1) * plane];
+                stage_plane(
+                    gdw,
+                    xp,
+                    affine(ci),
+                    input.relu,
+                    r0 * gdw.stride,
+                    dw_rows,
+                    &mut t,
+                );
+                let k2 = gdw.k * gdw.k;
+                depthwise_rows_isa(
+                    isa,
+                    gdw,
+                    &t,
+                    rows,
+                    &dw.w[ci * k2..(ci + 1) * k2],
+                    dw.bias.as_ref().map_or(0.0, |b| b[ci]),
+                    Act::None,
+                    None,
+                    &mut scratch[ci * ci_pitch..(ci + 1) * ci_pitch],
+                    g.pitch,
+                );
+            }
+        });
+        (scratch.as_ptr(), ci_pitch, g.pitch)
+    } else if direct {
+        let plane = g.h * g.w;
+        let xn = &x[n * g.cin * plane..(n + 1) * g.cin * plane];
         (xn.as_ptr().add(r0 * g.w), plane, g.w)
     } else {
+        let plane = g.h * g.w;
+        let xn = &x[n * g.cin * plane..(n + 1) * g.cin * plane];
         let rows = g.staged_rows(r1 - r0);
         let ci_pitch = rows * g.pitch;
         let need = g.cin * ci_pitch + 64;
         if scratch.len() < need {
             scratch.resize(need, 0.0);
         }
-        stage(g, input, xn, n, r0 * g.stride, rows, scratch);
+        for ci in 0..g.cin {
+            let xp = &xn[ci * plane..(ci + 1) * plane];
+            let dst = &mut scratch[ci * ci_pitch..(ci + 1) * ci_pitch];
+            stage_plane(g, xp, affine(ci), input.relu, r0 * g.stride, rows, dst);
+        }
         (scratch.as_ptr(), ci_pitch, g.pitch)
     };
 
@@ -648,9 +807,15 @@ unsafe fn conv_band(
             .bias
             .as_ref()
             .map_or(std::ptr::null(), |b| b.as_ptr().add(co0));
+        let nres = if res.is_null() {
+            0
+        } else {
+            res_c.saturating_sub(co0).min(nco)
+        };
         for r in r0..r1 {
             let src = src0.add((r - r0) * g.stride * row_pitch);
             let base = ((n * conv.cout + co0) * g.ho + r) * g.wo;
+            let res_base = ((n * res_c + co0.min(res_c)) * g.ho + r) * g.wo;
             let mut x0 = 0;
             while x0 < g.wo {
                 let ncols = (nv_max * lanes).min(g.wo - x0);
@@ -663,15 +828,16 @@ unsafe fn conv_band(
                     w,
                     out: out.get().add(base + x0),
                     out_pitch,
-                    res: if res.is_null() {
-                        res
+                    res: if nres == 0 {
+                        std::ptr::null()
                     } else {
-                        res.add(base + x0)
+                        res.add(res_base + x0)
                     },
+                    nres,
                     bias,
                     nco,
                     ncols,
-                    relu: relu_out,
+                    act,
                 };
                 micro(isa, g.k, ncols.div_ceil(lanes), &m);
                 x0 += ncols;
@@ -682,52 +848,100 @@ unsafe fn conv_band(
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static DW_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl ConvOp<'_> {
-    fn run(&self, x: &[f32], dims: &[usize], res: Option<&[f32]>) -> Result<(Vec<f32>, Shape)> {
+    fn run(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        res: Option<(&[f32], &[usize])>,
+    ) -> Result<(Vec<f32>, Shape)> {
         let isa = self.isa;
-        let g = Geom::new(self.conv, dims, self.input.upsample)?;
+        let (g, input) = match &self.input.depthwise {
+            None => (Geom::new(self.conv, dims, self.input.upsample)?, None),
+            Some(dw) => {
+                if self.conv.k != 1 || self.conv.stride != 1 || self.input.upsample {
+                    bail!("cpu_ops conv: a depthwise input needs a plain 1x1 convolution")
+                }
+                let gdw = Geom::with(dw.c, dw.k, dw.stride, dw.padding, dims, false)?;
+                let dims = [gdw.n, gdw.cin, gdw.ho, gdw.wo];
+                let g = Geom::new(self.conv, &dims, false)?;
+                (g, Some(gdw))
+            }
+        };
+        let n_in = match &input {
+            Some(gdw) => gdw.cin,
+            None => g.cin,
+        };
         if let Some((s, t)) = &self.input.affine {
-            if s.len() != g.n * g.cin || t.len() != g.n * g.cin {
-                bail!("cpu_ops conv: input affine needs {} values", g.n * g.cin)
+            if s.len() != g.n * n_in || t.len() != g.n * n_in {
+                bail!("cpu_ops conv: input affine needs {} values", g.n * n_in)
             }
         }
         let len = g.n * self.conv.cout * g.ho * g.wo;
-        if res.is_some_and(|r| r.len() != len) {
-            bail!("cpu_ops conv: residual of the wrong size")
-        }
+        let res_c = match res {
+            None => 0,
+            Some((_, &[rn, rc, rh, rw]))
+                if rn == g.n && rc <= self.conv.cout && (rh, rw) == (g.ho, g.wo) =>
+            {
+                rc
+            }
+            Some((_, d)) => bail!(
+                "cpu_ops conv: residual {d:?} does not fit the output {:?}",
+                [g.n, self.conv.cout, g.ho, g.wo]
+            ),
+        };
         let mut out = uninit_vec(len);
         let ptr = SendPtr(out.as_mut_ptr());
-        let res_ptr = SendPtr(res.map_or(std::ptr::null(), |r| r.as_ptr()) as *mut f32);
+        let res_ptr = SendPtr(res.map_or(std::ptr::null(), |r| r.0.as_ptr()) as *mut f32);
         let band = g.band_rows();
         let bands = g.ho.div_ceil(band);
+        let staged = InputTransformRef {
+            inner: self.input,
+            depthwise: self.input.depthwise.as_deref().zip(input.as_ref()),
+        };
         (0..g.n * bands).into_par_iter().for_each(|t| {
             let (n, b) = (t / bands, t % bands);
             let (r0, r1) = (b * band, ((b + 1) * band).min(g.ho));
             SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
                 // SAFETY: bands of distinct tasks cover disjoint rows of `out`, which has
-                // `len` floats, as `res` has.
+                // `len` floats; `res` has `n * res_c * ho * wo`.
                 unsafe {
                     conv_band(
                         isa,
                         &g,
                         self.conv,
-                        self.input,
+                        &staged,
                         x,
                         n,
                         r0,
                         r1,
                         ptr,
-                        res_ptr.get(),
-                        self.relu_out,
+                        (res_ptr.get(), res_c),
+                        self.act,
                         &mut s,
                     )
                 }
             });
         });
         Ok((out, Shape::from((g.n, self.conv.cout, g.ho, g.wo))))
+    }
+}
+
+/// An [`InputTransform`] with its depthwise geometry resolved for one input shape.
+struct InputTransformRef<'a> {
+    inner: &'a InputTransform,
+    depthwise: Option<(&'a PackedDepthwise, &'a Geom)>,
+}
+
+impl std::ops::Deref for InputTransformRef<'_> {
+    type Target = InputTransform;
+
+    fn deref(&self) -> &InputTransform {
+        self.inner
     }
 }
 
@@ -754,27 +968,26 @@ impl CustomOp2 for ConvOp<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out, shape) = self.run(f32_slice(s1, l1)?, l1.dims(), Some(f32_slice(s2, l2)?))?;
-        if l2.dims() != shape.dims() {
-            bail!("cpu_ops conv: residual {:?} vs output {shape:?}", l2.dims())
-        }
+        let res = (f32_slice(s2, l2)?, l2.dims());
+        let (out, shape) = self.run(f32_slice(s1, l1)?, l1.dims(), Some(res))?;
         Ok((CpuStorage::F32(out), shape))
     }
 }
 
-/// The fused convolution (see [`ConvOp`]): `x` NCHW, `residual` shaped as the output.
+/// The fused convolution (see [`ConvOp`]): `x` NCHW; `residual` shaped as the output, or
+/// with fewer channels (the missing ones count as zeros).
 pub fn conv2d(
     x: &Tensor,
     conv: &PackedConv,
     input: &InputTransform,
     residual: Option<&Tensor>,
-    relu_out: bool,
+    act: impl Into<Act>,
 ) -> Result<Tensor> {
     let Some(isa) = isa() else {
         bail!("cpu_ops conv: no supported CPU")
     };
     keep_freed_memory();
-    conv2d_isa(x, conv, input, residual, relu_out, isa)
+    conv2d_isa(x, conv, input, residual, act.into(), isa)
 }
 
 /// [`conv2d`] with the given instruction set, which the CPU must support.
@@ -783,16 +996,265 @@ fn conv2d_isa(
     conv: &PackedConv,
     input: &InputTransform,
     residual: Option<&Tensor>,
-    relu_out: bool,
+    act: Act,
     isa: Isa,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let op = ConvOp {
         conv,
         input,
-        relu_out,
+        act,
         isa,
     };
+    match residual {
+        Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
+        None => x.apply_op1_no_bwd(&op),
+    }
+}
+
+// ---- Depthwise convolution ------------------------------------------------------------------
+
+/// Depthwise convolution weights `(C, 1, k, k)` (k 3 or 5, stride 1 or 2) and bias.
+pub struct PackedDepthwise {
+    c: usize,
+    k: usize,
+    stride: usize,
+    padding: Padding,
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl std::fmt::Debug for PackedDepthwise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedDepthwise({} channels, {}x{}, stride {}, {:?})",
+            self.c, self.k, self.k, self.stride, self.padding
+        )
+    }
+}
+
+impl PackedDepthwise {
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: Padding,
+    ) -> Result<Self> {
+        let (c, one, kh, kw) = weight.dims4()?;
+        if one != 1 || kh != kw || !matches!(kh, 3 | 5) || !matches!(stride, 1 | 2) {
+            bail!(
+                "cpu_ops: unsupported depthwise convolution {:?} stride {stride}",
+                weight.dims()
+            )
+        }
+        Ok(Self {
+            c,
+            k: kh,
+            stride,
+            padding,
+            w: weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            bias: bias
+                .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
+                .transpose()?,
+        })
+    }
+}
+
+/// `rows` output rows of one depthwise channel from its staged padded rows (row 0 = the
+/// first output row's window): `act(sum of k * k shifted rows * w + bias) (+ res)`, 16
+/// outputs at a time (vectorised by the compiler for the ISA of the caller). `res` holds
+/// `rows * wo` values; output rows are `out_pitch` apart.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn depthwise_rows(
+    g: &Geom,
+    staged: &[f32],
+    rows: usize,
+    w: &[f32],
+    bias: f32,
+    act: Act,
+    res: Option<&[f32]>,
+    out: &mut [f32],
+    out_pitch: usize,
+) {
+    let k = g.k;
+    for r in 0..rows {
+        let orow = &mut out[r * out_pitch..r * out_pitch + g.wo];
+        let mut x0 = 0;
+        while x0 < g.wo {
+            let mut acc = [bias; 16];
+            for kh in 0..k {
+                let row = &staged[(r * g.stride + kh) * g.pitch + x0..];
+                for (kw, &off) in g.kw_off.iter().enumerate().take(k) {
+                    let wv = w[kh * k + kw];
+                    let src = &row[off..off + 16];
+                    for (a, &v) in acc.iter_mut().zip(src) {
+                        *a = wv.mul_add(v, *a);
+                    }
+                }
+            }
+            let n = 16.min(g.wo - x0);
+            match res {
+                Some(res) => {
+                    let res = &res[r * g.wo + x0..r * g.wo + x0 + n];
+                    for ((o, &a), &r) in orow[x0..x0 + n].iter_mut().zip(&acc).zip(res) {
+                        *o = act.apply(a) + r;
+                    }
+                }
+                None => {
+                    for (o, &a) in orow[x0..x0 + n].iter_mut().zip(&acc) {
+                        *o = act.apply(a);
+                    }
+                }
+            }
+            x0 += n;
+        }
+    }
+}
+
+macro_rules! depthwise_rows_for {
+    ($name:ident, $feat:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name(
+            g: &Geom,
+            staged: &[f32],
+            rows: usize,
+            w: &[f32],
+            bias: f32,
+            act: Act,
+            res: Option<&[f32]>,
+            out: &mut [f32],
+            out_pitch: usize,
+        ) {
+            depthwise_rows(g, staged, rows, w, bias, act, res, out, out_pitch)
+        }
+    };
+}
+depthwise_rows_for!(depthwise_rows_avx512, "avx512f");
+depthwise_rows_for!(depthwise_rows_avx2, "avx2,fma");
+
+/// [`depthwise_rows`] compiled for `isa` (which the CPU must support).
+#[allow(clippy::too_many_arguments)]
+fn depthwise_rows_isa(
+    isa: Isa,
+    g: &Geom,
+    staged: &[f32],
+    rows: usize,
+    w: &[f32],
+    bias: f32,
+    act: Act,
+    res: Option<&[f32]>,
+    out: &mut [f32],
+    out_pitch: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` was detected on this CPU.
+    unsafe {
+        match isa {
+            Isa::Avx512 => {
+                depthwise_rows_avx512(g, staged, rows, w, bias, act, res, out, out_pitch)
+            }
+            Isa::Avx2 => depthwise_rows_avx2(g, staged, rows, w, bias, act, res, out, out_pitch),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        depthwise_rows(g, staged, rows, w, bias, act, res, out, out_pitch)
+    }
+}
+
+/// `act(depthwise(x)) (+ residual)`: CustomOp1 on `x`, or CustomOp2 on `(x, residual)`.
+pub struct DepthwiseOp<'a> {
+    dw: &'a PackedDepthwise,
+    act: Act,
+    isa: Isa,
+}
+
+impl DepthwiseOp<'_> {
+    fn run(&self, x: &[f32], dims: &[usize], res: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
+        let dw = self.dw;
+        let g = Geom::with(dw.c, dw.k, dw.stride, dw.padding, dims, false)?;
+        let (plane_in, plane_out) = (g.h * g.w, g.ho * g.wo);
+        if res.is_some_and(|r| r.len() != g.n * g.cin * plane_out) {
+            bail!("cpu_ops depthwise: residual of the wrong size")
+        }
+        let mut out = uninit_vec(g.n * g.cin * plane_out);
+        let rows = g.staged_rows(g.ho);
+        out.par_chunks_mut(plane_out.max(1))
+            .enumerate()
+            .for_each(|(p, o)| {
+                let c = p % g.cin;
+                let xs = &x[p * plane_in..(p + 1) * plane_in];
+                let w = &dw.w[c * g.k * g.k..(c + 1) * g.k * g.k];
+                let b = dw.bias.as_ref().map_or(0.0, |b| b[c]);
+                let r = res.map(|r| &r[p * plane_out..(p + 1) * plane_out]);
+                SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    let need = rows * g.pitch + 64;
+                    if s.len() < need {
+                        s.resize(need, 0.0);
+                    }
+                    stage_plane(&g, xs, None, false, 0, rows, &mut s);
+                    depthwise_rows_isa(self.isa, &g, &s, g.ho, w, b, self.act, r, o, g.wo);
+                });
+            });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.cin, g.ho, g.wo))))
+    }
+}
+
+impl CustomOp1 for DepthwiseOp<'_> {
+    fn name(&self) -> &'static str {
+        "toonbot-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(f32_slice(s, l)?, l.dims(), None)
+    }
+}
+
+impl CustomOp2 for DepthwiseOp<'_> {
+    fn name(&self) -> &'static str {
+        "toonbot-depthwise-conv2d-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(f32_slice(s1, l1)?, l1.dims(), Some(f32_slice(s2, l2)?))
+    }
+}
+
+/// `act(depthwise(x)) (+ residual)`, NCHW, with the convolution's padding and bias.
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    dw: &PackedDepthwise,
+    act: Act,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let Some(isa) = isa() else {
+        bail!("cpu_ops depthwise: no supported CPU")
+    };
+    keep_freed_memory();
+    depthwise_conv2d_isa(x, dw, act, residual, isa)
+}
+
+fn depthwise_conv2d_isa(
+    x: &Tensor,
+    dw: &PackedDepthwise,
+    act: Act,
+    residual: Option<&Tensor>,
+    isa: Isa,
+) -> Result<Tensor> {
+    let op = DepthwiseOp { dw, act, isa };
+    let x = x.contiguous()?;
     match residual {
         Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
         None => x.apply_op1_no_bwd(&op),
@@ -1244,6 +1706,7 @@ mod tests {
                     }),
                     relu,
                     upsample: up,
+                    depthwise: None,
                 };
                 let pad = k / 2;
                 let want = reference_conv(&x, &weight, bias, stride, pad, &input, None, relu_out)?;
@@ -1265,10 +1728,115 @@ mod tests {
                     )?,
                     None => want,
                 };
-                let packed = PackedConv::new(&weight, bias, stride, pad)?;
-                let got = conv2d_isa(&x, &packed, &input, residual.as_ref(), relu_out, isa)?;
+                let packed = PackedConv::new(&weight, bias, stride, Padding::Reflect(pad))?;
+                let got = conv2d_isa(&x, &packed, &input, residual.as_ref(), relu_out.into(), isa)?;
                 let diff = max_diff(&got, &want)?;
                 assert!(diff < 2e-5, "{isa:?} case {i}: differs by {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    /// TensorFlow's SAME zero padding with candle ops.
+    fn pad_same(x: &Tensor, k: usize, stride: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let total = |n: usize| ((n.div_ceil(stride) - 1) * stride + k).saturating_sub(n);
+        let (th, tw) = (total(h), total(w));
+        x.pad_with_zeros(2, th / 2, th - th / 2)?
+            .pad_with_zeros(3, tw / 2, tw - tw / 2)
+    }
+
+    fn hard_swish(x: &Tensor) -> Result<Tensor> {
+        x * ((x + 3.0)?.clamp(0f32, 6f32)? / 6.0)?
+    }
+
+    #[test]
+    fn tf_same_conv_matches_candle() -> Result<()> {
+        // (n, cin, cout, k, stride, h, w)
+        let cases = [
+            (1, 3, 32, 3, 2, 15, 20),
+            (2, 8, 12, 3, 1, 9, 17),
+            (1, 16, 8, 1, 1, 6, 33),
+            (1, 4, 9, 3, 2, 16, 16),
+        ];
+        for isa in isas() {
+            for (i, &(n, cin, cout, k, stride, h, w)) in cases.iter().enumerate() {
+                let x = rand(&[n, cin, h, w], 20 + i as u64)?;
+                let weight = rand(&[cout, cin, k, k], 30 + i as u64)?;
+                let bias = rand(&[cout], 40 + i as u64)?;
+                let want = pad_same(&x, k, stride)?
+                    .conv2d(&weight, 0, stride, 1, 1)?
+                    .broadcast_add(&bias.reshape((1, cout, 1, 1))?)?;
+                let packed = PackedConv::new(&weight, Some(&bias), stride, Padding::TfSame)?;
+                let input = InputTransform::default();
+                for act in [Act::None, Act::Relu, Act::HardSwish] {
+                    let got = conv2d_isa(&x, &packed, &input, None, act, isa)?;
+                    let want = match act {
+                        Act::None => want.clone(),
+                        Act::Relu => want.relu()?,
+                        Act::HardSwish => hard_swish(&want)?,
+                    };
+                    let diff = max_diff(&got, &want)?;
+                    assert!(diff < 2e-5, "{isa:?} case {i} {act:?}: differs by {diff}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn depthwise_and_separable_match_candle() -> Result<()> {
+        // (n, c, cout, k, stride, h, w)
+        let cases = [
+            (2, 8, 16, 3, 1, 12, 20),
+            (1, 6, 6, 3, 2, 13, 18),
+            (1, 5, 7, 5, 2, 16, 16),
+            (1, 4, 4, 5, 1, 7, 40),
+        ];
+        for isa in isas() {
+            for (i, &(n, c, cout, k, stride, h, w)) in cases.iter().enumerate() {
+                let x = rand(&[n, c, h, w], 50 + i as u64)?;
+                let wd = rand(&[c, 1, k, k], 60 + i as u64)?;
+                let bd = rand(&[c], 70 + i as u64)?;
+                let dw = Arc::new(PackedDepthwise::new(
+                    &wd,
+                    Some(&bd),
+                    stride,
+                    Padding::TfSame,
+                )?);
+                let want_dw = pad_same(&x, k, stride)?
+                    .conv2d(&wd, 0, stride, 1, c)?
+                    .broadcast_add(&bd.reshape((1, c, 1, 1))?)?;
+                // act(dw(x)) + residual
+                let res = rand(want_dw.dims(), 80 + i as u64)?;
+                let got = depthwise_conv2d_isa(&x, &dw, Act::Relu, Some(&res), isa)?;
+                let diff = max_diff(&got, &(want_dw.relu()? + &res)?)?;
+                assert!(diff < 2e-5, "{isa:?} depthwise case {i}: differs by {diff}");
+                let got = depthwise_conv2d_isa(&x, &dw, Act::None, None, isa)?;
+                assert!(max_diff(&got, &want_dw)? < 2e-5);
+
+                // act(pw(dw(relu(x))) + residual with fewer channels)
+                let wp = rand(&[cout, c, 1, 1], 90 + i as u64)?;
+                let bp = rand(&[cout], 95 + i as u64)?;
+                let pw = PackedConv::new(&wp, Some(&bp), 1, Padding::Reflect(0))?;
+                let dwx = pad_same(&x.relu()?, k, stride)?
+                    .conv2d(&wd, 0, stride, 1, c)?
+                    .broadcast_add(&bd.reshape((1, c, 1, 1))?)?;
+                let y = dwx
+                    .conv2d(&wp, 0, 1, 1, 1)?
+                    .broadcast_add(&bp.reshape((1, cout, 1, 1))?)?;
+                let (_, _, ho, wo) = y.dims4()?;
+                let rc = c.min(cout);
+                let res = rand(&[n, rc, ho, wo], 99 + i as u64)?;
+                let want = (y + res.pad_with_zeros(1, 0, cout - rc)?)?.relu()?;
+                let input = InputTransform {
+                    relu: true,
+                    depthwise: Some(dw.clone()),
+                    ..Default::default()
+                };
+                let got = conv2d_isa(&x, &pw, &input, Some(&res), Act::Relu, isa)?;
+                let diff = max_diff(&got, &want)?;
+                assert!(diff < 2e-5, "{isa:?} separable case {i}: differs by {diff}");
             }
         }
         Ok(())

@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Init, Linear, VarBuilder, VarMap};
 
-use super::cpu_ops::{self, InputTransform, PackedConv};
+use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
 use super::layers::{
     avg_pool2x, cam_features, conv2d, global_avg_pool, global_max_pool, instance_layer_norm,
     instance_layer_norm_affine, instance_norm, instance_norm_affine, linear, upsample_nearest2x,
@@ -101,7 +101,7 @@ fn in_relu_input(x: &Tensor) -> Result<InputTransform> {
     Ok(InputTransform {
         affine: Some(instance_norm_affine(x)?),
         relu: true,
-        upsample: false,
+        ..Default::default()
     })
 }
 
@@ -313,7 +313,12 @@ impl HourGlass {
                 let w = (w2 + w3.matmul(&w1)?)?;
                 let b = ((b2 + w3.matmul(&b1)?)? + b3)?;
                 let (o, i) = w.dims2()?;
-                PackedConv::new(&w.reshape((o, i, 1, 1))?, Some(&b.flatten_all()?), 1, 0)
+                PackedConv::new(
+                    &w.reshape((o, i, 1, 1))?,
+                    Some(&b.flatten_all()?),
+                    1,
+                    Padding::Reflect(0),
+                )
             };
             fold().ok().map(Arc::new)
         });
@@ -510,7 +515,7 @@ impl ResnetSoftAdaLinBlock {
         let input = InputTransform {
             affine: Some(self.norm1.affine(&y, content, style)?),
             relu: true,
-            upsample: false,
+            ..Default::default()
         };
         let y = self.conv2.forward_fused(&y, &input, None, false)?;
         let (scale, shift) = self.norm2.affine(&y, content, style)?;
@@ -758,7 +763,12 @@ impl Generator {
                 let w = w.reshape((o, c2))?;
                 let folded = (w.narrow(1, 0, c)?.broadcast_mul(self.gap_fc.weight())?
                     + w.narrow(1, c, c)?.broadcast_mul(self.gmp_fc.weight())?)?;
-                PackedConv::new(&folded.reshape((o, c, 1, 1))?, self.conv1x1.bias(), 1, 0)
+                PackedConv::new(
+                    &folded.reshape((o, c, 1, 1))?,
+                    self.conv1x1.bias(),
+                    1,
+                    Padding::Reflect(0),
+                )
             };
             fold().ok().map(Arc::new)
         });

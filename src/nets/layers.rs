@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 
-use super::cpu_ops::{self, InputTransform, PackedConv};
+use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
 
 /// `eps` of every normalisation in these networks (PyTorch's default).
 pub const NORM_EPS: f64 = 1e-5;
@@ -304,7 +304,7 @@ impl ReflConv2d {
                 if !ok {
                     return None;
                 }
-                PackedConv::new(w, b, self.conv.config().stride, self.pad)
+                PackedConv::new(w, b, self.conv.config().stride, Padding::Reflect(self.pad))
                     .ok()
                     .map(Arc::new)
             })
