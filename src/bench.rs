@@ -29,6 +29,26 @@ pub struct BenchReport {
     pub generator_ms_per_image: BTreeMap<usize, f64>,
     /// The PyTorch reference's CPU time for the same generator, when measured.
     pub reference: Option<ReferenceTiming>,
+    /// With `--profile`: median ms of each generator stage at batch 1.
+    pub profile: Option<StageProfile>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageProfile {
+    /// Whether the default path is the CPU fast path (`nets::cpu_ops`).
+    pub cpu_fast_path: bool,
+    /// Median times of each stage in forward order, on the default path.
+    pub stages: Vec<StageMs>,
+    /// The same with the fast path turned off (plain candle ops), when it was on.
+    pub candle_stages: Option<Vec<StageMs>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StageMs {
+    pub stage: String,
+    pub wall_ms: f64,
+    /// CPU time of all threads (steadier than wall time on a shared machine).
+    pub cpu_ms: f64,
 }
 
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -78,13 +98,75 @@ fn generator_for_bench(
     }
 }
 
-/// Times every stage `runs` times on `photo` and the generator alone at batch 1 and 4.
+/// Median per-stage times of `runs` batch-1 generator passes.
+fn stage_medians(generator: &Generator, input: &Tensor, runs: usize) -> Result<Vec<StageMs>> {
+    generator.forward(input)?; // warm-up
+    let mut per_stage: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for _ in 0..runs {
+        let (_, times) = generator.forward_profiled(input)?;
+        for (i, t) in times.into_iter().enumerate() {
+            if per_stage.len() <= i {
+                per_stage.push((t.stage, Vec::new(), Vec::new()));
+            }
+            per_stage[i].1.push(t.wall_ms);
+            per_stage[i].2.push(t.cpu_ms);
+        }
+    }
+    Ok(per_stage
+        .into_iter()
+        .map(|(stage, wall, cpu)| StageMs {
+            stage,
+            wall_ms: median(wall),
+            cpu_ms: median(cpu),
+        })
+        .collect())
+}
+
+/// Per-stage profile of the generator at batch 1 (interleaving the fast and candle paths
+/// run by run when the fast path is on, so that both see the same machine load).
+fn profile(generator: &Generator, device: &Device, runs: usize) -> Result<StageProfile> {
+    let input = Tensor::randn(0f32, 0.5, (1, 3, 256, 256), device)?;
+    let fast = generator.uses_cpu_fast_path(&input);
+    if !fast {
+        return Ok(StageProfile {
+            cpu_fast_path: false,
+            stages: stage_medians(generator, &input, runs)?,
+            candle_stages: None,
+        });
+    }
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        on.push(stage_medians(generator, &input, 1)?);
+        crate::nets::cpu_ops::set_enabled(false);
+        let r = stage_medians(generator, &input, 1);
+        crate::nets::cpu_ops::set_enabled(true);
+        off.push(r?);
+    }
+    let merge = |runs: Vec<Vec<StageMs>>| -> Vec<StageMs> {
+        (0..runs[0].len())
+            .map(|i| StageMs {
+                stage: runs[0][i].stage.clone(),
+                wall_ms: median(runs.iter().map(|r| r[i].wall_ms).collect()),
+                cpu_ms: median(runs.iter().map(|r| r[i].cpu_ms).collect()),
+            })
+            .collect()
+    };
+    Ok(StageProfile {
+        cpu_fast_path: true,
+        stages: merge(on),
+        candle_stages: Some(merge(off)),
+    })
+}
+
+/// Times every stage `runs` times on `photo` and the generator alone at batch 1 and 4; with
+/// `with_profile`, also each generator stage.
 pub fn run(
     config: &Config,
     device: &Device,
     photo_path: &Path,
     style: Option<&str>,
     runs: usize,
+    with_profile: bool,
 ) -> Result<BenchReport> {
     let runs = runs.max(1);
     let cartoonizer = Cartoonizer::load(config, device)?;
@@ -144,6 +226,11 @@ pub fn run(
             .collect::<Result<Vec<f64>>>()?;
         generator_ms_per_image.insert(batch, median(times));
     }
+    let profile = if with_profile {
+        Some(profile(&generator, device, runs)?)
+    } else {
+        None
+    };
     Ok(BenchReport {
         device: format!("{device:?}"),
         photo: photo_path.display().to_string(),
@@ -156,6 +243,7 @@ pub fn run(
             .collect(),
         generator_ms_per_image,
         reference: None,
+        profile,
     })
 }
 
@@ -210,6 +298,40 @@ impl BenchReport {
                 out += &format!("   {reference:>10.1}   {:>6.2}x", ms / reference);
             }
             out += "\n";
+        }
+        if let Some(p) = &self.profile {
+            let path = if p.cpu_fast_path {
+                "cpu fast path"
+            } else {
+                "candle ops"
+            };
+            out += &format!("\ngenerator stage (batch 1)   {path}: wall ms  cpu ms");
+            if p.candle_stages.is_some() {
+                out += "   candle ops: wall ms  cpu ms   speed-up (cpu)";
+            }
+            out += "\n";
+            let sum = |s: &[StageMs]| -> (f64, f64) {
+                (
+                    s.iter().map(|t| t.wall_ms).sum(),
+                    s.iter().map(|t| t.cpu_ms).sum(),
+                )
+            };
+            let line = |name: &str, (w, c): (f64, f64), other: Option<(f64, f64)>| -> String {
+                let mut l = format!("{name:<26} {:>20.1} {c:>7.1}", w);
+                if let Some((ow, oc)) = other {
+                    l += &format!("   {ow:>19.1} {oc:>7.1}   {:>13.2}x", oc / c);
+                }
+                l + "\n"
+            };
+            for (i, t) in p.stages.iter().enumerate() {
+                let other = p
+                    .candle_stages
+                    .as_ref()
+                    .map(|c| (c[i].wall_ms, c[i].cpu_ms));
+                out += &line(&t.stage, (t.wall_ms, t.cpu_ms), other);
+            }
+            let other = p.candle_stages.as_deref().map(sum);
+            out += &line("sum", sum(&p.stages), other);
         }
         out
     }

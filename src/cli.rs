@@ -285,6 +285,7 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
 }
 
 /// `toonbot bench`: prints the stage table (or JSON).
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     config: &Config,
     device: &Device,
@@ -293,8 +294,9 @@ pub fn bench(
     runs: usize,
     reference_python: Option<&Path>,
     json: bool,
+    profile: bool,
 ) -> Result<ExitCode> {
-    let mut report = crate::bench::run(config, device, photo, style, runs)?;
+    let mut report = crate::bench::run(config, device, photo, style, runs, profile)?;
     if let Some(python) = reference_python {
         report.reference = Some(crate::bench::reference_timing(python, runs)?);
     }

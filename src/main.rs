@@ -85,6 +85,10 @@ enum Command {
         /// Batch sizes for --train.
         #[arg(long, num_args = 1.., default_values_t = [1])]
         batch: Vec<usize>,
+        /// Also time each generator stage (and, when the CPU fast path is on, the same
+        /// stages with plain candle ops).
+        #[arg(long)]
+        profile: bool,
     },
     /// List the installed cartoon styles.
     Styles,
@@ -288,6 +292,7 @@ fn run(args: Args) -> Result<ExitCode> {
             runs,
             reference_python,
             json,
+            profile,
             ..
         } => cli::bench(
             &config,
@@ -297,6 +302,7 @@ fn run(args: Args) -> Result<ExitCode> {
             runs,
             reference_python.as_deref(),
             json,
+            profile,
         ),
         Command::Serve => cli::serve(&config, &device),
         Command::Styles => cli::styles(&config),

@@ -16,6 +16,7 @@ use std::time::Instant;
 use candle_core::pickle::PthTensors;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use toonbot::nets::cpu_ops;
 use toonbot::nets::discriminator::{self, Discriminator};
 use toonbot::nets::generator::{self, Generator};
 use toonbot::nets::layers::is_buffer;
@@ -187,6 +188,8 @@ fn generator_matches_pytorch_64() -> Result<()> {
     let want = load_fixture("p2c_reference_outputs.safetensors");
     let gen = formula_generator()?;
     let x = formula("input64.input", &[1, 3, 64, 64])?;
+    // Plain (untracked) weights: the CPU fast path runs where the CPU has one.
+    assert_eq!(gen.uses_cpu_fast_path(&x), cpu_ops::isa().is_some());
     let got = gen.forward(&x)?;
     check_triplet("generator 64x64", &got, &want, "gen64", GEN_TOL)?;
     // In a batch, each sample is processed independently (per-sample norms and CAM).
@@ -230,6 +233,13 @@ fn generator_parameters_are_trainable_vars() -> Result<()> {
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     Generator::new(generator::Config::default(), vb)?;
     let vars = vm.all_vars();
+    // A trainable generator never takes the (gradient-less) CPU fast path.
+    let gen = Generator::new(
+        generator::Config::default(),
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )?;
+    let x = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu)?;
+    assert!(!gen.uses_cpu_fast_path(&x));
     let count: usize = vars.iter().map(|v| v.elem_count()).sum();
     println!("generator: {count} parameters in {} variables", vars.len());
     assert_eq!(count, GENERATOR_PARAMS);
@@ -392,16 +402,25 @@ fn tiny_generator_outputs_and_gradients_match_pytorch() -> Result<()> {
     let got = gen.forward(&x)?;
     check_triplet("tiny generator 64x64", &got, &want, "gen", 1e-5)?;
 
-    // Our own safetensors with the same names give the same network.
+    // Our own safetensors with the same names give the same network. Loaded as plain
+    // tensors, it takes the CPU fast path where there is one (nets::cpu_ops: fused ops that
+    // round differently from the trainable network above), so it is held to the PyTorch
+    // outputs, with twice the tolerance: this tiny network amplifies f32 rounding (the
+    // trainable one above is itself 0.9e-5 from PyTorch).
     let file = std::env::temp_dir().join(format!(
         "toonbot_p2c_tiny_{}.safetensors",
         std::process::id()
     ));
     vm.save(&file)?;
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&file], DType::F32, &Device::Cpu)? };
-    let again = Generator::new(TINY_GEN, vb)?.forward(&x)?;
+    let again_gen = Generator::new(TINY_GEN, vb)?;
+    let again = again_gen.forward(&x)?;
     std::fs::remove_file(&file)?;
-    check("tiny generator via safetensors", &again.0, &got.0, 0.0, 0.0)?;
+    println!(
+        "safetensors generator on the CPU fast path: {}",
+        again_gen.uses_cpu_fast_path(&x)
+    );
+    check_triplet("tiny generator via safetensors", &again, &want, "gen", 2e-5)?;
 
     // Gradients, in f64 on both sides: this tiny network's input gradient is ill-conditioned
     // (PyTorch's own f32 and f64 results differ by 0.7 %).

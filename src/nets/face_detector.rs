@@ -9,7 +9,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::tf_ops::{pad_channels, Conv, ConvConfig};
+use super::cpu_ops::Act;
+use super::tf_ops::{separable, Conv, ConvConfig};
 
 /// Network input side in pixels.
 pub const INPUT_SIZE: usize = 192;
@@ -150,14 +151,15 @@ impl Block {
 
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.pw1.forward(&self.dw1.forward(x)?)?.relu()?;
-        let h = self.pw2.forward(&self.dw2.forward(&h)?)?;
+        let h = separable(x, &self.dw1, &self.pw1, false, None, Act::Relu)?;
         let skip = if self.stride > 1 {
             x.max_pool2d(self.stride)?
         } else {
             x.clone()
         };
-        (h + pad_channels(&skip, self.out_channels)?)?.relu()
+        // The shortcut has at most out_channels channels; the rest count as zeros.
+        debug_assert!(skip.dim(1)? <= self.out_channels);
+        separable(&h, &self.dw2, &self.pw2, false, Some(&skip), Act::Relu)
     }
 }
 
@@ -192,10 +194,9 @@ impl TopDown {
         let (_, _, h, w) = skip.dims4()?;
         let up = self
             .top
-            .forward(coarse)?
-            .relu()?
+            .forward_act(coarse, Act::Relu)?
             .upsample_bilinear2d(h, w, false)?;
-        let mut x = (self.lateral.forward(skip)?.relu()? + up)?;
+        let mut x = (self.lateral.forward_act(skip, Act::Relu)? + up)?;
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
@@ -278,7 +279,7 @@ impl FaceDetector {
     /// Raw outputs for NCHW input in [-1, 1]: regressors `(N, anchors, 16)` in input pixels
     /// relative to the anchor centre (x before y), and face logits `(N, anchors, 1)`.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut x = self.stem.forward(x)?.relu()?;
+        let mut x = self.stem.forward_act(x, Act::Relu)?;
         let mut skips = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             for block in stage {

@@ -14,12 +14,17 @@
 //! `(N, 3, H, W)` in [-1, 1] (tanh), the CAM logits `(N, 2)` (GAP and GMP branches, before any
 //! sigmoid) and the CAM heatmap `(N, 1, H / 4, W / 4)` (channel sum, not normalised).
 
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Init, Linear, VarBuilder, VarMap};
 
+use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
 use super::layers::{
     avg_pool2x, cam_features, conv2d, global_avg_pool, global_max_pool, instance_layer_norm,
-    instance_norm, linear, reflection_pad2d, upsample_nearest2x, ReflConv2d,
+    instance_layer_norm_affine, instance_norm, instance_norm_affine, linear, upsample_nearest2x,
+    ReflConv2d,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,25 +86,51 @@ impl Module for ConvInRelu {
     }
 }
 
+impl ConvInRelu {
+    fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self
+            .0
+            .forward_fused(x, &InputTransform::default(), None, false)?;
+        let (scale, shift) = instance_norm_affine(&y)?;
+        cpu_ops::channel_affine(&y, &scale, &shift, true, None)
+    }
+}
+
+/// `relu(IN(x))`, left for the consuming convolution to apply while it stages its input.
+fn in_relu_input(x: &Tensor) -> Result<InputTransform> {
+    Ok(InputTransform {
+        affine: Some(instance_norm_affine(x)?),
+        relu: true,
+        ..Default::default()
+    })
+}
+
 /// photo2cartoon `ConvBlock`: three pre-activation `IN -> ReLU -> ReflPad 1 -> Conv3x3`
 /// branches (widths out/2, out/4, out/4, conv at Sequential index 3), concatenated, plus the
 /// input (or `ConvBlock4` = `IN -> ReLU -> Conv1x1` of it when the widths differ).
 #[derive(Debug, Clone)]
 struct ConvBlock {
-    branches: [Conv2d; 3],
+    /// Reflection pad 1 + 3x3 convolution.
+    branches: [ReflConv2d; 3],
     /// `ConvBlock4.2`: exists in every state_dict, used only when `cin != cout`.
-    project: Conv2d,
+    project: ReflConv2d,
     cout: usize,
 }
 
 impl ConvBlock {
     fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
+        let branch = |cin: usize, cout: usize, name: &str| -> Result<ReflConv2d> {
+            Ok(ReflConv2d::new(
+                1,
+                conv2d(cin, cout, 3, 1, false, vb.pp(name))?,
+            ))
+        };
         let branches = [
-            conv2d(cin, cout / 2, 3, 1, false, vb.pp("ConvBlock1.3"))?,
-            conv2d(cout / 2, cout / 4, 3, 1, false, vb.pp("ConvBlock2.3"))?,
-            conv2d(cout / 4, cout / 4, 3, 1, false, vb.pp("ConvBlock3.3"))?,
+            branch(cin, cout / 2, "ConvBlock1.3")?,
+            branch(cout / 2, cout / 4, "ConvBlock2.3")?,
+            branch(cout / 4, cout / 4, "ConvBlock3.3")?,
         ];
-        let project = conv2d(cin, cout, 1, 1, false, vb.pp("ConvBlock4.2"))?;
+        let project = ReflConv2d::new(0, conv2d(cin, cout, 1, 1, false, vb.pp("ConvBlock4.2"))?);
         Ok(Self {
             branches,
             project,
@@ -112,11 +143,11 @@ impl Module for ConvBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let pre = instance_norm(x)?.relu()?;
         let mut outs = Vec::with_capacity(3);
-        let mut h = reflection_pad2d(&pre, 1)?;
+        let mut h = pre.clone();
         for (i, conv) in self.branches.iter().enumerate() {
             let y = conv.forward(&h)?;
             if i < 2 {
-                h = reflection_pad2d(&instance_norm(&y)?.relu()?, 1)?;
+                h = instance_norm(&y)?.relu()?;
             }
             outs.push(y);
         }
@@ -126,6 +157,31 @@ impl Module for ConvBlock {
         } else {
             self.project.forward(&pre)? + out
         }
+    }
+}
+
+impl ConvBlock {
+    /// Each branch applies the previous output's `IN -> ReLU` while staging its input.
+    fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
+        let pre = in_relu_input(x)?;
+        let mut outs: Vec<Tensor> = Vec::with_capacity(3);
+        for conv in &self.branches {
+            let input = match outs.last() {
+                Some(y) => in_relu_input(y)?,
+                None => pre.clone(),
+            };
+            outs.push(conv.forward_fused(outs.last().unwrap_or(x), &input, None, false)?);
+        }
+        if x.dim(1)? == self.cout {
+            cpu_ops::cat_residual(x, &outs)
+        } else {
+            let projected = self.project.forward_fused(x, &pre, None, false)?;
+            cpu_ops::cat_residual(&projected, &outs)
+        }
+    }
+
+    fn packed(&self) -> bool {
+        self.branches.iter().all(|b| b.packed().is_some()) && self.project.packed().is_some()
     }
 }
 
@@ -181,6 +237,23 @@ impl Module for HourGlassBlock {
     }
 }
 
+impl HourGlassBlock {
+    fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
+        let b = &self.blocks;
+        let mut skips = Vec::with_capacity(4);
+        let mut down = x.clone();
+        for level in 0..4 {
+            skips.push(b[2 * level].forward_fast(&down)?);
+            down = b[2 * level + 1].forward_fast(&cpu_ops::avg_pool2x(&down)?)?;
+        }
+        let mut up = b[8].forward_fast(&down)?;
+        for (level, block) in b[9..].iter().enumerate() {
+            up = cpu_ops::add_upsampled(&skips[3 - level], &block.forward_fast(&up)?)?;
+        }
+        Ok(up)
+    }
+}
+
 /// photo2cartoon `HourGlass`: `HG = Sequential(HourGlassBlock, ConvBlock, Conv1x1, IN, ReLU)`,
 /// `Conv1` 1x1 to 3 channels; with the residual, `x + Conv2(ll) + Conv3(Conv1(ll))`, without
 /// it `Conv1(ll)` (the last hourglass).
@@ -188,18 +261,23 @@ impl Module for HourGlassBlock {
 struct HourGlass {
     block: HourGlassBlock,
     conv_block: ConvBlock,
-    conv: Conv2d,
-    conv1: Conv2d,
-    residual: Option<(Conv2d, Conv2d)>,
+    conv: ReflConv2d,
+    conv1: ReflConv2d,
+    residual: Option<(ReflConv2d, ReflConv2d)>,
+    /// Fast path: `Conv2(ll) + Conv3(Conv1(ll))` as one 1x1 convolution (both are linear).
+    folded: OnceLock<Option<Arc<PackedConv>>>,
 }
 
 impl HourGlass {
     fn new(cin: usize, cout: usize, use_res: bool, vb: VarBuilder) -> Result<Self> {
         let hg = vb.pp("HG");
+        let conv1x1 = |cin: usize, cout: usize, bias: bool, vb: VarBuilder| -> Result<ReflConv2d> {
+            Ok(ReflConv2d::new(0, conv2d(cin, cout, 1, 1, bias, vb)?))
+        };
         let residual = if use_res {
             Some((
-                conv2d(cout, cout, 1, 1, true, vb.pp("Conv2"))?,
-                conv2d(3, cout, 1, 1, true, vb.pp("Conv3"))?,
+                conv1x1(cout, cout, true, vb.pp("Conv2"))?,
+                conv1x1(3, cout, true, vb.pp("Conv3"))?,
             ))
         } else {
             None
@@ -207,10 +285,47 @@ impl HourGlass {
         Ok(Self {
             block: HourGlassBlock::new(cin, cout, hg.pp("0"))?,
             conv_block: ConvBlock::new(cout, cout, hg.pp("1"))?,
-            conv: conv2d(cout, cout, 1, 1, false, hg.pp("2"))?,
-            conv1: conv2d(cout, 3, 1, 1, true, vb.pp("Conv1"))?,
+            conv: conv1x1(cout, cout, false, hg.pp("2"))?,
+            conv1: conv1x1(cout, 3, true, vb.pp("Conv1"))?,
             residual,
+            folded: OnceLock::new(),
         })
+    }
+
+    /// The residual branch `Conv2(ll) + Conv3(Conv1(ll))` folded into one 1x1 convolution:
+    /// weight `W2 + W3 W1`, bias `b2 + W3 b1 + b3`. `None` without a residual.
+    fn folded(&self) -> Result<Option<&PackedConv>> {
+        let Some((conv2, conv3)) = &self.residual else {
+            return Ok(None);
+        };
+        let packed = self.folded.get_or_init(|| {
+            let fold = || -> Result<PackedConv> {
+                let mat = |c: &ReflConv2d| -> Result<(Tensor, Tensor)> {
+                    let w = c.conv().weight();
+                    let (o, i, _, _) = w.dims4()?;
+                    let b = match c.conv().bias() {
+                        Some(b) => b.reshape((o, 1))?,
+                        None => Tensor::zeros((o, 1), w.dtype(), w.device())?,
+                    };
+                    Ok((w.reshape((o, i))?, b))
+                };
+                let ((w1, b1), (w2, b2), (w3, b3)) = (mat(&self.conv1)?, mat(conv2)?, mat(conv3)?);
+                let w = (w2 + w3.matmul(&w1)?)?;
+                let b = ((b2 + w3.matmul(&b1)?)? + b3)?;
+                let (o, i) = w.dims2()?;
+                PackedConv::new(
+                    &w.reshape((o, i, 1, 1))?,
+                    Some(&b.flatten_all()?),
+                    1,
+                    Padding::Reflect(0),
+                )
+            };
+            fold().ok().map(Arc::new)
+        });
+        match packed {
+            Some(p) => Ok(Some(p)),
+            None => candle_core::bail!("HourGlass: cannot fold the residual convolutions"),
+        }
     }
 }
 
@@ -223,6 +338,31 @@ impl Module for HourGlass {
             Some((conv2, conv3)) => (x + conv2.forward(&ll)?)? + conv3.forward(&tmp)?,
             None => Ok(tmp),
         }
+    }
+}
+
+impl HourGlass {
+    fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
+        let plain = InputTransform::default();
+        let ll = self.conv_block.forward_fast(&self.block.forward_fast(x)?)?;
+        let ll = self.conv.forward_fused(&ll, &plain, None, false)?;
+        let norm = in_relu_input(&ll)?;
+        match self.folded()? {
+            Some(folded) => cpu_ops::conv2d(&ll, folded, &norm, Some(x), false),
+            None => self.conv1.forward_fused(&ll, &norm, None, false),
+        }
+    }
+
+    fn packed(&self) -> bool {
+        let convs = [&self.conv, &self.conv1];
+        self.folded().is_ok()
+            && self.block.blocks.iter().all(ConvBlock::packed)
+            && self.conv_block.packed()
+            && convs.iter().all(|c| c.packed().is_some())
+            && self
+                .residual
+                .as_ref()
+                .is_none_or(|(a, b)| a.packed().is_some() && b.packed().is_some())
     }
 }
 
@@ -247,6 +387,19 @@ impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = instance_norm(&self.conv1.forward(x)?)?.relu()?;
         x + instance_norm(&self.conv2.forward(&y)?)?
+    }
+}
+
+impl ResnetBlock {
+    fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self
+            .conv1
+            .forward_fused(x, &InputTransform::default(), None, false)?;
+        let y = self
+            .conv2
+            .forward_fused(&y, &in_relu_input(&y)?, None, false)?;
+        let (scale, shift) = instance_norm_affine(&y)?;
+        cpu_ops::channel_affine(&y, &scale, &shift, false, Some(x))
     }
 }
 
@@ -296,6 +449,17 @@ impl SoftAdaLin {
     }
 
     fn forward(&self, x: &Tensor, content: &Tensor, style: &Tensor) -> Result<Tensor> {
+        let (gamma, beta) = self.gamma_beta(content, style)?;
+        instance_layer_norm(x, &self.rho, &gamma, &beta)
+    }
+
+    /// The fast path's `(scale, shift)` per `(N, C)`: `forward(x) = x * scale + shift`.
+    fn affine(&self, x: &Tensor, content: &Tensor, style: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (gamma, beta) = self.gamma_beta(content, style)?;
+        instance_layer_norm_affine(x, &self.rho, &gamma, &beta)
+    }
+
+    fn gamma_beta(&self, content: &Tensor, style: &Tensor) -> Result<(Tensor, Tensor)> {
         // (1 - w) * style + w * content, as (N, C, 1, 1).
         let blend = |w: &Tensor, c: &Tensor, s: &Tensor| -> Result<Tensor> {
             let (n, ch) = s.dims2()?;
@@ -313,7 +477,7 @@ impl SoftAdaLin {
             &self.c_beta.forward(content)?,
             &self.s_beta.forward(style)?,
         )?;
-        instance_layer_norm(x, &self.rho, &gamma, &beta)
+        Ok((gamma, beta))
     }
 }
 
@@ -342,6 +506,20 @@ impl ResnetSoftAdaLinBlock {
         let y = self.norm1.forward(&y, content, style)?.relu()?;
         let y = self.conv2.forward(&y)?;
         x + self.norm2.forward(&y, content, style)?
+    }
+
+    fn forward_fast(&self, x: &Tensor, content: &Tensor, style: &Tensor) -> Result<Tensor> {
+        let y = self
+            .conv1
+            .forward_fused(x, &InputTransform::default(), None, false)?;
+        let input = InputTransform {
+            affine: Some(self.norm1.affine(&y, content, style)?),
+            relu: true,
+            ..Default::default()
+        };
+        let y = self.conv2.forward_fused(&y, &input, None, false)?;
+        let (scale, shift) = self.norm2.affine(&y, content, style)?;
+        cpu_ops::channel_affine(&y, &scale, &shift, false, Some(x))
     }
 }
 
@@ -375,6 +553,18 @@ impl Module for UpBlock {
     }
 }
 
+impl UpBlock {
+    fn forward_fast(&self, x: &Tensor) -> Result<Tensor> {
+        let input = InputTransform {
+            upsample: true,
+            ..Default::default()
+        };
+        let y = self.conv.forward_fused(x, &input, None, false)?;
+        let (scale, shift) = instance_layer_norm_affine(&y, &self.rho, &self.gamma, &self.beta)?;
+        cpu_ops::channel_affine(&y, &scale, &shift, true, None)
+    }
+}
+
 /// photo2cartoon's `ResnetGenerator`.
 #[derive(Debug, Clone)]
 pub struct Generator {
@@ -395,6 +585,72 @@ pub struct Generator {
     hourglass3: HourGlass,
     hourglass4: HourGlass,
     conv_block2: ReflConv2d,
+    /// Whether the CPU fast path can run (weights untracked, packed), decided on first use.
+    fast: OnceLock<bool>,
+    /// `conv1x1` with the CAM weights folded in, packed for the fast path.
+    cam_conv: OnceLock<Option<Arc<PackedConv>>>,
+}
+
+/// One stage of a [`Generator::forward_profiled`] pass.
+#[derive(Debug, Clone)]
+pub struct StageTime {
+    pub stage: String,
+    /// Wall time, ms.
+    pub wall_ms: f64,
+    /// CPU time of all the process's threads, ms (0 where the OS does not tell): steadier
+    /// than wall time on a shared machine.
+    pub cpu_ms: f64,
+}
+
+pub type StageTimes = Vec<StageTime>;
+
+/// CPU time used so far by all threads of this process, in ms (Linux schedstat).
+pub fn process_cpu_ms() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .sum::<f64>()
+        / 1e6
+}
+
+/// Records the time since the previous mark when profiling.
+struct Stages<'a> {
+    last: (Instant, f64),
+    out: Option<&'a mut StageTimes>,
+}
+
+impl Stages<'_> {
+    fn now(&self) -> (Instant, f64) {
+        match self.out {
+            Some(_) => (Instant::now(), process_cpu_ms()),
+            None => (Instant::now(), 0.0),
+        }
+    }
+
+    fn mark(&mut self, name: &str) {
+        if self.out.is_some() {
+            let now = self.now();
+            let (wall_ms, cpu_ms) = (
+                (now.0 - self.last.0).as_secs_f64() * 1e3,
+                now.1 - self.last.1,
+            );
+            if let Some(out) = self.out.as_deref_mut() {
+                out.push(StageTime {
+                    stage: name.to_string(),
+                    wall_ms,
+                    cpu_ms,
+                });
+            }
+            self.last = self.now();
+        }
+    }
+}
+
+fn linear_params(l: &Linear) -> impl Iterator<Item = &Tensor> {
+    std::iter::once(l.weight()).chain(l.bias())
 }
 
 impl Generator {
@@ -432,7 +688,94 @@ impl Generator {
             hourglass3: HourGlass::new(ngf, ngf, true, vb.pp("HourGlass3"))?,
             hourglass4: HourGlass::new(ngf, ngf, false, vb.pp("HourGlass4"))?,
             conv_block2: ReflConv2d::new(3, conv2d(3, 3, 7, 1, false, vb.pp("ConvBlock2.1"))?),
+            fast: OnceLock::new(),
+            cam_conv: OnceLock::new(),
         })
+    }
+
+    /// True when [`Generator::forward`] on `x` takes the CPU fast path ([`cpu_ops`]): `x`
+    /// and every weight are `f32` CPU tensors that track no gradient, on a CPU with AVX2 +
+    /// FMA. Otherwise (training, CUDA) the plain candle ops run.
+    pub fn uses_cpu_fast_path(&self, x: &Tensor) -> bool {
+        cpu_ops::usable(&[x]) && *self.fast.get_or_init(|| self.fast_weights())
+    }
+
+    fn fast_weights(&self) -> bool {
+        let convs = [
+            &self.conv_block1.0,
+            &self.down_block1.0,
+            &self.down_block2.0,
+            &self.conv_block2,
+            &self.up_block1.conv,
+            &self.up_block2.conv,
+        ];
+        let hourglasses = [
+            &self.hourglass1,
+            &self.hourglass2,
+            &self.hourglass3,
+            &self.hourglass4,
+        ];
+        let mut params: Vec<&Tensor> = vec![self.conv1x1.weight()];
+        params.extend(self.conv1x1.bias());
+        for l in [&self.gap_fc, &self.gmp_fc, &self.fc.0, &self.fc.1] {
+            params.extend(linear_params(l));
+        }
+        for b in &self.decode_blocks {
+            for n in [&b.norm1, &b.norm2] {
+                params.extend([&n.rho, &n.w_gamma, &n.w_beta]);
+                for l in [
+                    &n.c_gamma.0,
+                    &n.c_gamma.1,
+                    &n.c_beta.0,
+                    &n.c_beta.1,
+                    &n.s_gamma,
+                    &n.s_beta,
+                ] {
+                    params.extend(linear_params(l));
+                }
+            }
+        }
+        for u in [&self.up_block1, &self.up_block2] {
+            params.extend([&u.rho, &u.gamma, &u.beta]);
+        }
+        params.iter().all(|t| cpu_ops::eligible(t))
+            && convs.iter().all(|c| c.packed().is_some())
+            && hourglasses.iter().all(|h| h.packed())
+            && self
+                .encode_blocks
+                .iter()
+                .all(|b| b.conv1.packed().is_some() && b.conv2.packed().is_some())
+            && self
+                .decode_blocks
+                .iter()
+                .all(|b| b.conv1.packed().is_some() && b.conv2.packed().is_some())
+            && self.cam_conv().is_ok()
+    }
+
+    /// `conv1x1(cat(x * gap_w, x * gmp_w))` = a 1x1 convolution of `x` whose weight has the
+    /// CAM weights folded in: `W[:, :C] * gap_w + W[:, C:] * gmp_w`.
+    fn cam_conv(&self) -> Result<&PackedConv> {
+        let packed = self.cam_conv.get_or_init(|| {
+            let fold = || -> Result<PackedConv> {
+                let w = self.conv1x1.weight();
+                let (o, c2, _, _) = w.dims4()?;
+                let c = c2 / 2;
+                let w = w.reshape((o, c2))?;
+                let folded = (w.narrow(1, 0, c)?.broadcast_mul(self.gap_fc.weight())?
+                    + w.narrow(1, c, c)?.broadcast_mul(self.gmp_fc.weight())?)?;
+                PackedConv::new(
+                    &folded.reshape((o, c, 1, 1))?,
+                    self.conv1x1.bias(),
+                    1,
+                    Padding::Reflect(0),
+                )
+            };
+            fold().ok().map(Arc::new)
+        });
+        match packed {
+            Some(p) => Ok(p),
+            None => candle_core::bail!("generator: the CAM convolution cannot be folded"),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -441,30 +784,92 @@ impl Generator {
 
     /// `(image (N,3,H,W) in [-1,1], cam_logit (N,2), heatmap (N,1,H/4,W/4))`.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        self.forward_impl(x, None)
+    }
+
+    /// [`Generator::forward`], also timing each stage (ConvBlock1, HourGlass1, ...).
+    pub fn forward_profiled(&self, x: &Tensor) -> Result<((Tensor, Tensor, Tensor), StageTimes)> {
+        let mut times = Vec::new();
+        let out = self.forward_impl(x, Some(&mut times))?;
+        Ok((out, times))
+    }
+
+    fn forward_impl(
+        &self,
+        x: &Tensor,
+        times: Option<&mut StageTimes>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (_, _, h, w) = x.dims4()?;
         if h % 16 != 0 || w % 16 != 0 || h < 32 || w < 32 {
             candle_core::bail!("generator input must be a multiple of 16, at least 32; got {h}x{w}")
         }
-        let x = self.conv_block1.forward(x)?;
-        let x = self.hourglass2.forward(&self.hourglass1.forward(&x)?)?;
-        let mut x = self.down_block2.forward(&self.down_block1.forward(&x)?)?;
+        let fast = self.uses_cpu_fast_path(x);
+        let mut st = Stages {
+            last: (Instant::now(), 0.0),
+            out: times,
+        };
+        st.last = st.now();
+        let conv_in_relu = |m: &ConvInRelu, x: &Tensor| {
+            if fast {
+                m.forward_fast(x)
+            } else {
+                m.forward(x)
+            }
+        };
+        let hourglass = |m: &HourGlass, x: &Tensor| {
+            if fast {
+                m.forward_fast(x)
+            } else {
+                m.forward(x)
+            }
+        };
+        let up_block = |m: &UpBlock, x: &Tensor| {
+            if fast {
+                m.forward_fast(x)
+            } else {
+                m.forward(x)
+            }
+        };
+
+        let x = conv_in_relu(&self.conv_block1, x)?;
+        st.mark("ConvBlock1");
+        let x = hourglass(&self.hourglass1, &x)?;
+        st.mark("HourGlass1");
+        let x = hourglass(&self.hourglass2, &x)?;
+        st.mark("HourGlass2");
+        let x = conv_in_relu(&self.down_block1, &x)?;
+        st.mark("DownBlock1");
+        let mut x = conv_in_relu(&self.down_block2, &x)?;
+        st.mark("DownBlock2");
 
         let mut content = Vec::with_capacity(self.encode_blocks.len());
-        for block in &self.encode_blocks {
-            x = block.forward(&x)?;
+        for (i, block) in self.encode_blocks.iter().enumerate() {
+            x = if fast {
+                block.forward_fast(&x)?
+            } else {
+                block.forward(&x)?
+            };
             content.push(global_avg_pool(&x)?);
+            st.mark(&format!("EncodeBlock{}", i + 1));
         }
 
         let gap_logit = self.gap_fc.forward(&global_avg_pool(&x)?)?;
         let gmp_logit = self.gmp_fc.forward(&global_max_pool(&x)?)?;
-        let (cam_logit, x) = cam_features(
-            &x,
-            &gap_logit,
-            &gmp_logit,
-            self.gap_fc.weight(),
-            self.gmp_fc.weight(),
-        )?;
-        let mut x = self.conv1x1.forward(&x)?.relu()?;
+        let (cam_logit, mut x) = if fast {
+            let cam_logit = Tensor::cat(&[&gap_logit, &gmp_logit], 1)?;
+            let input = InputTransform::default();
+            let x = cpu_ops::conv2d(&x, self.cam_conv()?, &input, None, true)?;
+            (cam_logit, x)
+        } else {
+            let (cam_logit, x) = cam_features(
+                &x,
+                &gap_logit,
+                &gmp_logit,
+                self.gap_fc.weight(),
+                self.gmp_fc.weight(),
+            )?;
+            (cam_logit, self.conv1x1.forward(&x)?.relu()?)
+        };
         let heatmap = x.sum_keepdim(1)?;
 
         let style_in = if self.cfg.light {
@@ -474,14 +879,38 @@ impl Generator {
         };
         let style = self.fc.0.forward(&style_in)?.relu()?;
         let style = self.fc.1.forward(&style)?.relu()?;
+        st.mark("CAM+FC");
 
-        for (block, content) in self.decode_blocks.iter().zip(content.iter().rev()) {
-            x = block.forward(&x, content, &style)?;
+        for (i, (block, content)) in self
+            .decode_blocks
+            .iter()
+            .zip(content.iter().rev())
+            .enumerate()
+        {
+            x = if fast {
+                block.forward_fast(&x, content, &style)?
+            } else {
+                block.forward(&x, content, &style)?
+            };
+            st.mark(&format!("DecodeBlock{}", i + 1));
         }
 
-        let x = self.up_block2.forward(&self.up_block1.forward(&x)?)?;
-        let x = self.hourglass4.forward(&self.hourglass3.forward(&x)?)?;
-        let image = self.conv_block2.forward(&x)?.tanh()?;
+        let x = up_block(&self.up_block1, &x)?;
+        st.mark("UpBlock1");
+        let x = up_block(&self.up_block2, &x)?;
+        st.mark("UpBlock2");
+        let x = hourglass(&self.hourglass3, &x)?;
+        st.mark("HourGlass3");
+        let x = hourglass(&self.hourglass4, &x)?;
+        st.mark("HourGlass4");
+        let image = if fast {
+            self.conv_block2
+                .forward_fused(&x, &InputTransform::default(), None, false)?
+        } else {
+            self.conv_block2.forward(&x)?
+        };
+        let image = image.tanh()?;
+        st.mark("ConvBlock2");
         Ok((image, cam_logit, heatmap))
     }
 }

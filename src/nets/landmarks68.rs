@@ -9,7 +9,8 @@
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::tf_ops::{resize_bilinear_legacy, Conv, ConvConfig};
+use super::cpu_ops::Act;
+use super::tf_ops::{resize_bilinear_legacy, separable, Conv, ConvConfig};
 
 /// Side of the square network input.
 pub const INPUT_SIZE: usize = 112;
@@ -95,15 +96,32 @@ impl DenseBlock {
 impl Module for DenseBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut sum = match &self.conv0 {
-            Entry::Conv(c) => c.forward(x)?,
-            Entry::Separable(c) => c.forward(x)?,
+            Entry::Conv(c) => c.forward_act(x, Act::Relu)?,
+            Entry::Separable(c) => {
+                separable(x, &c.depthwise, &c.pointwise, false, None, Act::Relu)?
+            }
+        };
+        // sum += conv(relu(sum)), as one fused separable convolution with the sum as its
+        // residual; the block's final ReLU is the last one's activation.
+        for (i, conv) in self.convs.iter().enumerate() {
+            let act = if i + 1 == self.convs.len() {
+                Act::Relu
+            } else {
+                Act::None
+            };
+            sum = separable(
+                &sum,
+                &conv.depthwise,
+                &conv.pointwise,
+                true,
+                Some(&sum),
+                act,
+            )?;
         }
-        .relu()?;
-        for conv in &self.convs {
-            let out = conv.forward(&sum.relu()?)?;
-            sum = (sum + out)?;
+        if self.convs.is_empty() {
+            sum = sum.relu()?;
         }
-        sum.relu()
+        Ok(sum)
     }
 }
 

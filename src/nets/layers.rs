@@ -10,8 +10,12 @@
 //! a `VarMap`-backed builder yields trainable variables. Spectral-norm `weight_u`/`weight_v`
 //! are buffers, not parameters: keep them out of the optimiser (see [`is_buffer`]).
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
+
+use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
 
 /// `eps` of every normalisation in these networks (PyTorch's default).
 pub const NORM_EPS: f64 = 1e-5;
@@ -178,15 +182,51 @@ pub fn instance_layer_norm(
     gamma: &Tensor,
     beta: &Tensor,
 ) -> Result<Tensor> {
-    let (_, c, _, _) = x.dims4()?;
     let s = ChannelStats::new(x)?;
-    let hw = s.count as f64;
-    let inv_in = ((&s.sum_sq / (hw - 1.0))? + NORM_EPS)?.sqrt()?.recip()?;
+    let (scale, shift) = lin_scale_shift(&s.mean, &s.sum_sq, s.count, rho, gamma, beta)?;
+    s.centered.broadcast_mul(&scale)?.broadcast_add(&shift)
+}
+
+/// [`instance_layer_norm`] as `x * scale + shift` per `(N, C)` (sample-major vectors), from
+/// the fast CPU statistics: for [`cpu_ops`] inference paths only.
+pub fn instance_layer_norm_affine(
+    x: &Tensor,
+    rho: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (n, c, h, w) = x.dims4()?;
+    let stats = cpu_ops::channel_stats(x)?;
+    let mean = stats.narrow(2, 0, 1)?.reshape((n, c, 1, 1))?;
+    let sum_sq = stats.narrow(2, 1, 1)?.reshape((n, c, 1, 1))?;
+    let (scale, shift) = lin_scale_shift(&mean, &sum_sq, h * w, rho, gamma, beta)?;
+    // scale * (x - mean) + shift = scale * x + (shift - scale * mean)
+    let shift = (shift.broadcast_as((n, c, 1, 1))? - scale.broadcast_mul(&mean)?)?;
+    let scale = scale.broadcast_as((n, c, 1, 1))?;
+    Ok((
+        scale.flatten_all()?.to_vec1()?,
+        shift.flatten_all()?.to_vec1()?,
+    ))
+}
+
+/// `(scale, shift)` with `instance_layer_norm(x) = (x - mean) * scale + shift`, from the
+/// channel means and sums of squared deviations `(N, C, 1, 1)` over `count` = H * W.
+fn lin_scale_shift(
+    mean: &Tensor,
+    sum_sq: &Tensor,
+    count: usize,
+    rho: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let c = mean.dim(1)?;
+    let hw = count as f64;
+    let inv_in = ((sum_sq / (hw - 1.0))? + NORM_EPS)?.sqrt()?.recip()?;
     // Layer statistics from the channel ones: mean of means, and the pooled sum of squares
     // (sum over channels of sum_sq + hw * (mean_c - mean)^2).
-    let ln_mean = s.mean.mean_keepdim(1)?;
-    let delta = s.mean.broadcast_sub(&ln_mean)?;
-    let ln_sum_sq = (&s.sum_sq + (delta.sqr()? * hw)?)?.sum_keepdim(1)?;
+    let ln_mean = mean.mean_keepdim(1)?;
+    let delta = mean.broadcast_sub(&ln_mean)?;
+    let ln_sum_sq = (sum_sq + (delta.sqr()? * hw)?)?.sum_keepdim(1)?;
     let inv_ln = ((ln_sum_sq / (c as f64 * hw - 1.0))? + NORM_EPS)?
         .sqrt()?
         .recip()?;
@@ -198,7 +238,14 @@ pub fn instance_layer_norm(
     let b = one_minus_rho.broadcast_mul(&delta.broadcast_mul(&inv_ln)?)?;
     let scale = a.broadcast_mul(gamma)?;
     let shift = b.broadcast_mul(gamma)?.broadcast_add(beta)?;
-    s.centered.broadcast_mul(&scale)?.broadcast_add(&shift)
+    Ok((scale, shift))
+}
+
+/// [`instance_norm`] as `x * scale + shift` per `(N, C)`, from the fast CPU statistics: for
+/// [`cpu_ops`] inference paths only.
+pub fn instance_norm_affine(x: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (_, _, h, w) = x.dims4()?;
+    cpu_ops::instance_norm_affine(&cpu_ops::channel_stats(x)?, h * w, NORM_EPS)
 }
 
 /// The class-activation-map step of U-GAT-IT (generator and discriminators): the GAP and GMP
@@ -220,16 +267,63 @@ pub fn cam_features(
     Ok((cam_logit, features))
 }
 
-/// `nn.ReflectionPad2d(k / 2)` followed by a `padding=0` convolution: the photo2cartoon idiom.
+/// `nn.ReflectionPad2d(k / 2)` followed by a `padding=0` convolution: the photo2cartoon idiom
+/// (a pad of 0 makes it a plain convolution).
+///
+/// For inference on the CPU it also runs as one fused [`cpu_ops::conv2d`]
+/// ([`ReflConv2d::forward_fused`]), its weights packed on first use.
 #[derive(Debug, Clone)]
 pub struct ReflConv2d {
     pad: usize,
     conv: Conv2d,
+    packed: OnceLock<Option<Arc<PackedConv>>>,
 }
 
 impl ReflConv2d {
     pub fn new(pad: usize, conv: Conv2d) -> Self {
-        Self { pad, conv }
+        Self {
+            pad,
+            conv,
+            packed: OnceLock::new(),
+        }
+    }
+
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+
+    /// The weights packed for [`cpu_ops`], or `None` when they track gradients (or the
+    /// shape or CPU is not supported).
+    pub fn packed(&self) -> Option<&PackedConv> {
+        self.packed
+            .get_or_init(|| {
+                let (w, b) = (self.conv.weight(), self.conv.bias());
+                let ok = cpu_ops::isa().is_some()
+                    && cpu_ops::eligible(w)
+                    && b.is_none_or(cpu_ops::eligible);
+                if !ok {
+                    return None;
+                }
+                PackedConv::new(w, b, self.conv.config().stride, Padding::Reflect(self.pad))
+                    .ok()
+                    .map(Arc::new)
+            })
+            .as_deref()
+    }
+
+    /// `relu_out?(conv(pad(transform(x))) + residual)` with [`cpu_ops::conv2d`]; fails when
+    /// [`ReflConv2d::packed`] is `None`. Inference only (no gradient).
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        input: &InputTransform,
+        residual: Option<&Tensor>,
+        relu_out: bool,
+    ) -> Result<Tensor> {
+        let Some(packed) = self.packed() else {
+            candle_core::bail!("ReflConv2d::forward_fused: weights not packed for the CPU")
+        };
+        cpu_ops::conv2d(x, packed, input, residual, relu_out)
     }
 }
 
@@ -448,6 +542,35 @@ mod tests {
         check_grad(&[n, c, 3, 4], |x| {
             instance_layer_norm(x, &rho, &gamma, &beta)
         })
+    }
+
+    #[test]
+    fn norm_affines_match_the_norms() -> Result<()> {
+        // The fast path's x * scale + shift forms, in f32 from the CPU statistics.
+        let dev = Device::Cpu;
+        let (n, c) = (2, 3);
+        let f32s = |t: Tensor| t.to_dtype(DType::F32);
+        let x = f32s(((ramp(&[n, c, 6, 7], 3)? * 2.0)? + 0.7)?)?;
+        let rho = f32s(Tensor::new(&[0.2f64, 0.9, 0.5], &dev)?.reshape((1, c, 1, 1))?)?;
+        let gamma = f32s((ramp(&[n, c, 1, 1], 4)? + 1.0)?)?;
+        let beta = f32s(ramp(&[n, c, 1, 1], 5)?)?;
+        let apply = |(scale, shift): (Vec<f32>, Vec<f32>)| -> Result<Tensor> {
+            let s = Tensor::from_vec(scale, (n, c, 1, 1), &dev)?;
+            let t = Tensor::from_vec(shift, (n, c, 1, 1), &dev)?;
+            x.broadcast_mul(&s)?.broadcast_add(&t)
+        };
+        let pairs = [
+            (
+                apply(instance_layer_norm_affine(&x, &rho, &gamma, &beta)?)?,
+                instance_layer_norm(&x, &rho, &gamma, &beta)?,
+            ),
+            (apply(instance_norm_affine(&x)?)?, instance_norm(&x)?),
+        ];
+        for (got, want) in pairs {
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "differs by {diff}");
+        }
+        Ok(())
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! candle network definitions, one network per file.
 
+pub mod cpu_ops;
 pub mod discriminator;
 pub mod face_detector;
 pub mod face_embedder;

@@ -13,7 +13,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::ops::sigmoid;
 use candle_nn::VarBuilder;
 
-use super::tf_ops::{global_avg_pool, hard_swish, Conv, ConvConfig};
+use super::cpu_ops::Act;
+use super::tf_ops::{global_avg_pool, Conv, ConvConfig};
 
 /// Input height and width.
 pub const INPUT_SIZE: usize = 256;
@@ -33,10 +34,11 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    /// As the fused ops' activation.
+    fn act(self) -> Act {
         match self {
-            Self::Relu => x.relu(),
-            Self::HardSwish => hard_swish(x),
+            Self::Relu => Act::Relu,
+            Self::HardSwish => Act::HardSwish,
         }
     }
 }
@@ -190,17 +192,15 @@ impl Block {
 
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.activation.apply(&self.expand.forward(x)?)?;
-        let mut h = self.activation.apply(&self.depthwise.forward(&h)?)?;
-        if let Some(gate) = &self.excite {
-            h = h.broadcast_mul(&gate.forward(&h)?)?;
-        }
-        let h = self.project.forward(&h)?;
-        if self.residual {
-            h + x
-        } else {
-            Ok(h)
-        }
+        let act = self.activation.act();
+        let h = self.expand.forward_act(x, act)?;
+        let h = self.depthwise.forward_act(&h, act)?;
+        let gate = match &self.excite {
+            Some(gate) => Some(gate.forward(&h)?),
+            None => None,
+        };
+        let residual = self.residual.then_some(x);
+        self.project.forward_gated(&h, gate.as_ref(), residual)
     }
 }
 
@@ -214,7 +214,9 @@ struct Head {
 impl Module for Head {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = sigmoid(&self.gate.forward(&global_avg_pool(x)?)?)?;
-        self.features.forward(x)?.relu()?.broadcast_mul(&gate)
+        self.features
+            .forward_act(x, Act::Relu)?
+            .broadcast_mul(&gate)
     }
 }
 
@@ -243,8 +245,8 @@ impl DecoderStage {
         let up = self.project.forward(&x.upsample_bilinear2d(h, w, false)?)?;
         let gate = self.gate.forward(&(skip + &up)?)?;
         let fused = (skip.broadcast_mul(&gate)? + up)?;
-        let f = self.conv.forward(&fused)?.relu()?;
-        &f + self.depthwise.forward(&f)?.relu()?
+        let f = self.conv.forward_act(&fused, Act::Relu)?;
+        self.depthwise.forward_act_add(&f, Act::Relu, &f)
     }
 }
 
@@ -301,7 +303,7 @@ impl SelfieSegmenter {
 
     /// Mask logits `(N, 1, H, W)` (before the sigmoid; they reach several hundred).
     pub fn forward_logits(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = hard_swish(&self.stem.forward(x)?)?;
+        let mut x = self.stem.forward_act(x, Act::HardSwish)?;
         let mut skips = Vec::with_capacity(self.decoder.len());
         for block in &self.blocks {
             if block.stride > 1 {

@@ -4,8 +4,12 @@
 //! `(out, in / groups, kh, kw)`, depthwise convolutions `(channels, 1, kh, kw)`, dense
 //! layers `(out, in)`. Activations are NCHW.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+
+use super::cpu_ops::{self, Act, InputTransform, PackedConv, PackedDepthwise};
 
 /// TensorFlow's padding modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +41,9 @@ pub fn pad_same(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
 
 /// A 2-D convolution with TensorFlow padding; `groups == in_channels == out_channels`
 /// makes it depthwise.
+///
+/// On the CPU, for inference (no gradient tracked), regular and depthwise convolutions run
+/// as [`cpu_ops`] kernels, their weights packed on first use.
 #[derive(Debug, Clone)]
 pub struct Conv {
     weight: Tensor,
@@ -45,6 +52,22 @@ pub struct Conv {
     stride: usize,
     groups: usize,
     padding: Padding,
+    fast: OnceLock<Option<Arc<FastConv>>>,
+}
+
+#[derive(Debug)]
+enum FastConv {
+    Dense(PackedConv),
+    Depthwise(Arc<PackedDepthwise>),
+}
+
+/// `act` with candle ops (the path without [`cpu_ops`]).
+fn activate(x: Tensor, act: Act) -> Result<Tensor> {
+    match act {
+        Act::None => Ok(x),
+        Act::Relu => x.relu(),
+        Act::HardSwish => hard_swish(&x),
+    }
 }
 
 /// Shape and options of a [`Conv`].
@@ -120,16 +143,103 @@ impl Conv {
             stride: cfg.stride,
             groups: cfg.groups,
             padding: cfg.padding,
+            fast: OnceLock::new(),
         })
     }
 
     fn is_depthwise(&self) -> bool {
         self.groups > 1 && self.weight.dim(1).is_ok_and(|d| d == 1)
     }
-}
 
-impl Module for Conv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The packed CPU kernel, when the weights track no gradient and the shape is supported.
+    fn fast(&self) -> Option<&FastConv> {
+        self.fast
+            .get_or_init(|| {
+                let b = self.bias.as_ref();
+                if cpu_ops::isa().is_none()
+                    || !cpu_ops::eligible(&self.weight)
+                    || !b.is_none_or(cpu_ops::eligible)
+                {
+                    return None;
+                }
+                let padding = match self.padding {
+                    Padding::Same => cpu_ops::Padding::TfSame,
+                    Padding::Valid => cpu_ops::Padding::Reflect(0),
+                };
+                let fast = if self.is_depthwise() {
+                    PackedDepthwise::new(&self.weight, b, self.stride, padding)
+                        .map(|p| FastConv::Depthwise(Arc::new(p)))
+                } else if self.groups == 1 {
+                    PackedConv::new(&self.weight, b, self.stride, padding).map(FastConv::Dense)
+                } else {
+                    return None;
+                };
+                fast.ok().map(Arc::new)
+            })
+            .as_deref()
+    }
+
+    /// `act(conv(x))`, fused on the CPU fast path.
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        if cpu_ops::usable(&[x]) {
+            match self.fast() {
+                Some(FastConv::Dense(p)) => {
+                    return cpu_ops::conv2d(x, p, &InputTransform::default(), None, act)
+                }
+                Some(FastConv::Depthwise(p)) => return cpu_ops::depthwise_conv2d(x, p, act, None),
+                None => {}
+            }
+        }
+        activate(self.forward_plain(x)?, act)
+    }
+
+    /// Depthwise only: `act(conv(x)) + residual`, fused on the CPU fast path.
+    pub fn forward_act_add(&self, x: &Tensor, act: Act, residual: &Tensor) -> Result<Tensor> {
+        if let (true, Some(FastConv::Depthwise(p))) = (cpu_ops::usable(&[x, residual]), self.fast())
+        {
+            return cpu_ops::depthwise_conv2d(x, p, act, Some(residual));
+        }
+        activate(self.forward_plain(x)?, act)? + residual
+    }
+
+    /// `conv(x * gate) + residual` for a per-(sample, channel) `gate` `(N, C, 1, 1)` (a
+    /// squeeze-excite scaling), the gate fused into the convolution on the CPU fast path.
+    pub fn forward_gated(
+        &self,
+        x: &Tensor,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let mut tensors = vec![x];
+        tensors.extend(gate);
+        tensors.extend(residual);
+        if let (true, Some(FastConv::Dense(p))) = (cpu_ops::usable(&tensors), self.fast()) {
+            let affine = match gate {
+                Some(g) => {
+                    let scale: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                    let shift = vec![0.0; scale.len()];
+                    Some((scale, shift))
+                }
+                None => None,
+            };
+            let input = InputTransform {
+                affine,
+                ..Default::default()
+            };
+            return cpu_ops::conv2d(x, p, &input, residual, Act::None);
+        }
+        let x = match gate {
+            Some(g) => x.broadcast_mul(g)?,
+            None => x.clone(),
+        };
+        let y = self.forward_plain(&x)?;
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         let x = match self.padding {
             Padding::Same => pad_same(x, self.kernel, self.stride)?,
             Padding::Valid => x.clone(),
@@ -144,6 +254,46 @@ impl Module for Conv {
             None => Ok(y),
         }
     }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Act::None)
+    }
+}
+
+/// A separable convolution `act(pointwise(depthwise(relu?(x))) + residual)`, in one pass on
+/// the CPU fast path. `residual` may have fewer channels than the output (TensorFlow's
+/// channel padding of shortcuts: the rest count as zeros).
+pub fn separable(
+    x: &Tensor,
+    depthwise: &Conv,
+    pointwise: &Conv,
+    relu_in: bool,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
+    let mut tensors = vec![x];
+    tensors.extend(residual);
+    if let (true, Some(FastConv::Depthwise(dw)), Some(FastConv::Dense(pw))) = (
+        cpu_ops::usable(&tensors),
+        depthwise.fast(),
+        pointwise.fast(),
+    ) {
+        let input = InputTransform {
+            relu: relu_in,
+            depthwise: Some(dw.clone()),
+            ..Default::default()
+        };
+        return cpu_ops::conv2d(x, pw, &input, residual, act);
+    }
+    let x = if relu_in { x.relu()? } else { x.clone() };
+    let y = pointwise.forward_plain(&depthwise.forward_plain(&x)?)?;
+    let y = match residual {
+        Some(r) => (y + pad_channels(r, pointwise.weight.dim(0)?)?)?,
+        None => y,
+    };
+    activate(y, act)
 }
 
 /// Depthwise convolution without padding as a sum of shifted, scaled views.
