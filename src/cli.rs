@@ -371,6 +371,7 @@ pub struct TrainArgs {
     pub log_every: u64,
     pub time_limit_s: Option<u64>,
     pub compact: Option<PathBuf>,
+    pub compact_generators: bool,
 }
 
 impl TrainArgs {
@@ -378,6 +379,7 @@ impl TrainArgs {
         train::run::RunOptions {
             out: out.to_path_buf(),
             compact: self.compact.clone(),
+            compact_generators_only: self.compact_generators,
             save_every: self.save_every.max(1),
             sample_every: self.sample_every.max(1),
             log_every: self.log_every.max(1),
@@ -573,7 +575,7 @@ pub fn train_export(
     let loaded = train::checkpoint::load(&path, device)?;
     let spec = &loaded.state.spec;
     let model = train::model::Ugatit::new(spec.net, spec.freeze, spec.seed, device)?;
-    model.load(&loaded.tensors, &train::model::NETWORKS)?;
+    model.load(&loaded.tensors, loaded.state.kind.networks())?;
     let registry = StyleRegistry::from_config(config);
     let dir = registry
         .trained_dir(name)

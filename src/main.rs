@@ -213,6 +213,10 @@ struct TrainFlags {
     /// Also keep a compact checkpoint (f16, no optimiser state) at this path.
     #[arg(long)]
     compact: Option<PathBuf>,
+    /// The compact checkpoint holds the two generators alone (15 MB instead of 72 MB); a run
+    /// resumed from it starts its discriminators afresh.
+    #[arg(long, requires = "compact")]
+    compact_generators: bool,
 }
 
 impl TrainFlags {
@@ -228,6 +232,7 @@ impl TrainFlags {
             log_every: self.log_every,
             time_limit_s: self.time_limit,
             compact: self.compact,
+            compact_generators: self.compact_generators,
         }
     }
 }

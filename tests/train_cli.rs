@@ -49,6 +49,7 @@ fn tiny_checkpoint(root: &Path) -> std::path::PathBuf {
     let options = RunOptions {
         out: out.clone(),
         compact: None,
+        compact_generators_only: false,
         save_every: 1,
         sample_every: 100,
         log_every: 1,

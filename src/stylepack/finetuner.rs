@@ -51,6 +51,7 @@ impl CandleTrainer {
         RunOptions {
             out: job.work_dir.clone(),
             compact: None,
+            compact_generators_only: false,
             save_every: every,
             sample_every: every,
             log_every: every.min(10),

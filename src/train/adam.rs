@@ -68,23 +68,29 @@ impl Adam {
         self.step
     }
 
-    /// One update with learning rate `lr`. Parameters without a gradient are left alone, as
-    /// PyTorch skips parameters whose `.grad` is None.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` on the sum of the gradients in `grads`.
+    /// Parameters without a gradient are left alone, as PyTorch skips parameters whose
+    /// `.grad` is None.
+    pub fn step(&mut self, grads: &[GradStore], lr: f64) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
         let t = self.step as i32;
         let step_size = lr / (1.0 - c.beta1.powi(t));
         let bias2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for slot in &mut self.slots {
-            let Some(grad) = grads.get(slot.var.as_tensor()) else {
+            let mut parts = grads.iter().filter_map(|g| g.get(slot.var.as_tensor()));
+            let Some(first) = parts.next() else {
                 continue;
             };
+            // Detached: the moments must not keep the step's graph (see `step::differentiate`).
+            let grad = parts
+                .try_fold(first.clone(), |total, g| total + g)?
+                .detach();
             let param = slot.var.as_tensor().detach();
             let grad = if c.weight_decay != 0.0 {
                 (grad + param.affine(c.weight_decay, 0.0)?)?
             } else {
-                grad.clone()
+                grad
             };
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
             slot.m = (&slot.m + ((&grad - &slot.m)? * (1.0 - c.beta1))?)?;
@@ -141,7 +147,7 @@ mod tests {
         let mut opt = Adam::new(vec![("x".into(), var.clone())], cfg)?;
         for _ in 0..steps {
             let loss = grad(var.as_tensor())?;
-            opt.step(&loss.backward()?, lr)?;
+            opt.step(&[loss.backward()?], lr)?;
         }
         var.as_tensor().to_vec1()
     }
@@ -197,13 +203,34 @@ mod tests {
     fn state_round_trip() -> Result<()> {
         let var = Var::new(&[1f32, 2.0], &Device::Cpu)?;
         let mut opt = Adam::new(vec![("x".into(), var.clone())], AdamConfig::photo2cartoon())?;
-        opt.step(&var.as_tensor().sqr()?.sum_all()?.backward()?, 0.1)?;
+        opt.step(&[var.as_tensor().sqr()?.sum_all()?.backward()?], 0.1)?;
         let saved: HashMap<String, Tensor> = opt.state().into_iter().collect();
         let mut other = Adam::new(vec![("x".into(), var.clone())], AdamConfig::photo2cartoon())?;
         other.load_state(&saved, opt.step_count())?;
         let m: Vec<f32> = other.state()[0].1.to_vec1()?;
         assert_eq!(m, saved["m.x"].to_vec1::<f32>()?);
         assert_eq!(other.step_count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_of_two_halves_add_up() -> Result<()> {
+        let update = |split: bool| -> Result<Vec<f32>> {
+            let var = Var::new(&[1f32, -2.0, 0.5], &Device::Cpu)?;
+            let mut opt = Adam::new(vec![("x".into(), var.clone())], AdamConfig::photo2cartoon())?;
+            let x = var.as_tensor();
+            let (a, b) = (x.sqr()?.sum_all()?, (x * 3.0)?.sum_all()?);
+            let grads = if split {
+                vec![a.backward()?, b.backward()?]
+            } else {
+                vec![(a + b)?.backward()?]
+            };
+            opt.step(&grads, 0.1)?;
+            // candle's gradients track the forward graph; the moments must not keep it.
+            assert!(opt.state().iter().all(|(_, t)| !t.track_op()));
+            x.to_vec1()
+        };
+        assert_eq!(update(true)?, update(false)?);
         Ok(())
     }
 }

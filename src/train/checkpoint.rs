@@ -6,7 +6,9 @@
 //! - full: f32 weights and buffers, Adam moments: resuming from it continues the run
 //!   exactly.
 //! - compact: f16 weights, f32 buffers, no moments (they restart at zero on resume, which
-//!   perturbs the first few hundred steps); small enough to keep in a repository.
+//!   perturbs the first few hundred steps); small enough to keep in a repository (72 MB).
+//! - generators: the compact form of the two generators alone (15 MB, under the GPU
+//!   machine's 16 MiB per returned file); on resume the discriminators start afresh.
 //!
 //! Files are written to `<path>.tmp` and renamed over `path`, so a crash mid-write leaves
 //! the previous checkpoint intact.
@@ -20,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::adam::Adam;
-use super::model::Ugatit;
+use super::model::{Ugatit, NETWORKS};
 use super::RunSpec;
 use crate::nets::layers::is_buffer;
 
@@ -33,6 +35,17 @@ const D_OPTIM: &str = "adam_d.";
 pub enum Kind {
     Full,
     Compact,
+    Generators,
+}
+
+impl Kind {
+    /// The networks a checkpoint of this kind holds.
+    pub fn networks(self) -> &'static [&'static str] {
+        match self {
+            Self::Full | Self::Compact => &NETWORKS,
+            Self::Generators => &NETWORKS[..2],
+        }
+    }
 }
 
 /// What a checkpoint's header says about the run.
@@ -53,7 +66,7 @@ pub struct Loaded {
 impl Loaded {
     /// Restores both optimisers (full checkpoints); compact ones leave them at zero.
     pub fn restore_optimisers(&self, g: &mut Adam, d: &mut Adam) -> candle_core::Result<()> {
-        if self.state.kind == Kind::Compact {
+        if self.state.kind != Kind::Full {
             return Ok(());
         }
         for (prefix, optim) in [(G_OPTIM, g), (D_OPTIM, d)] {
@@ -103,26 +116,29 @@ pub fn to_safetensors(
 }
 
 /// Saves the networks at `step`: a full checkpoint with the generator and discriminator
-/// optimisers when given, else a compact one.
+/// optimisers (`kind` [`Kind::Full`] needs them), else a compact one of `kind`'s networks.
 pub fn save(
     path: &Path,
     step: u64,
     spec: &RunSpec,
     model: &Ugatit,
+    kind: Kind,
     optimisers: Option<(&Adam, &Adam)>,
 ) -> Result<()> {
-    let kind = if optimisers.is_some() {
-        Kind::Full
-    } else {
-        Kind::Compact
-    };
+    anyhow::ensure!(
+        (kind == Kind::Full) == optimisers.is_some(),
+        "a full checkpoint, and only a full one, holds the optimisers"
+    );
+    let networks = kind.networks();
     let mut tensors: Vec<(String, Tensor)> = model
         .named_tensors()
         .into_iter()
+        .filter(|(name, _)| networks.iter().any(|n| name.split('.').next() == Some(n)))
         .map(|(name, t)| {
             let t = match kind {
-                Kind::Compact if !is_buffer(&name) => t.to_dtype(DType::F16)?,
-                _ => t,
+                Kind::Full => t,
+                _ if is_buffer(&name) => t,
+                _ => t.to_dtype(DType::F16)?,
             };
             Ok((name, t))
         })

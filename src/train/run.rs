@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Also keep a compact checkpoint here (replaced at every save).
     pub compact: Option<PathBuf>,
+    /// The compact checkpoint holds the generators alone ([`checkpoint::Kind::Generators`]).
+    pub compact_generators_only: bool,
     pub save_every: u64,
     pub sample_every: u64,
     pub log_every: u64,
@@ -122,7 +124,7 @@ impl Trainer {
             Start::Resume(_) => {}
         }
         if let Some(c) = &resumed {
-            model.load(&c.tensors, &super::model::NETWORKS)?;
+            model.load(&c.tensors, c.state.kind.networks())?;
         }
         let adam = AdamConfig::photo2cartoon();
         let mut g_optim = Adam::new(model.generator_vars(), adam)?;
@@ -223,10 +225,16 @@ impl Trainer {
             self.step,
             &self.spec,
             &self.model,
+            checkpoint::Kind::Full,
             optimisers,
         )?;
         if let Some(compact) = &self.options.compact {
-            checkpoint::save(compact, self.step, &self.spec, &self.model, None)?;
+            let kind = if self.options.compact_generators_only {
+                checkpoint::Kind::Generators
+            } else {
+                checkpoint::Kind::Compact
+            };
+            checkpoint::save(compact, self.step, &self.spec, &self.model, kind, None)?;
         }
         Ok(())
     }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor};
 
 use super::adam::Adam;
@@ -22,13 +23,14 @@ use crate::nets::discriminator::Discriminator;
 /// `Discriminator_loss`, `Generator_loss`, ...).
 pub type Losses = BTreeMap<String, f64>;
 
-/// Named scalar tensors, read back in one transfer.
+/// Named scalar tensors, read back in one transfer. They are kept detached, so that a
+/// graph is freed as soon as its loss is differentiated.
 #[derive(Default)]
 struct Terms(Vec<(String, Tensor)>);
 
 impl Terms {
     fn push(&mut self, name: impl Into<String>, t: Tensor) -> Tensor {
-        self.0.push((name.into(), t.clone()));
+        self.0.push((name.into(), t.detach()));
         t
     }
 
@@ -38,6 +40,21 @@ impl Terms {
         into.extend(names.into_iter().zip(values.into_iter().map(f64::from)));
         Ok(())
     }
+}
+
+/// The gradients of `loss`, and its value; its graph is dropped here.
+///
+/// candle's backward computes a weight's gradient from the layer's input without detaching
+/// it, so every gradient would keep the whole forward graph alive (and, through Adam's
+/// moments, every earlier step's): the gradients are detached before the graph goes.
+fn differentiate(loss: Tensor) -> Result<(GradStore, Tensor)> {
+    let mut grads = loss.backward()?;
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        let grad = grads.get_id(id).expect("listed").detach();
+        grads.insert_id(id, grad);
+    }
+    Ok((grads, loss.detach()))
 }
 
 fn sum(terms: &[Tensor]) -> Result<Tensor> {
@@ -89,8 +106,24 @@ pub struct Step<'a> {
     pub weights: LossWeights,
 }
 
+/// The generator terms that start from one domain's real images: its translation (judged
+/// by the other domain's discriminators, cycled back, and compared by face ID), its identity
+/// mapping, and both CAM outputs.
+struct GeneratorSide {
+    /// Weighted sum of this side's terms, to differentiate.
+    loss: Tensor,
+    /// `bce(translation CAM, 1)` and `bce(identity CAM, 0)`: the reference adds them to the
+    /// other domain's and this domain's CAM loss respectively.
+    cam_translated: Tensor,
+    cam_identity: Tensor,
+}
+
 impl Step<'_> {
     /// One iteration on `real_a` (photos) and `real_b` (cartoons) at learning rate `lr`.
+    ///
+    /// Each update differentiates its loss in two halves whose graphs share nothing (the
+    /// discriminators of A then of B; the generator terms starting from A then from B) and
+    /// adds their gradients, so only half the activations are alive at once.
     pub fn run(
         &self,
         real_a: &Tensor,
@@ -100,108 +133,108 @@ impl Step<'_> {
         lr: f64,
     ) -> Result<Losses> {
         let mut losses = Losses::new();
-        let d_loss = self.discriminator_loss(real_a, real_b, &mut losses)?;
-        d_optim.step(&d_loss.backward()?, lr)?;
-        drop(d_loss);
-        let g_loss = self.generator_loss(real_a, real_b, &mut losses)?;
-        g_optim.step(&g_loss.backward()?, lr)?;
+        let d_grads = self.discriminator_grads(real_a, real_b, &mut losses)?;
+        d_optim.step(&d_grads, lr)?;
+        drop(d_grads);
+        let g_grads = self.generator_grads(real_a, real_b, &mut losses)?;
+        g_optim.step(&g_grads, lr)?;
         self.model.clip_rho_w()?;
         Ok(losses)
     }
 
-    fn discriminator_loss(
+    fn discriminator_grads(
         &self,
         real_a: &Tensor,
         real_b: &Tensor,
         out: &mut Losses,
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<GradStore>> {
         let m = self.model;
-        let fake_a2b = m.gen_a2b.forward(real_a)?.0.detach();
-        let fake_b2a = m.gen_b2a.forward(real_b)?.0.detach();
         let mut terms = Terms::default();
         let mut domain = |tag: char, real: &Tensor, fake: &Tensor, g, l| -> Result<Tensor> {
             let [ad_g, cam_g] = discriminator_terms(g, &format!("G{tag}"), real, fake, &mut terms)?;
             let [ad_l, cam_l] = discriminator_terms(l, &format!("L{tag}"), real, fake, &mut terms)?;
             sum(&[ad_g, cam_g, ad_l, cam_l])? * self.weights.adv
         };
-        let loss_a = domain('A', real_a, &fake_b2a, &m.dis_ga, &m.dis_la)?;
-        let loss_b = domain('B', real_b, &fake_a2b, &m.dis_gb, &m.dis_lb)?;
-        let total = terms.push("Discriminator_loss", (loss_a + loss_b)?);
+        let fake_b2a = m.gen_b2a.forward(real_b)?.0.detach();
+        let (grads_a, loss_a) =
+            differentiate(domain('A', real_a, &fake_b2a, &m.dis_ga, &m.dis_la)?)?;
+        let fake_a2b = m.gen_a2b.forward(real_a)?.0.detach();
+        let (grads_b, loss_b) =
+            differentiate(domain('B', real_b, &fake_a2b, &m.dis_gb, &m.dis_lb)?)?;
+        terms.push("Discriminator_loss", (loss_a + loss_b)?);
         terms.read(out)?;
-        Ok(total)
+        Ok(vec![grads_a, grads_b])
     }
 
-    fn generator_loss(&self, real_a: &Tensor, real_b: &Tensor, out: &mut Losses) -> Result<Tensor> {
+    /// The terms starting from `real` (domain A when `from_a`), pushed under the reference's
+    /// names for that domain.
+    fn generator_side(
+        &self,
+        real: &Tensor,
+        from_a: bool,
+        terms: &mut Terms,
+    ) -> Result<GeneratorSide> {
         let (m, w) = (self.model, self.weights);
-        let (fake_a2b, fake_a2b_cam, _) = m.gen_a2b.forward(real_a)?;
-        let (fake_b2a, fake_b2a_cam, _) = m.gen_b2a.forward(real_b)?;
-        let fake_a2b2a = m.gen_b2a.forward(&fake_a2b)?.0;
-        let fake_b2a2b = m.gen_a2b.forward(&fake_b2a)?.0;
-        let (fake_a2a, fake_a2a_cam, _) = m.gen_b2a.forward(real_a)?;
-        let (fake_b2b, fake_b2b_cam, _) = m.gen_a2b.forward(real_b)?;
-
-        let mut terms = Terms::default();
-        let [ad_ga, cam_ga] = generator_adv_terms(&m.dis_ga, "GA", &fake_b2a, &mut terms)?;
-        let [ad_la, cam_la] = generator_adv_terms(&m.dis_la, "LA", &fake_b2a, &mut terms)?;
-        let [ad_gb, cam_gb] = generator_adv_terms(&m.dis_gb, "GB", &fake_a2b, &mut terms)?;
-        let [ad_lb, cam_lb] = generator_adv_terms(&m.dis_lb, "LB", &fake_a2b, &mut terms)?;
-
-        let recon_a = terms.push("G_recon_loss_A", l1(&fake_a2b2a, real_a)?);
-        let recon_b = terms.push("G_recon_loss_B", l1(&fake_b2a2b, real_b)?);
-        let identity_a = terms.push("G_identity_loss_A", l1(&fake_a2a, real_a)?);
-        let identity_b = terms.push("G_identity_loss_B", l1(&fake_b2b, real_b)?);
-        // The embedder dominates small-image steps on the CPU: skip it when it does not count.
-        let (id_a, id_b) = if w.face_id == 0.0 {
-            (
-                real_a.zeros_like()?.mean_all()?,
-                real_a.zeros_like()?.mean_all()?,
-            )
+        let (forward, backward, d_global, d_local) = if from_a {
+            (&m.gen_a2b, &m.gen_b2a, &m.dis_gb, &m.dis_lb)
         } else {
-            (
-                terms.push(
-                    "G_id_loss_A",
-                    self.face_id.cosine_distance(real_a, &fake_a2b)?,
-                ),
-                terms.push(
-                    "G_id_loss_B",
-                    self.face_id.cosine_distance(real_b, &fake_b2a)?,
-                ),
-            )
+            (&m.gen_b2a, &m.gen_a2b, &m.dis_ga, &m.dis_la)
         };
-        let cam_a = terms.push(
-            "G_cam_loss_A",
-            (bce_with_logits_to(&fake_b2a_cam, 1.0)? + bce_with_logits_to(&fake_a2a_cam, 0.0)?)?,
-        );
-        let cam_b = terms.push(
-            "G_cam_loss_B",
-            (bce_with_logits_to(&fake_a2b_cam, 1.0)? + bce_with_logits_to(&fake_b2b_cam, 0.0)?)?,
-        );
+        let (this, other) = if from_a { ('A', 'B') } else { ('B', 'A') };
+        let (fake, fake_cam, _) = forward.forward(real)?;
+        let cycled = backward.forward(&fake)?.0;
+        let (same, same_cam, _) = backward.forward(real)?;
 
-        let side = |adv: [Tensor; 4], recon, identity, cam, id| -> Result<Tensor> {
-            sum(&[
-                (sum(&adv)? * w.adv)?,
-                (recon * w.cycle)?,
-                (identity * w.identity)?,
-                (cam * w.cam)?,
-                (id * w.face_id)?,
-            ])
-        };
-        let loss_a = side(
-            [ad_ga, cam_ga, ad_la, cam_la],
-            recon_a,
-            identity_a,
-            cam_a,
-            id_a,
-        )?;
-        let loss_b = side(
-            [ad_gb, cam_gb, ad_lb, cam_lb],
-            recon_b,
-            identity_b,
-            cam_b,
-            id_b,
-        )?;
-        let total = terms.push("Generator_loss", (loss_a + loss_b)?);
+        let mut adv = generator_adv_terms(d_global, &format!("G{other}"), &fake, terms)?.to_vec();
+        adv.extend(generator_adv_terms(
+            d_local,
+            &format!("L{other}"),
+            &fake,
+            terms,
+        )?);
+        let recon = terms.push(format!("G_recon_loss_{this}"), l1(&cycled, real)?);
+        let identity = terms.push(format!("G_identity_loss_{this}"), l1(&same, real)?);
+        let cam_translated = bce_with_logits_to(&fake_cam, 1.0)?;
+        let cam_identity = bce_with_logits_to(&same_cam, 0.0)?;
+        let mut parts = vec![
+            (sum(&adv)? * w.adv)?,
+            (recon * w.cycle)?,
+            (identity * w.identity)?,
+            ((&cam_translated + &cam_identity)? * w.cam)?,
+        ];
+        // The embedder dominates small-image steps on the CPU: skip it when it does not count.
+        if w.face_id != 0.0 {
+            let id = self.face_id.cosine_distance(real, &fake)?;
+            parts.push((terms.push(format!("G_id_loss_{this}"), id) * w.face_id)?);
+        }
+        Ok(GeneratorSide {
+            loss: sum(&parts)?,
+            cam_translated: cam_translated.detach(),
+            cam_identity: cam_identity.detach(),
+        })
+    }
+
+    fn generator_grads(
+        &self,
+        real_a: &Tensor,
+        real_b: &Tensor,
+        out: &mut Losses,
+    ) -> Result<Vec<GradStore>> {
+        let mut terms = Terms::default();
+        let from_a = self.generator_side(real_a, true, &mut terms)?;
+        let (grads_a, loss_a) = differentiate(from_a.loss)?;
+        let from_b = self.generator_side(real_b, false, &mut terms)?;
+        let (grads_b, loss_b) = differentiate(from_b.loss)?;
+        terms.push(
+            "G_cam_loss_A",
+            (&from_b.cam_translated + &from_a.cam_identity)?,
+        );
+        terms.push(
+            "G_cam_loss_B",
+            (&from_a.cam_translated + &from_b.cam_identity)?,
+        );
+        terms.push("Generator_loss", (loss_a + loss_b)?);
         terms.read(out)?;
-        Ok(total)
+        Ok(vec![grads_a, grads_b])
     }
 }

@@ -53,7 +53,8 @@ pub fn install(
         &checkpoint::to_safetensors(tensors, None)?,
     )?;
     if let Some((step, spec)) = training_state {
-        checkpoint::save(&dir.join(TRAINING_FILE), step, spec, model, None)?;
+        let kind = checkpoint::Kind::Compact;
+        checkpoint::save(&dir.join(TRAINING_FILE), step, spec, model, kind, None)?;
     }
     checkpoint::write_atomically(
         &dir.join(MANIFEST_FILE),
@@ -78,7 +79,7 @@ pub fn load_base(dir: &Path, device: &Device) -> Result<Base> {
         let loaded = checkpoint::load(&training, device)?;
         return Ok(Base {
             tensors: loaded.tensors,
-            networks: super::model::NETWORKS.to_vec(),
+            networks: loaded.state.kind.networks().to_vec(),
             spec: Some(loaded.state.spec),
         });
     }
