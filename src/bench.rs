@@ -250,13 +250,22 @@ pub fn run(
 /// Runs `python tools/reference/p2c_reference.py --bench-json` (PyTorch on the CPU, same
 /// architecture) and reads its timing line.
 pub fn reference_timing(python: &Path, runs: usize) -> Result<ReferenceTiming> {
-    let output = std::process::Command::new(python)
-        .args([
+    let runs = runs.to_string();
+    run_reference(
+        python,
+        &[
             "tools/reference/p2c_reference.py",
             "--bench-json",
             "--runs",
-            &runs.to_string(),
-        ])
+            &runs,
+        ],
+    )
+}
+
+/// Runs a reference script (from the repository root) and parses the JSON of its last line.
+pub fn run_reference<T: serde::de::DeserializeOwned>(python: &Path, args: &[&str]) -> Result<T> {
+    let output = std::process::Command::new(python)
+        .args(args)
         .output()
         .with_context(|| format!("running {}", python.display()))?;
     anyhow::ensure!(

@@ -315,19 +315,33 @@ pub fn bench_train(
     size: usize,
     batches: &[usize],
     steps: usize,
+    reference_python: Option<&Path>,
     json: bool,
 ) -> Result<ExitCode> {
-    let report = train::bench::run(device, &config.models.dir, size, batches, steps.max(1))?;
+    let steps = steps.max(1);
+    let mut report = train::bench::run(device, &config.models.dir, size, batches, steps)?;
+    if let Some(python) = reference_python {
+        report.reference = Some(train::bench::reference_step(python, size, batches, steps)?);
+    }
     if json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("training step at {size}x{size} on {}", report.device);
     for (batch, ms) in &report.ms_per_step {
-        println!(
+        print!(
             "batch {batch:<4} {ms:>10.0} ms/step {:>8.2} images/s",
             report.images_per_s[batch]
         );
+        if let Some(r) = &report.reference {
+            let theirs = r.ms_per_step.get(batch).copied().unwrap_or(f64::NAN);
+            print!(
+                " | {}: {theirs:.0} ms/step, candle/reference {:.2}",
+                r.runtime,
+                ms / theirs
+            );
+        }
+        println!();
     }
     if let Some(mib) = report.peak_rss_mib {
         println!("peak host memory {mib:.0} MiB");

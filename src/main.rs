@@ -289,8 +289,17 @@ fn run(args: Args) -> Result<ExitCode> {
             train: true,
             size,
             batch,
+            reference_python,
             ..
-        } => cli::bench_train(&config, &device, size, &batch, runs, json),
+        } => cli::bench_train(
+            &config,
+            &device,
+            size,
+            &batch,
+            runs,
+            reference_python.as_deref(),
+            json,
+        ),
         Command::Bench {
             photo,
             style,

@@ -495,9 +495,10 @@ pub fn trained(style: &GuildStyle, faces_found: u32, eval: &Result<EvalReport, S
             e.kid_x100_std,
             e.identity_cosine
         ),
-        Err(_) => {
-            "The evaluation failed, so there are no numbers; judge by the preview.".to_string()
-        }
+        Err(why) => format!(
+            "The evaluation failed ({}), so there are no numbers; judge by the preview.",
+            why.chars().take(300).collect::<String>()
+        ),
     };
     format!(
         "🎨 **{name}** is ready as a draft. A face was found and aligned in {faces_found} of its \

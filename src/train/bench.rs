@@ -31,6 +31,37 @@ pub struct TrainBenchReport {
     pub peak_rss_mib: Option<f64>,
     /// Max |CUDA - CPU| of generator A->B's output (same weights and input), on CUDA only.
     pub cuda_vs_cpu_max_abs_diff: Option<f64>,
+    /// The PyTorch reference step (`tools/reference/p2c_train_step.py`), when timed.
+    pub reference: Option<ReferenceStep>,
+}
+
+/// The PyTorch reference's training step times.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ReferenceStep {
+    pub runtime: String,
+    pub ms_per_step: BTreeMap<usize, f64>,
+}
+
+/// Times the PyTorch reference step with `python` at the same size and batch sizes, on
+/// the CPU.
+pub fn reference_step(
+    python: &Path,
+    size: usize,
+    batches: &[usize],
+    steps: usize,
+) -> Result<ReferenceStep> {
+    let (size, steps) = (size.to_string(), steps.to_string());
+    let batches: Vec<String> = batches.iter().map(ToString::to_string).collect();
+    let mut args = vec![
+        "tools/reference/p2c_train_step.py",
+        "--size",
+        &size,
+        "--steps",
+        &steps,
+    ];
+    args.push("--batch");
+    args.extend(batches.iter().map(String::as_str));
+    crate::bench::run_reference(python, &args)
 }
 
 /// `(n, 3, size, size)` seeded values in [-1, 1].
@@ -122,6 +153,7 @@ pub fn run(
             .collect(),
         ms_per_step,
         peak_rss_mib: peak_rss_mib(),
+        reference: None,
         cuda_vs_cpu_max_abs_diff: if device.is_cuda() {
             Some(cuda_vs_cpu(size, device)?)
         } else {

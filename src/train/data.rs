@@ -58,11 +58,14 @@ impl ImageFolder {
         self.paths.is_empty()
     }
 
+    /// Image `index`, its format told by its content (datasets hold PNGs named `.jpg`).
     pub fn load(&self, index: usize) -> Result<RgbImage> {
         let path = &self.paths[index];
-        Ok(image::open(path)
-            .with_context(|| format!("decoding {}", path.display()))?
-            .to_rgb8())
+        let decode = || -> Result<RgbImage> {
+            let reader = image::ImageReader::open(path)?.with_guessed_format()?;
+            Ok(reader.decode()?.to_rgb8())
+        };
+        decode().with_context(|| format!("decoding {}", path.display()))
     }
 }
 
@@ -187,6 +190,16 @@ mod tests {
             img.save(dir.join(format!("{i:03}.png"))).unwrap();
         }
         ImageFolder::open(dir).unwrap()
+    }
+
+    #[test]
+    fn a_png_named_jpg_loads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(8, 6, |x, y| image::Rgb([x as u8 * 30, y as u8 * 40, 7]));
+        img.save_with_format(tmp.path().join("0300.jpg"), image::ImageFormat::Png)
+            .unwrap();
+        let folder = ImageFolder::open(tmp.path()).unwrap();
+        assert_eq!(folder.load(0).unwrap(), img);
     }
 
     #[test]

@@ -13,6 +13,10 @@
 #    JPEG quality 90, photos taken round-robin over the sources until MAX_MIB (default 22;
 #    the binary and the repository need the rest of the 64 MiB) is reached.
 #
+# 3. Copies models/training/p2c-base.safetensors (the base run's generators-only compact
+#    checkpoint, once a GPU session has brought one back) to CARRY_DIR/compact.safetensors,
+#    so that tools/gpu/train_base.sh resumes it.
+#
 # Env: TOONBOT (default target/release/toonbot, else target/debug/toonbot; a CPU build is
 # fine), PYTHON with Pillow (default /work/venv/bin/python, else python3), MAX_MIB, LIMIT
 # (photos per source, for a quick try).
@@ -94,3 +98,9 @@ with tarfile.open(path + ".tmp", "w") as tar:
 os.replace(path + ".tmp", path)
 print(f"{path}: {used / 2**20:.1f} MiB, cartoons {len(os.listdir(cartoons))}, photos {counts}")
 PY
+
+checkpoint=models/training/p2c-base.safetensors
+if [ -f "$checkpoint" ]; then
+    cp "$checkpoint" "$carry/compact.safetensors"
+    echo "resuming next time from $checkpoint"
+fi

@@ -4,7 +4,8 @@
 # .gpu-carry, see tools/gpu/pack_data.sh):
 #   toonbot                 a CUDA build (tools/build-cuda.sh), copied here
 #   data.tar                photos/ and cartoons/ as 256-px JPEGs (tools/gpu/pack_data.sh)
-#   compact.safetensors     optional: a compact checkpoint to resume the base run from
+#   compact.safetensors     optional: the base run's generators-only compact checkpoint
+#                           (models/training/p2c-base.safetensors, 15 MB) to resume from
 # and writes under $OUT, as it goes (so a killed run still leaves them):
 #   session.log             everything printed, nvidia-smi, timings
 #   bench_candle_cuda.jsonl `toonbot bench --train` on CUDA at 256, batch 1 and 8 (a line
@@ -14,10 +15,13 @@
 #   gpu.csv                 GPU memory and utilisation every 10 s
 #   train.jsonl             the training log (losses, images/s)
 #   samples.png             the latest sample grid (photo | cartoon | cycle)
-#   styles/base/            generator A->B (f16, 7.7 MB) + style.toml, exported after every
-#                           checkpoint: install it with `cp -r` into the styles dir
-# The full (432 MB) and compact (72 MB) checkpoints stay on the device: files over 16 MiB do
-# not come back.
+#   p2c-base.safetensors    the generators-only compact checkpoint (f16, 15 MB), copied after
+#                           every save: commit it as models/training/p2c-base.safetensors to
+#                           continue next time, and install the style from it with
+#                           `toonbot train export --checkpoint p2c-base.safetensors --name p2c`
+# (8 files at most come back from the device.)
+# The full checkpoint (432 MB) stays on the device: files over 16 MiB do not come back, so a
+# later session resumes the generators and starts the discriminators and Adam afresh.
 #
 # Env: TRAIN_SECONDS (training time, default 400, cut so that the whole script ends within
 # DEADLINE seconds, default 560), BATCH (default 1), SIZE (256).
@@ -83,39 +87,34 @@ resume=()
 if [ -f "$carry/compact.safetensors" ]; then
     cp "$carry/compact.safetensors" "$run/compact.safetensors"
     resume=(--resume)
-    stamp "resuming from the carried compact checkpoint (Adam moments restart at zero)"
+    stamp "resuming the generators from the carried compact checkpoint (discriminators and Adam restart)"
 fi
 
-# Copies the log and latest grid to $OUT, and exports the generator after each checkpoint.
-export TOONBOT_STYLES__DIR="$OUT/styles"
+# Copies the log, the latest grid and the compact checkpoint to $OUT as they change.
 (
-    exported=0
     while sleep 20; do
         [ -f "$run/train.jsonl" ] && cp "$run/train.jsonl" "$OUT/train.jsonl"
         latest=$(ls "$run/samples" 2>/dev/null | tail -n 1)
         [ -n "$latest" ] && cp "$run/samples/$latest" "$OUT/samples.png"
-        ckpt="$run/checkpoint.safetensors"
-        if [ -f "$ckpt" ] && [ "$(stat -c %Y "$ckpt")" -gt "$exported" ]; then
-            exported=$(stat -c %Y "$ckpt")
-            "$bin" train export --checkpoint "$run" --name base --dtype f16 >/dev/null 2>&1
-        fi
+        [ -f "$run/compact.safetensors" ] && cp "$run/compact.safetensors" "$OUT/p2c-base.safetensors"
     done
 ) &
 watcher=$!
 
-# Fit the device command's limit: leave 45 s for the last export and copies.
+# Fit the device command's limit: leave 45 s for the last copies.
 left=$((deadline - ($(date +%s) - started) - 45))
 [ "$left" -lt "$train_seconds" ] && train_seconds=$left
 stamp "training base for ${train_seconds}s at batch $batch"
 timeout -s INT -k 60 $((train_seconds + 120)) "$bin" --device cuda train base \
     --photos "$data/photos" --cartoons "$data/cartoons" --out "$run" --size "$size" \
     --batch "$batch" --save-every 250 --sample-every 250 --log-every 10 \
-    --time-limit "$train_seconds" --compact "$run/compact.safetensors" "${resume[@]}"
+    --time-limit "$train_seconds" --compact "$run/compact.safetensors" --compact-generators \
+    "${resume[@]}"
 stamp "training returned $?"
 kill $watcher 2>/dev/null
 cp "$run/train.jsonl" "$OUT/train.jsonl"
 latest=$(ls "$run/samples" 2>/dev/null | tail -n 1)
 [ -n "$latest" ] && cp "$run/samples/$latest" "$OUT/samples.png"
-"$bin" train export --checkpoint "$run" --name base --dtype f16
-ls -la "$run" "$OUT" "$OUT/styles/base"
+cp "$run/compact.safetensors" "$OUT/p2c-base.safetensors"
+ls -la "$run" "$OUT"
 stamp "done"
