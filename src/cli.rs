@@ -272,9 +272,20 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
         config.styles.default.clone(),
     );
     let faces = std::sync::Arc::new(FacePipeline::load(config, device)?);
-    let trainer = crate::stylepack::finetuner::CandleTrainer::new(config, faces.clone(), device);
-    let stylepacks =
-        crate::stylepack::PackSetup::new(config, faces, Some(std::sync::Arc::new(trainer)));
+    let trainer: Option<std::sync::Arc<dyn crate::stylepack::StyleTrainer>> =
+        match train::data::ImageFolder::open(&config.stylepacks.photos) {
+            Ok(_) => Some(std::sync::Arc::new(
+                crate::stylepack::finetuner::CandleTrainer::new(config, faces.clone(), device),
+            )),
+            Err(e) => {
+                tracing::warn!(
+                    "style packs cannot train, uploads will be refused: stylepacks.photos: {e:#} \
+                     (make aligned photos with `toonbot prepare`)"
+                );
+                None
+            }
+        };
+    let stylepacks = crate::stylepack::PackSetup::new(config, faces, trainer);
     tokio::runtime::Runtime::new()?.block_on(crate::bot::serve(
         config.bot.clone(),
         token,
