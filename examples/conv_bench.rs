@@ -14,17 +14,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// CPU time (s) used so far by all threads of this process (Linux schedstat, ns); the
-/// machine is shared, so CPU time says more about a kernel than wall time does.
+/// CPU time (s) used so far by all threads of this process; the machine is shared, so CPU
+/// time says more about a kernel than wall time does.
 fn cpu_time() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .sum::<f64>()
-        / 1e9
+    toonbot::nets::generator::process_cpu_ms() / 1e3
 }
 
 /// Median wall and CPU seconds of `runs` calls.
