@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::face::{self, FacePipeline};
 use crate::nets::generator::{self, Generator};
 use crate::train::data::ImageFolder;
-use crate::train::eval::Scored;
+use crate::train::eval::{self, Scored};
 use crate::train::finetune::{self, Finetune};
 use crate::train::params::Freeze;
 use crate::train::run::{self, Finish, RunOptions};
@@ -160,6 +160,7 @@ impl StyleTrainer for CandleTrainer {
 
     fn evaluate(&self, style_dir: &Path, held_out: &Path) -> Result<EvalReport, TrainError> {
         let evaluate = || -> anyhow::Result<EvalReport> {
+            let inception = eval::load_inception(&self.config, &self.device)?;
             let generator = self.load_generator(style_dir)?;
             let mut photos = ImageFolder::open(&self.config.stylepacks.photos)?;
             photos
@@ -170,7 +171,14 @@ impl StyleTrainer for CandleTrainer {
                 generator: &generator,
                 faces: &self.faces,
             };
-            let report = scored.evaluate(&self.config, &self.device, &photos, held_out, || {})?;
+            let report = scored.evaluate(
+                &self.config,
+                &self.device,
+                &inception,
+                &photos,
+                held_out,
+                || {},
+            )?;
             Ok(EvalReport {
                 kid_x100_mean: report.kid_x100,
                 kid_x100_std: report.kid_std_x100,

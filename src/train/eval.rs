@@ -44,7 +44,8 @@ pub struct EvalReport {
     pub identity_cosine: f64,
 }
 
-fn load_inception(config: &Config, device: &Device) -> Result<InceptionV3> {
+/// The FID Inception network, or an error saying how to make its weights.
+pub fn load_inception(config: &Config, device: &Device) -> Result<InceptionV3> {
     let path = config.models.dir.join("inception.safetensors");
     anyhow::ensure!(
         path.is_file(),
@@ -75,6 +76,7 @@ pub fn evaluate(
     cartoons: &Path,
     on_image: impl FnMut(),
 ) -> Result<EvalReport> {
+    let inception = load_inception(config, device)?;
     let cartoonizer = Cartoonizer::load(config, device)?;
     let (info, generator) = cartoonizer
         .generator(style)
@@ -84,13 +86,8 @@ pub fn evaluate(
         generator: &generator,
         faces: cartoonizer.faces(),
     };
-    scored.evaluate(
-        config,
-        device,
-        &ImageFolder::open(photos)?,
-        cartoons,
-        on_image,
-    )
+    let photos = ImageFolder::open(photos)?;
+    scored.evaluate(config, device, &inception, &photos, cartoons, on_image)
 }
 
 /// A generator to score, with the face pipeline that segments its inputs.
@@ -106,11 +103,11 @@ impl Scored<'_> {
         &self,
         config: &Config,
         device: &Device,
+        inception: &InceptionV3,
         photos: &ImageFolder,
         cartoons: &Path,
         mut on_image: impl FnMut(),
     ) -> Result<EvalReport> {
-        let inception = load_inception(config, device)?;
         let face_id = FaceIdLoss::load(&config.models.dir, ALIGNED_SIZE as usize, device)?;
         let (generator, faces) = (self.generator, self.faces);
         let cartoon_set = ImageFolder::open(cartoons)?;
