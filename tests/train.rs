@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Tensor};
 use image::{Rgb, RgbImage};
-use toonbot::train::model::NetConfig;
+use toonbot::train::model::{NetConfig, NETWORKS};
 use toonbot::train::params::Freeze;
 use toonbot::train::run::{Finish, RunOptions, Start, Trainer, CHECKPOINT_FILE, LOG_FILE};
 use toonbot::train::step::Losses;
@@ -107,7 +107,7 @@ fn run(t: &mut Trainer, stop_at: Option<u64>) -> (Finish, Vec<Losses>) {
 
 fn tensors(t: &Trainer) -> Vec<(String, Vec<u32>)> {
     t.model
-        .named_tensors()
+        .named_tensors(&NETWORKS)
         .into_iter()
         .map(|(k, v)| (k, bits(&v)))
         .collect()
@@ -184,7 +184,7 @@ fn every_loss_is_finite_and_every_network_changes() {
             .any(|((k, a), (_, b))| k.ends_with(suffix) && a != b)
     };
     assert!(changed("weight_u") && changed("weight_v"));
-    for (k, v) in t.model.named_tensors() {
+    for (k, v) in t.model.named_tensors(&NETWORKS) {
         if k.ends_with(".rho") || k.ends_with(".w_gamma") || k.ends_with(".w_beta") {
             let v: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
             assert!(v.iter().all(|x| (0.0..=1.0).contains(x)), "{k}");
@@ -354,7 +354,7 @@ fn generators_only_compact_checkpoint_resumes_with_fresh_discriminators() {
     let fresh = trainer(&s.spec, options(&s.root.join("fresh")), Start::Fresh);
     let weights = |t: &Trainer, name: &str| {
         t.model
-            .named_tensors()
+            .named_tensors(&NETWORKS)
             .into_iter()
             .find(|(n, _)| n == name)
             .map(|(_, w)| {
@@ -383,7 +383,8 @@ fn generators_only_compact_checkpoint_resumes_with_fresh_discriminators() {
 fn freeze_branches_trains_only_the_branches() {
     let s = setup(2);
     let base = trainer(&s.spec, options(&s.root.join("base")), Start::Fresh);
-    let weights: HashMap<String, Tensor> = base.model.named_tensors().into_iter().collect();
+    let weights: HashMap<String, Tensor> =
+        base.model.named_tensors(&NETWORKS).into_iter().collect();
     let mut spec = s.spec.clone();
     spec.freeze = Freeze::Branches;
     let start = Start::Weights {
@@ -393,7 +394,7 @@ fn freeze_branches_trains_only_the_branches() {
     let mut t = trainer(&spec, options(&s.root.join("ft")), start);
     run(&mut t, None);
     let (mut branches_changed, mut shared) = (0, 0);
-    for (name, after) in t.model.named_tensors() {
+    for (name, after) in t.model.named_tensors(&NETWORKS) {
         let Some(param) = name
             .strip_prefix("genA2B.")
             .or(name.strip_prefix("genB2A."))

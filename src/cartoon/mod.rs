@@ -70,6 +70,12 @@ pub struct Cartoonizer {
     device: Device,
 }
 
+/// The generator of the style in `dir` (its `generator.safetensors`, f16 or f32).
+pub fn load_generator(dir: &std::path::Path, device: &Device) -> anyhow::Result<Generator> {
+    let vb = face::load_weights(dir, "generator", device)?;
+    Ok(Generator::new(generator::Config::default(), vb)?)
+}
+
 impl Cartoonizer {
     pub fn load(config: &Config, device: &Device) -> anyhow::Result<Self> {
         Ok(Self {
@@ -106,12 +112,9 @@ impl Cartoonizer {
         if let Some((_, g)) = loaded.get(&info.name).filter(|(at, _)| *at == modified) {
             return Ok((info, g.clone()));
         }
-        let vb = face::load_weights(&info.dir, "generator", &self.device)?;
-        let g = Arc::new(
-            Generator::new(generator::Config::default(), vb).with_context(|| {
-                format!("loading style {:?} from {}", info.name, info.dir.display())
-            })?,
-        );
+        let g = Arc::new(load_generator(&info.dir, &self.device).with_context(|| {
+            format!("loading style {:?} from {}", info.name, info.dir.display())
+        })?);
         loaded.insert(info.name.clone(), (modified, g.clone()));
         Ok((info, g))
     }

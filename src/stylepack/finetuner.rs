@@ -11,9 +11,9 @@ use candle_core::Device;
 use super::trainer::{
     EvalReport, FinetuneJob, FinetuneOutcome, StyleTrainer, TrainError, TrainEvent, TrainProgress,
 };
+use crate::cartoon::load_generator;
 use crate::config::Config;
-use crate::face::{self, FacePipeline};
-use crate::nets::generator::{self, Generator};
+use crate::face::FacePipeline;
 use crate::train::data::ImageFolder;
 use crate::train::eval::{self, Scored};
 use crate::train::finetune::{self, Finetune};
@@ -91,7 +91,7 @@ impl CandleTrainer {
             )
         };
         let mut trainer = finetune.trainer(&template, self.options(job), resume, &self.device)?;
-        let out = trainer.options.out.clone();
+        let (out, preview_every) = (trainer.options.out.clone(), trainer.options.sample_every);
         let finish = trainer.run(cancel, |p| {
             report(TrainEvent::Step(TrainProgress {
                 step: p.step as u32,
@@ -104,7 +104,7 @@ impl CandleTrainer {
                     .collect(),
                 images_per_sec: p.images_per_s as f32,
             }));
-            if p.step % u64::from(job.preview_every.max(1)) == 0 {
+            if p.step.is_multiple_of(preview_every) {
                 if let Ok(png) = std::fs::read(run::sample_path(&out, p.step)) {
                     report(TrainEvent::Preview {
                         step: p.step as u32,
@@ -124,11 +124,6 @@ impl CandleTrainer {
             job.description.clone(),
         )?;
         Ok(FinetuneOutcome::Completed { steps: step })
-    }
-
-    fn load_generator(&self, style_dir: &Path) -> anyhow::Result<Generator> {
-        let vb = face::load_weights(style_dir, "generator", &self.device)?;
-        Ok(Generator::new(generator::Config::default(), vb)?)
     }
 }
 
@@ -161,7 +156,7 @@ impl StyleTrainer for CandleTrainer {
     fn evaluate(&self, style_dir: &Path, held_out: &Path) -> Result<EvalReport, TrainError> {
         let evaluate = || -> anyhow::Result<EvalReport> {
             let inception = eval::load_inception(&self.config, &self.device)?;
-            let generator = self.load_generator(style_dir)?;
+            let generator = load_generator(style_dir, &self.device)?;
             let mut photos = ImageFolder::open(&self.config.stylepacks.photos)?;
             photos
                 .paths

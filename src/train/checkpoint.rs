@@ -129,11 +129,9 @@ pub fn save(
         (kind == Kind::Full) == optimisers.is_some(),
         "a full checkpoint, and only a full one, holds the optimisers"
     );
-    let networks = kind.networks();
     let mut tensors: Vec<(String, Tensor)> = model
-        .named_tensors()
+        .named_tensors(kind.networks())
         .into_iter()
-        .filter(|(name, _)| networks.iter().any(|n| name.split('.').next() == Some(n)))
         .map(|(name, t)| {
             let t = match kind {
                 Kind::Full => t,

@@ -127,11 +127,12 @@ impl Ugatit {
             .collect()
     }
 
-    /// Every variable and buffer of every network, `network.param`, sorted.
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Every variable and buffer of the named networks, `network.param`, sorted.
+    pub fn named_tensors(&self, networks: &[&str]) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = NETWORKS
             .iter()
             .zip(&self.vars)
+            .filter(|(net, _)| networks.contains(net))
             .flat_map(|(net, vars)| {
                 let data = vars.data().lock().expect("varmap lock");
                 data.iter()
