@@ -703,7 +703,20 @@ async fn one_log_line_per_job_with_timings_and_never_the_token() {
     let token = h.cartoon(user, photo(1, Trigger::Normal, 1), None, None);
     h.result(&token).await;
     h.finished_job(user).await;
-    let text = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
+    let mine = " job job=";
+    let user_field = format!(" user={user} ");
+    // The job's line is written just after its end is stored: wait for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = String::from_utf8(logs().0.lock().unwrap().clone()).unwrap();
+        let written = text
+            .lines()
+            .any(|l| l.contains(mine) && l.contains(&user_field));
+        if written || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let leaks: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("test-token"))
@@ -713,8 +726,6 @@ async fn one_log_line_per_job_with_timings_and_never_the_token() {
         leaks.is_empty(),
         "the bot token never reaches the logs: {leaks:#?}"
     );
-    let mine = " job job=";
-    let user_field = format!(" user={user} ");
     let job_lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(mine) && l.contains(&user_field))
