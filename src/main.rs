@@ -238,6 +238,7 @@ impl TrainFlags {
 }
 
 fn main() -> ExitCode {
+    toonbot::settle_thread_count();
     // The websocket library logs whole frames at TRACE, IDENTIFY (with the token) included.
     let filter = toonbot::bot::LOG_DIRECTIVES.iter().fold(
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -16,9 +16,10 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
 use super::layers::{
-    cam_features, conv2d, global_avg_pool, global_max_pool, leaky_relu, reflection_pad2d,
-    torch_default_init, SpectralNorm,
+    cam_features, conv2d, global_avg_pool, global_max_pool, leaky_relu, torch_default_init,
+    SpectralNorm,
 };
+use super::train_ops::{self, Pad};
 
 const SLOPE: f64 = 0.2;
 
@@ -80,7 +81,7 @@ impl SnConv {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = reflection_pad2d(x, 1)?.conv2d(&self.sn.weight(train)?, 0, self.stride, 1, 1)?;
+        let y = train_ops::conv2d(x, &self.sn.weight(train)?, Pad::Reflect(1), self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),
@@ -162,7 +163,7 @@ impl Discriminator {
             self.gap_fc.0.weight_orig(),
             self.gmp_fc.0.weight_orig(),
         )?;
-        let x = leaky_relu(&self.conv1x1.forward(&x)?, SLOPE)?;
+        let x = leaky_relu(&train_ops::conv2d_layer(&self.conv1x1, &x, 0)?, SLOPE)?;
         let heatmap = x.sum_keepdim(1)?;
         let out = self.conv.forward_t(&x, train)?;
         Ok((out, cam_logit, heatmap))

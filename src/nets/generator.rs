@@ -26,6 +26,7 @@ use super::layers::{
     instance_layer_norm_affine, instance_norm, instance_norm_affine, linear, upsample_nearest2x,
     ReflConv2d,
 };
+use super::train_ops;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -868,7 +869,10 @@ impl Generator {
                 self.gap_fc.weight(),
                 self.gmp_fc.weight(),
             )?;
-            (cam_logit, self.conv1x1.forward(&x)?.relu()?)
+            (
+                cam_logit,
+                train_ops::conv2d_layer(&self.conv1x1, &x, 0)?.relu()?,
+            )
         };
         let heatmap = x.sum_keepdim(1)?;
 

@@ -16,6 +16,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 
 use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
+use super::train_ops;
 
 /// `eps` of every normalisation in these networks (PyTorch's default).
 pub const NORM_EPS: f64 = 1e-5;
@@ -329,7 +330,7 @@ impl ReflConv2d {
 
 impl Module for ReflConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(&reflection_pad2d(x, self.pad)?)
+        train_ops::conv2d_layer(&self.conv, x, self.pad)
     }
 }
 

@@ -10,3 +10,4 @@ pub mod landmarks68;
 pub mod layers;
 pub mod segmenter;
 pub mod tf_ops;
+pub mod train_ops;

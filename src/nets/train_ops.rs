@@ -1,0 +1,718 @@
+//! CPU operations for training, where tensors track gradients and `cpu_ops`' inference
+//! kernels do not apply.
+//!
+//! candle 0.11's convolution backward on the CPU is slow: the input gradient is a naive
+//! transposed convolution (one dot product per output pixel and tap, across channels
+//! strided by the whole image) and the weight gradient is a convolution whose kernel is
+//! the whole output gradient. Here both are one im2col (or col2im) and one GEMM per image,
+//! as the forward already is.
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_nn::{Conv2d, Module};
+use gemm::Parallelism;
+
+use super::layers::reflection_pad2d;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// How the convolution pads its input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pad {
+    /// `p` zeros on each side (candle's and PyTorch's `padding`).
+    Zeros(usize),
+    /// `nn.ReflectionPad2d(p)`: the input mirrored about its edge rows and columns.
+    Reflect(usize),
+}
+
+impl Pad {
+    fn size(self) -> usize {
+        match self {
+            Pad::Zeros(p) | Pad::Reflect(p) => p,
+        }
+    }
+}
+
+/// The geometry of one convolution: NCHW input, OIHW weight, square kernel.
+#[derive(Debug, Clone, Copy)]
+struct ConvGeometry {
+    batch: usize,
+    cin: usize,
+    height: usize,
+    width: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    pad: Pad,
+    padding: usize,
+    out_height: usize,
+    out_width: usize,
+}
+
+impl ConvGeometry {
+    fn new(x: &[usize], w: &[usize], pad: Pad, stride: usize) -> Result<Self> {
+        let (&[batch, cin, height, width], &[cout, wcin, kernel, kw]) = (x, w) else {
+            bail!("train conv2d: NCHW input and OIHW weight expected, got {x:?} and {w:?}")
+        };
+        if wcin != cin || kw != kernel || stride == 0 {
+            bail!("train conv2d: input {x:?} and weight {w:?} (stride {stride}) do not match")
+        }
+        let padding = pad.size();
+        if matches!(pad, Pad::Reflect(_)) && (padding >= height || padding >= width) {
+            bail!("train conv2d: reflection pad {padding} needs an input larger than {x:?}")
+        }
+        let (h, wd) = (height + 2 * padding, width + 2 * padding);
+        if h < kernel || wd < kernel {
+            bail!("train conv2d: input {x:?} is smaller than the kernel {kernel}")
+        }
+        Ok(Self {
+            batch,
+            cin,
+            height,
+            width,
+            cout,
+            kernel,
+            stride,
+            pad,
+            padding,
+            out_height: (h - kernel) / stride + 1,
+            out_width: (wd - kernel) / stride + 1,
+        })
+    }
+
+    /// The input index (of `0..size`) that output `o` reads with kernel tap `t`; `None` for
+    /// a zero of the padding.
+    fn source(&self, o: usize, t: usize, size: usize) -> Option<usize> {
+        let i = (o * self.stride + t) as isize - self.padding as isize;
+        let last = size as isize - 1;
+        match self.pad {
+            _ if (0..=last).contains(&i) => Some(i as usize),
+            Pad::Zeros(_) => None,
+            Pad::Reflect(_) => Some(if i < 0 { -i } else { 2 * last - i } as usize),
+        }
+    }
+
+    /// Rows of the column matrix: `cin * kernel * kernel`.
+    fn taps(&self) -> usize {
+        self.cin * self.kernel * self.kernel
+    }
+
+    /// Columns of the column matrix: output pixels of one image.
+    fn pixels(&self) -> usize {
+        self.out_height * self.out_width
+    }
+
+    fn image_len(&self) -> usize {
+        self.cin * self.height * self.width
+    }
+
+    /// A 1x1 stride-1 unpadded convolution, whose column matrix is the image itself.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    fn output_shape(&self) -> Shape {
+        (self.batch, self.cout, self.out_height, self.out_width).into()
+    }
+}
+
+/// Output rows `first_row..first_row + rows` of image `image`: the unit of work, small
+/// enough that its column matrix stays in cache.
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    image: usize,
+    first_row: usize,
+    rows: usize,
+}
+
+impl Band {
+    /// Floats of a band's column matrix to aim for (512 KiB).
+    const TARGET_FLOATS: usize = 128 << 10;
+
+    fn all(g: &ConvGeometry) -> Vec<Band> {
+        let per_band = (Self::TARGET_FLOATS / (g.taps() * g.out_width)).max(1);
+        (0..g.batch)
+            .flat_map(|image| {
+                (0..g.out_height)
+                    .step_by(per_band)
+                    .map(move |first_row| Band {
+                        image,
+                        first_row,
+                        rows: per_band.min(g.out_height - first_row),
+                    })
+            })
+            .collect()
+    }
+
+    fn pixels(&self, g: &ConvGeometry) -> usize {
+        self.rows * g.out_width
+    }
+
+    /// This band's first pixel within its image's output plane.
+    fn offset(&self, g: &ConvGeometry) -> usize {
+        self.first_row * g.out_width
+    }
+}
+
+/// The outputs `o` (of `count`) whose tap `t` reads inside `0..size` rather than the
+/// padding, and the first input index they read: `o * stride + t - padding`.
+fn reads_inside(g: &ConvGeometry, count: usize, t: usize, size: usize) -> (Range<usize>, usize) {
+    let first = g.padding.saturating_sub(t).div_ceil(g.stride);
+    let last = (size + g.padding)
+        .checked_sub(t + 1)
+        .map_or(0, |i| (i / g.stride + 1).min(count));
+    let first = first.min(last);
+    (
+        first..last,
+        (first * g.stride + t).saturating_sub(g.padding),
+    )
+}
+
+/// The band's column matrix, `taps x pixels`:
+/// `col[(c, ky, kx), (oy, ox)] = padded[c, oy * s + ky, ox * s + kx]`.
+fn im2col(g: &ConvGeometry, image: &[f32], band: Band, col: &mut [f32]) {
+    let (k, s, plane) = (g.kernel, g.stride, g.height * g.width);
+    let rows = col.chunks_mut(band.pixels(g));
+    for (tap_row, row) in rows.enumerate() {
+        let (c, ky, kx) = (tap_row / (k * k), tap_row / k % k, tap_row % k);
+        let channel = &image[c * plane..(c + 1) * plane];
+        let (xs, ix0) = reads_inside(g, g.out_width, kx, g.width);
+        for (j, out) in row.chunks_mut(g.out_width).enumerate() {
+            let Some(iy) = g.source(band.first_row + j, ky, g.height) else {
+                out.fill(0.0);
+                continue;
+            };
+            let line = &channel[iy * g.width..(iy + 1) * g.width];
+            for ox in (0..xs.start).chain(xs.end..g.out_width) {
+                out[ox] = g.source(ox, kx, g.width).map_or(0.0, |ix| line[ix]);
+            }
+            let inside = &mut out[xs.clone()];
+            if s == 1 {
+                inside.copy_from_slice(&line[ix0..ix0 + inside.len()]);
+            } else {
+                for (v, &src) in inside.iter_mut().zip(line[ix0..].iter().step_by(s)) {
+                    *v = src;
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: `image[c, y, x] += col[(c, ky, kx), (oy, ox)]` over every
+/// tap of the band that reads it.
+fn col2im(g: &ConvGeometry, col: &[f32], band: Band, image: &mut [f32]) {
+    let (k, s, plane) = (g.kernel, g.stride, g.height * g.width);
+    for (tap_row, row) in col.chunks(band.pixels(g)).enumerate() {
+        let (c, ky, kx) = (tap_row / (k * k), tap_row / k % k, tap_row % k);
+        let channel = &mut image[c * plane..(c + 1) * plane];
+        let (xs, ix0) = reads_inside(g, g.out_width, kx, g.width);
+        for (j, out) in row.chunks(g.out_width).enumerate() {
+            let Some(iy) = g.source(band.first_row + j, ky, g.height) else {
+                continue;
+            };
+            let line = &mut channel[iy * g.width..(iy + 1) * g.width];
+            for ox in (0..xs.start).chain(xs.end..g.out_width) {
+                if let Some(ix) = g.source(ox, kx, g.width) {
+                    line[ix] += out[ox];
+                }
+            }
+            for (dst, &v) in line[ix0..].iter_mut().step_by(s).zip(&out[xs.clone()]) {
+                *dst += v;
+            }
+        }
+    }
+}
+
+/// A matrix view for [`matmul`]: element `(r, c)` is `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+struct Matrix<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    fn rows(data: &'a [f32], row_stride: usize) -> Self {
+        Self {
+            data,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            data: self.data,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+}
+
+/// `dst (m x n, contiguous rows) = [dst +] lhs (m x k) * rhs (k x n)`.
+fn matmul(
+    dst: &mut [f32],
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+    lhs: Matrix,
+    rhs: Matrix,
+    parallelism: Parallelism,
+) {
+    if m * n == 0 {
+        return;
+    }
+    let last = |a: Matrix, rows: usize, cols: usize| {
+        (rows.max(1) - 1) * a.row_stride + (cols.max(1) - 1) * a.col_stride
+    };
+    assert!(dst.len() >= m * n);
+    assert!(k == 0 || last(lhs, m, k) < lhs.data.len());
+    assert!(k == 0 || last(rhs, k, n) < rhs.data.len());
+    // SAFETY: the asserts keep every index gemm touches inside the three slices, and `dst`
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// Threads for each band's GEMM: all of them when there are too few bands to share out.
+fn band_parallelism(bands: usize) -> Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && bands < 2 * threads {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Folds `bands` in as many contiguous groups as there are threads, one accumulator per
+/// group, in parallel. The grouping depends only on the band and thread counts, so sums
+/// over the groups' accumulators come out the same on every run.
+fn fold_groups<T: Send>(
+    bands: &[Band],
+    init: impl Fn() -> T + Sync,
+    fold: impl Fn(&mut T, Band) + Sync,
+) -> Vec<T> {
+    let groups = rayon::current_num_threads().clamp(1, bands.len().max(1));
+    bands
+        .par_chunks(bands.len().div_ceil(groups).max(1))
+        .map(|group| {
+            let mut acc = init();
+            for &band in group {
+                fold(&mut acc, band);
+            }
+            acc
+        })
+        .collect()
+}
+
+/// `dst = Σ parts`, added in order.
+fn sum_into<'a>(dst: &mut [f32], parts: impl Iterator<Item = &'a Vec<f32>>) {
+    dst.fill(0.0);
+    for part in parts {
+        dst.iter_mut().zip(part).for_each(|(d, p)| *d += p);
+    }
+}
+
+/// The band's column matrix (`taps x pixels`): a view of `x` for a pointwise convolution,
+/// else [`im2col`] into `buffer`.
+fn columns<'a>(g: &ConvGeometry, x: &'a [f32], band: Band, buffer: &'a mut Vec<f32>) -> Matrix<'a> {
+    let image = &x[band.image * g.image_len()..(band.image + 1) * g.image_len()];
+    if g.is_pointwise() {
+        return Matrix::rows(&image[band.offset(g)..], g.pixels());
+    }
+    buffer.resize(g.taps() * band.pixels(g), 0.0);
+    im2col(g, image, band, buffer);
+    Matrix::rows(buffer, band.pixels(g))
+}
+
+/// The band's rows of an output-shaped tensor (`cout x pixels`, row stride of the plane).
+fn output_rows<'a>(g: &ConvGeometry, y: &'a [f32], band: Band) -> Matrix<'a> {
+    let start = band.image * g.cout * g.pixels() + band.offset(g);
+    Matrix::rows(&y[start..], g.pixels())
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("train conv2d: f32 tensors only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("train conv2d: contiguous tensors only"),
+    }
+}
+
+/// `conv2d(x, w)` with zero padding, by bands of output rows: im2col then one GEMM each.
+/// Its backward is [`ConvInputGrad`] and [`ConvWeightGrad`].
+struct Conv2dOp {
+    pad: Pad,
+    stride: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "toonbot-train-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = ConvGeometry::new(xl.dims(), wl.dims(), self.pad, self.stride)?;
+        let (x, w) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?);
+        let bands = Band::all(&g);
+        let parallelism = band_parallelism(bands.len());
+        let tiles: Vec<Vec<f32>> = bands
+            .par_iter()
+            .map_init(Vec::new, |buffer, &band| {
+                let col = columns(&g, x, band, buffer);
+                let mut tile = vec![0f32; g.cout * band.pixels(&g)];
+                let dims = (g.cout, band.pixels(&g), g.taps());
+                matmul(
+                    &mut tile,
+                    false,
+                    dims,
+                    Matrix::rows(w, g.taps()),
+                    col,
+                    parallelism,
+                );
+                tile
+            })
+            .collect();
+        let mut out = vec![0f32; g.batch * g.cout * g.pixels()];
+        for (band, tile) in bands.iter().zip(&tiles) {
+            let start = band.image * g.cout * g.pixels() + band.offset(&g);
+            let dst = out[start..].chunks_mut(g.pixels());
+            for (dst, src) in dst.zip(tile.chunks(band.pixels(&g))) {
+                dst[..src.len()].copy_from_slice(src);
+            }
+        }
+        Ok((CpuStorage::F32(out), g.output_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (pad, stride) = (self.pad, self.stride);
+        let grad = grad.contiguous()?;
+        let x_dims = x.dims4()?;
+        let grad_x = grad.apply_op2_no_bwd(
+            w,
+            &ConvInputGrad {
+                pad,
+                stride,
+                x_dims,
+            },
+        )?;
+        let w_dims = w.dims4()?;
+        let grad_w = x.apply_op2_no_bwd(
+            &grad,
+            &ConvWeightGrad {
+                pad,
+                stride,
+                w_dims,
+            },
+        )?;
+        Ok((Some(grad_x), Some(grad_w)))
+    }
+}
+
+/// The input gradient of [`Conv2dOp`]: `col2im(wᵀ · grad)` per band; arguments `(grad, w)`.
+struct ConvInputGrad {
+    pad: Pad,
+    stride: usize,
+    x_dims: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for ConvInputGrad {
+    fn name(&self) -> &'static str {
+        "toonbot-train-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, wd) = self.x_dims;
+        let g = ConvGeometry::new(&[b, c, h, wd], wl.dims(), self.pad, self.stride)?;
+        if gl.dims() != g.output_shape().dims() {
+            bail!(
+                "train conv2d: gradient {:?} for output {:?}",
+                gl.dims(),
+                g.output_shape()
+            )
+        }
+        let (grad, w) = (f32_slice(gs, gl)?, f32_slice(ws, wl)?);
+        let mut dx = vec![0f32; g.batch * g.image_len()];
+        let bands = Band::all(&g);
+        let parallelism = band_parallelism(bands.len());
+        // Bands of one image overlap in the input rows they read, so each group of bands
+        // adds into an image of its own; the groups' images are summed in order.
+        for (n, dx) in dx.chunks_mut(g.image_len()).enumerate() {
+            let image_bands: Vec<Band> = bands.iter().copied().filter(|b| b.image == n).collect();
+            let images = fold_groups(
+                &image_bands,
+                || (vec![0f32; g.image_len()], Vec::new()),
+                |(image, col), band| {
+                    col.resize(g.taps() * band.pixels(&g), 0.0);
+                    let dims = (g.taps(), band.pixels(&g), g.cout);
+                    let wt = Matrix::rows(w, g.taps()).t();
+                    let grad = output_rows(&g, grad, band);
+                    matmul(col, false, dims, wt, grad, parallelism);
+                    col2im(&g, col, band, image);
+                },
+            );
+            sum_into(dx, images.iter().map(|(image, _)| image));
+        }
+        Ok((CpuStorage::F32(dx), Shape::from(self.x_dims)))
+    }
+}
+
+/// The weight gradient of [`Conv2dOp`]: `Σ grad · im2col(x)ᵀ` over bands; arguments
+/// `(x, grad)`.
+struct ConvWeightGrad {
+    pad: Pad,
+    stride: usize,
+    w_dims: (usize, usize, usize, usize),
+}
+
+impl CustomOp2 for ConvWeightGrad {
+    fn name(&self) -> &'static str {
+        "toonbot-train-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (o, i, kh, kw) = self.w_dims;
+        let g = ConvGeometry::new(xl.dims(), &[o, i, kh, kw], self.pad, self.stride)?;
+        if gl.dims() != g.output_shape().dims() {
+            bail!(
+                "train conv2d: gradient {:?} for output {:?}",
+                gl.dims(),
+                g.output_shape()
+            )
+        }
+        let (x, grad) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let bands = Band::all(&g);
+        let parallelism = band_parallelism(bands.len());
+        let partial = fold_groups(
+            &bands,
+            || (vec![0f32; g.cout * g.taps()], Vec::new()),
+            |(dw, buffer), band| {
+                let col = columns(&g, x, band, buffer);
+                let dims = (g.cout, g.taps(), band.pixels(&g));
+                let grad = output_rows(&g, grad, band);
+                matmul(dw, true, dims, grad, col.t(), parallelism);
+            },
+        );
+        let mut dw = vec![0f32; g.cout * g.taps()];
+        sum_into(&mut dw, partial.iter().map(|(dw, _)| dw));
+        Ok((CpuStorage::F32(dw), Shape::from(self.w_dims)))
+    }
+}
+
+/// `x.conv2d(w, p, stride, 1, 1)` for `Pad::Zeros(p)`, and `reflection_pad2d(x, p)` then an
+/// unpadded convolution for `Pad::Reflect(p)`. When either tensor tracks gradients on the
+/// CPU in f32 this runs [`Conv2dOp`], the padding fused in and a backward several times
+/// faster than candle's; otherwise (inference, CUDA) candle's own ops.
+pub fn conv2d(x: &Tensor, w: &Tensor, pad: Pad, stride: usize) -> Result<Tensor> {
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let training = x.track_op() || w.track_op();
+    if !(training && on_cpu_f32(x) && on_cpu_f32(w)) {
+        return match pad {
+            Pad::Zeros(p) => x.conv2d(w, p, stride, 1, 1),
+            Pad::Reflect(p) => reflection_pad2d(x, p)?.conv2d(w, 0, stride, 1, 1),
+        };
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { pad, stride })
+}
+
+/// `layer.forward(reflection_pad2d(x, reflect))` through [`conv2d`] (grouped or dilated
+/// layers run as they are).
+pub fn conv2d_layer(layer: &Conv2d, x: &Tensor, reflect: usize) -> Result<Tensor> {
+    let cfg = layer.config();
+    if cfg.groups != 1 || cfg.dilation != 1 {
+        return layer.forward(&reflection_pad2d(x, reflect)?);
+    }
+    let pad = match (reflect, cfg.padding) {
+        (0, p) => Pad::Zeros(p),
+        (r, 0) => Pad::Reflect(r),
+        (r, p) => bail!("conv2d_layer: reflection pad {r} before a zero-padded ({p}) layer"),
+    };
+    let y = conv2d(x, layer.weight(), pad, cfg.stride)?;
+    match layer.bias() {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Output, input gradient and weight gradient of `sum(conv(x, w) * r)`.
+    fn conv_and_grads(
+        x: &Var,
+        w: &Var,
+        r: &Tensor,
+        conv: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<[Tensor; 3]> {
+        let y = conv(x.as_tensor(), w.as_tensor())?;
+        let grads = (&y * r)?.sum_all()?.backward()?;
+        Ok([
+            y,
+            grads.get(x).expect("input gradient").clone(),
+            grads.get(w).expect("weight gradient").clone(),
+        ])
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let scale = b
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?
+            .max(1e-6);
+        let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        Ok(diff / scale)
+    }
+
+    #[test]
+    fn the_training_convolution_and_its_gradients_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, cin, cout, kernel, stride, padding, height, width)
+        let cases = [
+            (1, 3, 8, 7, 1, 0, 20, 17),
+            (2, 5, 6, 3, 1, 1, 9, 12),
+            (2, 4, 7, 3, 2, 0, 13, 11),
+            (1, 6, 5, 4, 2, 1, 14, 10),
+            (3, 8, 4, 1, 1, 0, 7, 5),
+            (1, 4, 4, 1, 2, 0, 8, 8),
+            (1, 40, 3, 4, 1, 0, 6, 6),
+            // Wide enough for several bands per image.
+            (2, 16, 4, 3, 1, 1, 70, 200),
+        ];
+        for (batch, cin, cout, k, stride, padding, h, w) in cases {
+            let x = Var::randn(0f32, 1f32, (batch, cin, h, w), &dev)?;
+            let wt = Var::randn(0f32, 1f32, (cout, cin, k, k), &dev)?;
+            let ho = (h + 2 * padding - k) / stride + 1;
+            let wo = (w + 2 * padding - k) / stride + 1;
+            let r = Tensor::randn(0f32, 1f32, (batch, cout, ho, wo), &dev)?;
+            let ours = conv_and_grads(&x, &wt, &r, |x, w| {
+                conv2d(x, w, Pad::Zeros(padding), stride)
+            })?;
+            let candle = conv_and_grads(&x, &wt, &r, |x, w| x.conv2d(w, padding, stride, 1, 1))?;
+            for (what, (a, b)) in ["output", "input grad", "weight grad"]
+                .iter()
+                .zip(ours.iter().zip(&candle))
+            {
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                let diff = max_rel_diff(a, b)?;
+                assert!(
+                    diff < 1e-5,
+                    "{what} of {cin}->{cout} k{k} s{stride} p{padding} {h}x{w}: {diff}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_reflection_padded_convolution_and_its_gradients_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, cin, cout, kernel, stride, reflection pad, height, width)
+        let cases = [
+            (1, 3, 8, 7, 1, 3, 20, 17),
+            (2, 5, 6, 3, 1, 1, 9, 12),
+            (1, 6, 5, 4, 2, 1, 14, 10),
+            (2, 4, 7, 3, 2, 1, 13, 11),
+            (1, 2, 3, 7, 1, 3, 4, 5),
+            (2, 16, 4, 3, 1, 1, 70, 200),
+        ];
+        for (batch, cin, cout, k, stride, pad, h, w) in cases {
+            let x = Var::randn(0f32, 1f32, (batch, cin, h, w), &dev)?;
+            let wt = Var::randn(0f32, 1f32, (cout, cin, k, k), &dev)?;
+            let ho = (h + 2 * pad - k) / stride + 1;
+            let wo = (w + 2 * pad - k) / stride + 1;
+            let r = Tensor::randn(0f32, 1f32, (batch, cout, ho, wo), &dev)?;
+            let ours = conv_and_grads(&x, &wt, &r, |x, w| conv2d(x, w, Pad::Reflect(pad), stride))?;
+            let candle = conv_and_grads(&x, &wt, &r, |x, w| {
+                reflection_pad2d(x, pad)?.conv2d(w, 0, stride, 1, 1)
+            })?;
+            for (what, (a, b)) in ["output", "input grad", "weight grad"]
+                .iter()
+                .zip(ours.iter().zip(&candle))
+            {
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                let diff = max_rel_diff(a, b)?;
+                assert!(
+                    diff < 1e-5,
+                    "{what} of {cin}->{cout} k{k} s{stride} reflect {pad} {h}x{w}: {diff}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_training_convolution_is_deterministic() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1f32, (2, 16, 66, 130), &dev)?;
+        let w = Var::randn(0f32, 1f32, (8, 16, 3, 3), &dev)?;
+        let r = Tensor::randn(0f32, 1f32, (2, 8, 66, 130), &dev)?;
+        let run = || conv_and_grads(&x, &w, &r, |x, w| conv2d(x, w, Pad::Reflect(1), 1));
+        let (a, b) = (run()?, run()?);
+        for (a, b) in a.iter().zip(&b) {
+            let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn inference_keeps_candles_convolution() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (1, 3, 8, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1f32, (4, 3, 3, 3), &dev)?;
+        let y = conv2d(&x, &w, Pad::Zeros(1), 1)?;
+        assert!(!y.track_op());
+        let expected = x.conv2d(&w, 1, 1, 1, 1)?;
+        assert_eq!(max_rel_diff(&y, &expected)?, 0.0);
+        Ok(())
+    }
+}
