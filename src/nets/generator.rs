@@ -23,8 +23,8 @@ use candle_nn::{Conv2d, Init, Linear, VarBuilder, VarMap};
 use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
 use super::layers::{
     avg_pool2x, cam_features, conv2d, global_avg_pool, global_max_pool, instance_layer_norm,
-    instance_layer_norm_affine, instance_norm, instance_norm_affine, linear, upsample_nearest2x,
-    ReflConv2d,
+    instance_layer_norm_affine, instance_norm, instance_norm_affine, instance_norm_relu, linear,
+    upsample_nearest2x, ReflConv2d,
 };
 use super::train_ops;
 
@@ -83,7 +83,7 @@ impl ConvInRelu {
 
 impl Module for ConvInRelu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        instance_norm(&self.0.forward(x)?)?.relu()
+        instance_norm_relu(&self.0.forward(x)?)
     }
 }
 
@@ -142,13 +142,13 @@ impl ConvBlock {
 
 impl Module for ConvBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let pre = instance_norm(x)?.relu()?;
+        let pre = instance_norm_relu(x)?;
         let mut outs = Vec::with_capacity(3);
         let mut h = pre.clone();
         for (i, conv) in self.branches.iter().enumerate() {
             let y = conv.forward(&h)?;
             if i < 2 {
-                h = instance_norm(&y)?.relu()?;
+                h = instance_norm_relu(&y)?;
             }
             outs.push(y);
         }
@@ -333,7 +333,7 @@ impl HourGlass {
 impl Module for HourGlass {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ll = self.conv_block.forward(&self.block.forward(x)?)?;
-        let ll = instance_norm(&self.conv.forward(&ll)?)?.relu()?;
+        let ll = instance_norm_relu(&self.conv.forward(&ll)?)?;
         let tmp = self.conv1.forward(&ll)?;
         match &self.residual {
             Some((conv2, conv3)) => (x + conv2.forward(&ll)?)? + conv3.forward(&tmp)?,
@@ -386,7 +386,7 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = instance_norm(&self.conv1.forward(x)?)?.relu()?;
+        let y = instance_norm_relu(&self.conv1.forward(x)?)?;
         x + instance_norm(&self.conv2.forward(&y)?)?
     }
 }

@@ -167,9 +167,20 @@ impl ChannelStats {
 /// `nn.InstanceNorm2d(C)` as PyTorch defaults it: no affine parameters, no running stats,
 /// biased variance, eps 1e-5.
 pub fn instance_norm(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = train_ops::instance_norm(x, false, NORM_EPS) {
+        return y;
+    }
     let s = ChannelStats::new(x)?;
     let inv_std = ((s.sum_sq / s.count as f64)? + NORM_EPS)?.sqrt()?.recip()?;
     s.centered.broadcast_mul(&inv_std)
+}
+
+/// `relu(instance_norm(x))`.
+pub fn instance_norm_relu(x: &Tensor) -> Result<Tensor> {
+    if let Some(y) = train_ops::instance_norm(x, true, NORM_EPS) {
+        return y;
+    }
+    instance_norm(x)?.relu()
 }
 
 /// photo2cartoon's instance/layer-norm mix (the core of `adaLIN` and `LIN`):

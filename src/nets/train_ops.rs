@@ -7,7 +7,7 @@
 //! the whole output gradient. Here both are one im2col (or col2im) and one GEMM per image,
 //! as the forward already is.
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Conv2d, Module};
 use gemm::Parallelism;
 
@@ -580,6 +580,117 @@ pub fn conv2d_layer(layer: &Conv2d, x: &Tensor, reflect: usize) -> Result<Tensor
     }
 }
 
+/// Mean and `1 / sqrt(biased variance + eps)` of one channel plane.
+fn plane_stats(plane: &[f32], eps: f64) -> (f32, f32) {
+    let n = plane.len() as f64;
+    let mean = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = plane
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// `nn.InstanceNorm2d` (no affine, biased variance), optionally followed by a ReLU, in one
+/// pass over each channel plane; its backward is [`InstanceNormGrad`]. candle's composition
+/// of the same takes about ten whole-tensor temporaries forward and back.
+struct InstanceNormOp {
+    relu: bool,
+    eps: f64,
+}
+
+impl CustomOp1 for InstanceNormOp {
+    fn name(&self) -> &'static str {
+        "toonbot-train-instance-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, _, h, w) = l.shape().dims4()?;
+        let x = f32_slice(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(y, x)| {
+                let (mean, inv_std) = plane_stats(x, self.eps);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let v = (x - mean) * inv_std;
+                    *y = if self.relu { v.max(0.0) } else { v };
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = InstanceNormGrad {
+            relu: self.relu,
+            eps: self.eps,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+/// The input gradient of [`InstanceNormOp`], arguments `(x, grad)`: with `x̂` the normalised
+/// plane and `g` the gradient through the ReLU (`grad` where `x̂ > 0`),
+/// `dx = (g - mean(g) - x̂ mean(g x̂)) / std`.
+struct InstanceNormGrad {
+    relu: bool,
+    eps: f64,
+}
+
+impl CustomOp2 for InstanceNormGrad {
+    fn name(&self) -> &'static str {
+        "toonbot-train-instance-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if xl.dims() != gl.dims() {
+            bail!(
+                "instance norm: gradient {:?} for input {:?}",
+                gl.dims(),
+                xl.dims()
+            )
+        }
+        let (_, _, h, w) = xl.shape().dims4()?;
+        let (x, grad) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let mut dx = vec![0f32; x.len()];
+        let through = |xhat: f32, g: f32| if self.relu && xhat <= 0.0 { 0.0 } else { g };
+        dx.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(grad.par_chunks(h * w)))
+            .for_each(|(dx, (x, grad))| {
+                let (mean, inv_std) = plane_stats(x, self.eps);
+                let (mut sum_g, mut sum_gx) = (0f64, 0f64);
+                for (&x, &g) in x.iter().zip(grad) {
+                    let xhat = (x - mean) * inv_std;
+                    let g = through(xhat, g);
+                    sum_g += f64::from(g);
+                    sum_gx += f64::from(g * xhat);
+                }
+                let n = x.len() as f64;
+                let (mean_g, mean_gx) = ((sum_g / n) as f32, (sum_gx / n) as f32);
+                for (dx, (&x, &g)) in dx.iter_mut().zip(x.iter().zip(grad)) {
+                    let xhat = (x - mean) * inv_std;
+                    *dx = (through(xhat, g) - mean_g - xhat * mean_gx) * inv_std;
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// `relu?(IN(x))` with [`InstanceNormOp`] when `x` tracks gradients on the CPU in f32;
+/// `None` otherwise, for the caller's own ops.
+pub fn instance_norm(x: &Tensor, relu: bool, eps: f64) -> Option<Result<Tensor>> {
+    let training = x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32;
+    training.then(|| x.contiguous()?.apply_op1(InstanceNormOp { relu, eps }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,6 +797,45 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn the_instance_norm_and_its_gradient_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0.3f32, 2f32, (2, 3, 9, 13), &dev)?;
+        let r = Tensor::randn(0f32, 1f32, (2, 3, 9, 13), &dev)?;
+        for relu in [false, true] {
+            let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<[Tensor; 2]> {
+                let y = f(x.as_tensor())?;
+                let grads = (&y * &r)?.sum_all()?.backward()?;
+                Ok([y, grads.get(&x).expect("input gradient").clone()])
+            };
+            let ours = run(&|x| instance_norm(x, relu, 1e-5).expect("training path"))?;
+            let candle = run(&|x| {
+                let mean = x.mean_keepdim(3)?.mean_keepdim(2)?;
+                let d = x.broadcast_sub(&mean)?;
+                let var = d.sqr()?.mean_keepdim(3)?.mean_keepdim(2)?;
+                let y = d.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+                if relu {
+                    y.relu()
+                } else {
+                    Ok(y)
+                }
+            })?;
+            for (what, (a, b)) in ["output", "input grad"]
+                .iter()
+                .zip(ours.iter().zip(&candle))
+            {
+                let diff = max_rel_diff(a, b)?;
+                assert!(diff < 1e-5, "{what} (relu {relu}): {diff}");
+            }
+        }
+        let plain = Tensor::randn(0f32, 1f32, (1, 2, 3, 3), &dev)?;
+        assert!(
+            instance_norm(&plain, true, 1e-5).is_none(),
+            "inference keeps its path"
+        );
         Ok(())
     }
 
