@@ -557,6 +557,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, pad: Pad, stride: usize) -> Result<Tensor>
             Pad::Reflect(p) => reflection_pad2d(x, p)?.conv2d(w, 0, stride, 1, 1),
         };
     }
+    super::cpu_ops::keep_freed_memory();
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Conv2dOp { pad, stride })
 }
