@@ -47,6 +47,39 @@ pub struct CartoonFace {
     pub avatar: RgbaImage,
 }
 
+/// The generator's outputs `(N, 3, 256, 256)` for `faces` (in order) composed: each face's
+/// cartoon on white, sticker and avatar, and the photo with the faces pasted back.
+pub fn compose_faces(
+    photo: &RgbImage,
+    faces: Vec<Face>,
+    output: &candle_core::Tensor,
+    options: ComposeOptions,
+) -> candle_core::Result<(RgbImage, Vec<CartoonFace>)> {
+    let mut pasted = photo.clone();
+    let mut composed = Vec::with_capacity(faces.len());
+    for (i, face) in faces.into_iter().enumerate() {
+        let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+        let cartoon = compose::cartoon_on_white(&values, &face.mask);
+        // The three outputs are independent: one core pastes while another draws.
+        let ((), (sticker, avatar)) = rayon::join(
+            || compose::paste_back(&mut pasted, &cartoon, &face.mask, &face.alignment.to_crop),
+            || {
+                rayon::join(
+                    || compose::sticker(&cartoon, &face.mask, options.outline),
+                    || compose::avatar(&cartoon, options.round_avatar),
+                )
+            },
+        );
+        composed.push(CartoonFace {
+            sticker,
+            avatar,
+            cartoon,
+            face,
+        });
+    }
+    Ok((pasted, composed))
+}
+
 /// Every face of a photo, largest first, and the photo with the faces replaced.
 #[derive(Debug, Clone)]
 pub struct CartoonPhoto {
@@ -158,19 +191,7 @@ impl Cartoonizer {
         timings.insert("generator", started.elapsed().as_secs_f64() * 1e3);
 
         let started = Instant::now();
-        let mut pasted = photo.clone();
-        let mut faces = Vec::with_capacity(found.faces.len());
-        for (i, face) in found.faces.into_iter().enumerate() {
-            let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
-            let cartoon = compose::cartoon_on_white(&values, &face.mask);
-            compose::paste_back(&mut pasted, &cartoon, &face.mask, &face.alignment.to_crop);
-            faces.push(CartoonFace {
-                sticker: compose::sticker(&cartoon, &face.mask, options.outline),
-                avatar: compose::avatar(&cartoon, options.round_avatar),
-                cartoon,
-                face,
-            });
-        }
+        let (pasted, faces) = compose_faces(photo, found.faces, &output, options)?;
         timings.insert("compose", started.elapsed().as_secs_f64() * 1e3);
         Ok(CartoonPhoto {
             style: info.name,
