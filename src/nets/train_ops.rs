@@ -110,6 +110,17 @@ impl ConvGeometry {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
+    /// Fails unless `dims` is this convolution's output shape (a gradient's, say).
+    fn check_output(&self, dims: &[usize]) -> Result<()> {
+        if dims != self.output_shape().dims() {
+            bail!(
+                "train conv2d: gradient {dims:?} for output {:?}",
+                self.output_shape()
+            )
+        }
+        Ok(())
+    }
+
     fn output_shape(&self) -> Shape {
         (self.batch, self.cout, self.out_height, self.out_width).into()
     }
@@ -463,13 +474,7 @@ impl CustomOp2 for ConvInputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, wd) = self.x_dims;
         let g = ConvGeometry::new(&[b, c, h, wd], wl.dims(), self.pad, self.stride)?;
-        if gl.dims() != g.output_shape().dims() {
-            bail!(
-                "train conv2d: gradient {:?} for output {:?}",
-                gl.dims(),
-                g.output_shape()
-            )
-        }
+        g.check_output(gl.dims())?;
         let (grad, w) = (f32_slice(gs, gl)?, f32_slice(ws, wl)?);
         let mut dx = vec![0f32; g.batch * g.image_len()];
         let bands = Band::all(&g);
@@ -518,13 +523,7 @@ impl CustomOp2 for ConvWeightGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (o, i, kh, kw) = self.w_dims;
         let g = ConvGeometry::new(xl.dims(), &[o, i, kh, kw], self.pad, self.stride)?;
-        if gl.dims() != g.output_shape().dims() {
-            bail!(
-                "train conv2d: gradient {:?} for output {:?}",
-                gl.dims(),
-                g.output_shape()
-            )
-        }
+        g.check_output(gl.dims())?;
         let (x, grad) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
         let bands = Band::all(&g);
         let parallelism = band_parallelism(bands.len());
@@ -729,62 +728,32 @@ mod tests {
         let dev = Device::Cpu;
         // (batch, cin, cout, kernel, stride, padding, height, width)
         let cases = [
-            (1, 3, 8, 7, 1, 0, 20, 17),
-            (2, 5, 6, 3, 1, 1, 9, 12),
-            (2, 4, 7, 3, 2, 0, 13, 11),
-            (1, 6, 5, 4, 2, 1, 14, 10),
-            (3, 8, 4, 1, 1, 0, 7, 5),
-            (1, 4, 4, 1, 2, 0, 8, 8),
-            (1, 40, 3, 4, 1, 0, 6, 6),
+            (1, 3, 8, 7, 1, Pad::Zeros(0), 20, 17),
+            (2, 5, 6, 3, 1, Pad::Zeros(1), 9, 12),
+            (2, 4, 7, 3, 2, Pad::Zeros(0), 13, 11),
+            (1, 6, 5, 4, 2, Pad::Zeros(1), 14, 10),
+            (3, 8, 4, 1, 1, Pad::Zeros(0), 7, 5),
+            (1, 4, 4, 1, 2, Pad::Zeros(0), 8, 8),
+            (1, 40, 3, 4, 1, Pad::Zeros(0), 6, 6),
+            (1, 3, 8, 7, 1, Pad::Reflect(3), 20, 17),
+            (2, 5, 6, 3, 1, Pad::Reflect(1), 9, 12),
+            (1, 6, 5, 4, 2, Pad::Reflect(1), 14, 10),
+            (2, 4, 7, 3, 2, Pad::Reflect(1), 13, 11),
+            (1, 2, 3, 7, 1, Pad::Reflect(3), 4, 5),
             // Wide enough for several bands per image.
-            (2, 16, 4, 3, 1, 1, 70, 200),
-        ];
-        for (batch, cin, cout, k, stride, padding, h, w) in cases {
-            let x = Var::randn(0f32, 1f32, (batch, cin, h, w), &dev)?;
-            let wt = Var::randn(0f32, 1f32, (cout, cin, k, k), &dev)?;
-            let ho = (h + 2 * padding - k) / stride + 1;
-            let wo = (w + 2 * padding - k) / stride + 1;
-            let r = Tensor::randn(0f32, 1f32, (batch, cout, ho, wo), &dev)?;
-            let ours = conv_and_grads(&x, &wt, &r, |x, w| {
-                conv2d(x, w, Pad::Zeros(padding), stride)
-            })?;
-            let candle = conv_and_grads(&x, &wt, &r, |x, w| x.conv2d(w, padding, stride, 1, 1))?;
-            for (what, (a, b)) in ["output", "input grad", "weight grad"]
-                .iter()
-                .zip(ours.iter().zip(&candle))
-            {
-                assert_eq!(a.dims(), b.dims(), "{what}");
-                let diff = max_rel_diff(a, b)?;
-                assert!(
-                    diff < 1e-5,
-                    "{what} of {cin}->{cout} k{k} s{stride} p{padding} {h}x{w}: {diff}"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn the_reflection_padded_convolution_and_its_gradients_match_candle() -> Result<()> {
-        let dev = Device::Cpu;
-        // (batch, cin, cout, kernel, stride, reflection pad, height, width)
-        let cases = [
-            (1, 3, 8, 7, 1, 3, 20, 17),
-            (2, 5, 6, 3, 1, 1, 9, 12),
-            (1, 6, 5, 4, 2, 1, 14, 10),
-            (2, 4, 7, 3, 2, 1, 13, 11),
-            (1, 2, 3, 7, 1, 3, 4, 5),
-            (2, 16, 4, 3, 1, 1, 70, 200),
+            (2, 16, 4, 3, 1, Pad::Zeros(1), 70, 200),
+            (2, 16, 4, 3, 1, Pad::Reflect(1), 70, 200),
         ];
         for (batch, cin, cout, k, stride, pad, h, w) in cases {
             let x = Var::randn(0f32, 1f32, (batch, cin, h, w), &dev)?;
             let wt = Var::randn(0f32, 1f32, (cout, cin, k, k), &dev)?;
-            let ho = (h + 2 * pad - k) / stride + 1;
-            let wo = (w + 2 * pad - k) / stride + 1;
+            let ho = (h + 2 * pad.size() - k) / stride + 1;
+            let wo = (w + 2 * pad.size() - k) / stride + 1;
             let r = Tensor::randn(0f32, 1f32, (batch, cout, ho, wo), &dev)?;
-            let ours = conv_and_grads(&x, &wt, &r, |x, w| conv2d(x, w, Pad::Reflect(pad), stride))?;
-            let candle = conv_and_grads(&x, &wt, &r, |x, w| {
-                reflection_pad2d(x, pad)?.conv2d(w, 0, stride, 1, 1)
+            let ours = conv_and_grads(&x, &wt, &r, |x, w| conv2d(x, w, pad, stride))?;
+            let candle = conv_and_grads(&x, &wt, &r, |x, w| match pad {
+                Pad::Zeros(p) => x.conv2d(w, p, stride, 1, 1),
+                Pad::Reflect(p) => reflection_pad2d(x, p)?.conv2d(w, 0, stride, 1, 1),
             })?;
             for (what, (a, b)) in ["output", "input grad", "weight grad"]
                 .iter()
@@ -794,7 +763,7 @@ mod tests {
                 let diff = max_rel_diff(a, b)?;
                 assert!(
                     diff < 1e-5,
-                    "{what} of {cin}->{cout} k{k} s{stride} reflect {pad} {h}x{w}: {diff}"
+                    "{what} of {cin}->{cout} k{k} s{stride} {pad:?} {h}x{w}: {diff}"
                 );
             }
         }
