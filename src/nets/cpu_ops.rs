@@ -83,13 +83,14 @@ pub fn eligible(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op()
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+/// The contiguous `f32` data of a custom op's argument (here and in `train_ops`).
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
-        bail!("cpu_ops: f32 tensors only")
+        bail!("CPU op: f32 tensors only")
     };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("cpu_ops: contiguous tensors only"),
+        None => bail!("CPU op: contiguous tensors only"),
     }
 }
 

@@ -4,13 +4,15 @@
 //! candle 0.11's convolution backward on the CPU is slow: the input gradient is a naive
 //! transposed convolution (one dot product per output pixel and tap, across channels
 //! strided by the whole image) and the weight gradient is a convolution whose kernel is
-//! the whole output gradient. Here both are one im2col (or col2im) and one GEMM per image,
-//! as the forward already is.
+//! the whole output gradient. Here the forward and both gradients are one im2col (or
+//! col2im) and one GEMM per band of output rows, with the padding (zeros or reflection)
+//! read in place. Instance norm (+ReLU) is one pass per channel plane each way.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Conv2d, Module};
 use gemm::Parallelism;
 
+use super::cpu_ops::{self, f32_slice};
 use super::layers::reflection_pad2d;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -43,7 +45,6 @@ struct ConvGeometry {
     kernel: usize,
     stride: usize,
     pad: Pad,
-    padding: usize,
     out_height: usize,
     out_width: usize,
 }
@@ -73,7 +74,6 @@ impl ConvGeometry {
             kernel,
             stride,
             pad,
-            padding,
             out_height: (h - kernel) / stride + 1,
             out_width: (wd - kernel) / stride + 1,
         })
@@ -82,7 +82,7 @@ impl ConvGeometry {
     /// The input index (of `0..size`) that output `o` reads with kernel tap `t`; `None` for
     /// a zero of the padding.
     fn source(&self, o: usize, t: usize, size: usize) -> Option<usize> {
-        let i = (o * self.stride + t) as isize - self.padding as isize;
+        let i = (o * self.stride + t) as isize - self.pad.size() as isize;
         let last = size as isize - 1;
         match self.pad {
             _ if (0..=last).contains(&i) => Some(i as usize),
@@ -107,7 +107,7 @@ impl ConvGeometry {
 
     /// A 1x1 stride-1 unpadded convolution, whose column matrix is the image itself.
     fn is_pointwise(&self) -> bool {
-        self.kernel == 1 && self.stride == 1 && self.padding == 0
+        self.kernel == 1 && self.stride == 1 && self.pad.size() == 0
     }
 
     /// Fails unless `dims` is this convolution's output shape (a gradient's, say).
@@ -167,15 +167,13 @@ impl Band {
 /// The outputs `o` (of `count`) whose tap `t` reads inside `0..size` rather than the
 /// padding, and the first input index they read: `o * stride + t - padding`.
 fn reads_inside(g: &ConvGeometry, count: usize, t: usize, size: usize) -> (Range<usize>, usize) {
-    let first = g.padding.saturating_sub(t).div_ceil(g.stride);
-    let last = (size + g.padding)
+    let padding = g.pad.size();
+    let first = padding.saturating_sub(t).div_ceil(g.stride);
+    let last = (size + padding)
         .checked_sub(t + 1)
         .map_or(0, |i| (i / g.stride + 1).min(count));
     let first = first.min(last);
-    (
-        first..last,
-        (first * g.stride + t).saturating_sub(g.padding),
-    )
+    (first..last, (first * g.stride + t).saturating_sub(padding))
 }
 
 /// The band's column matrix, `taps x pixels`:
@@ -361,17 +359,7 @@ fn output_rows<'a>(g: &ConvGeometry, y: &'a [f32], band: Band) -> Matrix<'a> {
     Matrix::rows(&y[start..], g.pixels())
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("train conv2d: f32 tensors only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("train conv2d: contiguous tensors only"),
-    }
-}
-
-/// `conv2d(x, w)` with zero padding, by bands of output rows: im2col then one GEMM each.
+/// `conv2d(x, w)` padded as `pad`, by bands of output rows: im2col then one GEMM each.
 /// Its backward is [`ConvInputGrad`] and [`ConvWeightGrad`].
 struct Conv2dOp {
     pad: Pad,
@@ -543,20 +531,27 @@ impl CustomOp2 for ConvWeightGrad {
     }
 }
 
+/// True when these ops replace candle's: some tensor tracks gradients, and all are `f32`
+/// on the CPU.
+fn training_on_cpu(tensors: &[&Tensor]) -> bool {
+    tensors.iter().any(|t| t.track_op())
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
 /// `x.conv2d(w, p, stride, 1, 1)` for `Pad::Zeros(p)`, and `reflection_pad2d(x, p)` then an
 /// unpadded convolution for `Pad::Reflect(p)`. When either tensor tracks gradients on the
 /// CPU in f32 this runs [`Conv2dOp`], the padding fused in and a backward several times
 /// faster than candle's; otherwise (inference, CUDA) candle's own ops.
 pub fn conv2d(x: &Tensor, w: &Tensor, pad: Pad, stride: usize) -> Result<Tensor> {
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    let training = x.track_op() || w.track_op();
-    if !(training && on_cpu_f32(x) && on_cpu_f32(w)) {
+    if !training_on_cpu(&[x, w]) {
         return match pad {
             Pad::Zeros(p) => x.conv2d(w, p, stride, 1, 1),
             Pad::Reflect(p) => reflection_pad2d(x, p)?.conv2d(w, 0, stride, 1, 1),
         };
     }
-    super::cpu_ops::keep_freed_memory();
+    cpu_ops::keep_freed_memory();
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Conv2dOp { pad, stride })
 }
@@ -687,8 +682,7 @@ impl CustomOp2 for InstanceNormGrad {
 /// `relu?(IN(x))` with [`InstanceNormOp`] when `x` tracks gradients on the CPU in f32;
 /// `None` otherwise, for the caller's own ops.
 pub fn instance_norm(x: &Tensor, relu: bool, eps: f64) -> Option<Result<Tensor>> {
-    let training = x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32;
-    training.then(|| x.contiguous()?.apply_op1(InstanceNormOp { relu, eps }))
+    training_on_cpu(&[x]).then(|| x.contiguous()?.apply_op1(InstanceNormOp { relu, eps }))
 }
 
 #[cfg(test)]
