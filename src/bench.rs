@@ -10,7 +10,6 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::cartoon::compose::{self, ComposeOptions};
-use crate::cartoon::compose_faces;
 use crate::cartoon::Cartoonizer;
 use crate::config::Config;
 use crate::imageops;
@@ -185,28 +184,27 @@ pub fn run(
         let started = Instant::now();
         let photo = imageops::decode_photo(&bytes, &config.limits)?;
         let decode_ms = started.elapsed().as_secs_f64() * 1e3;
-        let found = cartoonizer.faces().find_faces(&photo)?;
-        faces = found.faces.len();
-        anyhow::ensure!(faces > 0, "{}: no face found", photo_path.display());
-        let mut timings = found.timings.as_map();
+        let result = cartoonizer
+            .cartoonize_with(
+                generator_weights.clone(),
+                &generator,
+                &photo,
+                ComposeOptions::default(),
+            )
+            .with_context(|| photo_path.display().to_string())?;
+        faces = result.faces.len();
+        let mut timings = result.timings;
         timings.insert("decode", decode_ms);
 
+        // Stickers as they are sent: the PNGs are part of the compose stage.
         let started = Instant::now();
-        let aligned: Vec<_> = found.faces.iter().map(|f| f.aligned.clone()).collect();
-        let input = generator::normalize(&imageops::rgb_batch(&aligned, device)?)?;
-        let output = generator.forward(&input)?.0.to_device(&Device::Cpu)?;
-        timings.insert("generator", started.elapsed().as_secs_f64() * 1e3);
-
-        let started = Instant::now();
-        let output = output.to_dtype(candle_core::DType::F32)?;
-        let (_, composed) = compose_faces(&photo, found.faces, &output, ComposeOptions::default())?;
-        for face in &composed {
+        for face in &result.faces {
             rayon::join(
                 || compose::encode_png(&face.sticker),
                 || compose::encode_png(&face.avatar),
             );
         }
-        timings.insert("compose", started.elapsed().as_secs_f64() * 1e3);
+        *timings.entry("compose").or_default() += started.elapsed().as_secs_f64() * 1e3;
         end_to_end.push(timings.values().sum::<f64>() / faces as f64);
         for (stage, ms) in timings {
             stage_runs

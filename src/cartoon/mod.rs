@@ -49,7 +49,7 @@ pub struct CartoonFace {
 
 /// The generator's outputs `(N, 3, 256, 256)` for `faces` (in order) composed: each face's
 /// cartoon on white, sticker and avatar, and the photo with the faces pasted back.
-pub fn compose_faces(
+fn compose_faces(
     photo: &RgbImage,
     faces: Vec<Face>,
     output: &candle_core::Tensor,
@@ -176,6 +176,17 @@ impl Cartoonizer {
         options: ComposeOptions,
     ) -> Result<CartoonPhoto, CartoonError> {
         let (info, generator) = self.generator(style)?;
+        self.cartoonize_with(info.name, &generator, photo, options)
+    }
+
+    /// [`Cartoonizer::cartoonize`] with a given generator, reported as style `style`.
+    pub fn cartoonize_with(
+        &self,
+        style: String,
+        generator: &Generator,
+        photo: &RgbImage,
+        options: ComposeOptions,
+    ) -> Result<CartoonPhoto, CartoonError> {
         let found = self.faces.find_faces(photo)?;
         if found.faces.is_empty() {
             return Err(CartoonError::NoFace);
@@ -194,7 +205,7 @@ impl Cartoonizer {
         let (pasted, faces) = compose_faces(photo, found.faces, &output, options)?;
         timings.insert("compose", started.elapsed().as_secs_f64() * 1e3);
         Ok(CartoonPhoto {
-            style: info.name,
+            style,
             faces,
             photo: pasted,
             timings,
