@@ -119,6 +119,35 @@ fn nearly_every_portrait_gives_a_face() {
     );
 }
 
+/// Close-ups whose face runs past the photo's edges: the whole-photo window sees them
+/// only partly, and the zoomed-out search (run just for such photos) finds them.
+#[test]
+fn faces_running_past_the_edges_are_found() {
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    let mut found = 0;
+    let photos = sorted_files(&data.join("photos/celeba"));
+    for path in photos.iter().take(20) {
+        let photo = load_photo(path, &limits()).unwrap();
+        let (w, h) = photo.dimensions();
+        // The middle half: forehead, chin and cheeks are cut off.
+        let close_up =
+            image::imageops::crop_imm(&photo, w / 4, h / 4 + h / 16, w / 2, h / 2).to_image();
+        let faces = pipeline().detect(&close_up).unwrap();
+        if let Some(face) = faces.first() {
+            assert!(
+                toonbot::face::windows::reaches_edge(face.bbox, w / 2, h / 2),
+                "{}: a face cut by the edges framed inside them: {:?}",
+                path.display(),
+                face.bbox
+            );
+            found += 1;
+        }
+    }
+    assert!(found >= 16, "only {found} of 20 close-ups gave a face");
+}
+
 /// Aligned crops, looked at again by the detector and landmark net, have level eyes at a
 /// steady place; the mask keeps the face and drops the corners.
 #[test]

@@ -185,26 +185,20 @@ impl FacePipeline {
     }
 
     /// Step 2: every face above the score and size floors, largest first, at most
-    /// `max_faces`. Small photos are searched whole; large ones also in tiles.
+    /// `max_faces`. Small photos are searched whole; large ones also in tiles. The photo
+    /// is searched zoomed out as well only when that can find more: when nothing was found,
+    /// or a face reaches the photo's edge and may run past it.
     pub fn detect(&self, photo: &RgbImage) -> Result<Vec<DetectedFace>> {
-        let size = face_detector::INPUT_SIZE as u32;
-        let windows = windows::detection_windows(photo.width(), photo.height());
-        let inputs: Vec<RgbImage> = windows
-            .iter()
-            .map(|w| imageops::warp_affine(photo, w.to_input(size), size, size, Rgb([0; 3])))
-            .collect();
-        let batch = face_detector::preprocess(&imageops::rgb_batch(&inputs, &self.device)?)?;
-        let per_window = self.detector.detect(&batch, self.settings.min_score)?;
-        let candidates: Vec<DetectedFace> = windows
-            .iter()
-            .zip(per_window)
-            .flat_map(|(window, found)| {
-                found
-                    .into_iter()
-                    .map(|d| to_photo(window, size, &d))
-                    .filter(|f| !window.cuts(f.bbox))
-            })
-            .collect();
+        let (width, height) = photo.dimensions();
+        let (windows, zoomed_out) = windows::detection_windows(width, height);
+        let mut candidates = self.detect_in(photo, &windows)?;
+        if candidates.is_empty()
+            || candidates
+                .iter()
+                .any(|f| windows::reaches_edge(f.bbox, width, height))
+        {
+            candidates.extend(self.detect_in(photo, &[zoomed_out])?);
+        }
         let scored: Vec<(f32, [f32; 4])> = candidates.iter().map(|f| (f.score, f.bbox)).collect();
         let mut faces: Vec<DetectedFace> = windows::suppress_overlaps(&scored, MERGE_IOU)
             .into_iter()
@@ -214,6 +208,28 @@ impl FacePipeline {
         faces.sort_by(|a, b| b.area().total_cmp(&a.area()));
         faces.truncate(self.settings.max_faces);
         Ok(faces)
+    }
+
+    /// The detections in `windows` (one batch), in photo coordinates, less those a window
+    /// cuts.
+    fn detect_in(&self, photo: &RgbImage, windows: &[Window]) -> Result<Vec<DetectedFace>> {
+        let size = face_detector::INPUT_SIZE as u32;
+        let inputs: Vec<RgbImage> = windows
+            .iter()
+            .map(|w| imageops::warp_affine(photo, w.to_input(size), size, size, Rgb([0; 3])))
+            .collect();
+        let batch = face_detector::preprocess(&imageops::rgb_batch(&inputs, &self.device)?)?;
+        let per_window = self.detector.detect(&batch, self.settings.min_score)?;
+        Ok(windows
+            .iter()
+            .zip(per_window)
+            .flat_map(|(window, found)| {
+                found
+                    .into_iter()
+                    .map(|d| to_photo(window, size, &d))
+                    .filter(|f| !window.cuts(f.bbox))
+            })
+            .collect())
     }
 
     /// Step 3: 68 landmarks per face in photo coordinates. A first look from the

@@ -45,9 +45,10 @@ impl Window {
     }
 }
 
-/// The whole photo as one letterboxed square and once more zoomed out, then, on large
-/// photos, a grid of square tiles of half the short side overlapping by a quarter.
-pub fn detection_windows(width: u32, height: u32) -> Vec<Window> {
+/// The windows searched first: the whole photo as one letterboxed square, then, on large
+/// photos, a grid of square tiles of half the short side overlapping by a quarter; and the
+/// whole photo zoomed out, searched only when the first windows may have missed a face.
+pub fn detection_windows(width: u32, height: u32) -> (Vec<Window>, Window) {
     let (w, h) = (width as f32, height as f32);
     let side = w.max(h);
     let whole = |side: f32| Window {
@@ -56,9 +57,10 @@ pub fn detection_windows(width: u32, height: u32) -> Vec<Window> {
         side,
         inner_edges: [false; 4],
     };
-    let mut windows = vec![whole(side), whole(side * ZOOMED_OUT)];
+    let zoomed_out = whole(side * ZOOMED_OUT);
+    let mut windows = vec![whole(side)];
     if width.min(height) < TILE_FROM_SHORT_SIDE {
-        return windows;
+        return (windows, zoomed_out);
     }
     let tile = w.min(h) / 2.0;
     let starts = |extent: f32| -> Vec<f32> {
@@ -83,7 +85,14 @@ pub fn detection_windows(width: u32, height: u32) -> Vec<Window> {
             });
         }
     }
-    windows
+    (windows, zoomed_out)
+}
+
+/// Whether a box (`[x, y, w, h]`) comes within [`EDGE_MARGIN`] of the photo's side of an
+/// edge of a `width` x `height` photo, where the face may run past the edge.
+pub fn reaches_edge([x, y, w, h]: [f32; 4], width: u32, height: u32) -> bool {
+    let margin = EDGE_MARGIN * width.max(height) as f32;
+    x < margin || y < margin || x + w > width as f32 - margin || y + h > height as f32 - margin
 }
 
 /// Intersection over union of two `[x, y, w, h]` boxes.
@@ -122,9 +131,10 @@ mod tests {
 
     #[test]
     fn small_photos_get_whole_photo_windows() {
-        let windows = detection_windows(640, 480);
-        assert_eq!(windows.len(), 2);
-        assert_eq!(windows[1].side, 640.0 * ZOOMED_OUT);
+        let (windows, zoomed_out) = detection_windows(640, 480);
+        assert_eq!(windows.len(), 1);
+        assert_eq!(zoomed_out.side, 640.0 * ZOOMED_OUT);
+        assert_eq!(zoomed_out.inner_edges, [false; 4]);
         let w = windows[0];
         assert_eq!((w.left, w.top, w.side), (0.0, -80.0, 640.0));
         let m = w.to_input(192);
@@ -134,8 +144,8 @@ mod tests {
     #[test]
     fn large_photos_are_covered_by_overlapping_tiles() {
         let (width, height) = (1920u32, 1280u32);
-        let windows = detection_windows(width, height);
-        let tiles = &windows[2..];
+        let (windows, _) = detection_windows(width, height);
+        let tiles = &windows[1..];
         assert!(tiles.len() >= 6, "{} tiles", tiles.len());
         // Every point of the photo lies in some tile, and every tile lies in the photo.
         for y in (0..height).step_by(37) {
@@ -161,6 +171,18 @@ mod tests {
                 && !t.cuts(face)
                 && face[0] + face[2] <= t.left + t.side
         }));
+    }
+
+    #[test]
+    fn only_faces_at_the_photo_edge_call_for_the_zoomed_out_window() {
+        // 2 % of 640 px is 12.8 px.
+        assert!(!reaches_edge([100.0, 80.0, 200.0, 200.0], 640, 480));
+        assert!(!reaches_edge([13.0, 13.0, 614.0, 454.0], 640, 480));
+        assert!(reaches_edge([12.0, 80.0, 200.0, 200.0], 640, 480));
+        assert!(reaches_edge([100.0, 10.0, 200.0, 200.0], 640, 480));
+        assert!(reaches_edge([500.0, 80.0, 130.0, 130.0], 640, 480));
+        assert!(reaches_edge([100.0, 300.0, 200.0, 170.0], 640, 480));
+        assert!(reaches_edge([-40.0, -30.0, 700.0, 600.0], 640, 480));
     }
 
     #[test]

@@ -607,6 +607,22 @@ unsafe fn micro(_: Isa, _: usize, _: usize, _: &Micro) {
     unreachable!("cpu_ops kernels need x86-64")
 }
 
+/// `dst[i] = relu?(src[i] * a + b)`, with the choice made once rather than per value.
+fn transform_into<'a>(
+    dst: &mut [f32],
+    src: impl Iterator<Item = &'a f32>,
+    affine: Option<(f32, f32)>,
+    relu: bool,
+) {
+    let pairs = dst.iter_mut().zip(src);
+    match (affine, relu) {
+        (Some((a, b)), true) => pairs.for_each(|(d, &s)| *d = (s * a + b).max(0.0)),
+        (Some((a, b)), false) => pairs.for_each(|(d, &s)| *d = s * a + b),
+        (None, true) => pairs.for_each(|(d, &s)| *d = s.max(0.0)),
+        (None, false) => pairs.for_each(|(d, &s)| *d = s),
+    }
+}
+
 /// Writes one staged row: the padded (and maybe upsampled, stride-2 deinterleaved) input
 /// row `src` after `relu?(x * a + b)`.
 fn stage_row(g: &Geom, src: &[f32], dst: &mut [f32], affine: Option<(f32, f32)>, relu: bool) {
@@ -638,32 +654,38 @@ fn stage_row(g: &Geom, src: &[f32], dst: &mut [f32], affine: Option<(f32, f32)>,
             f(src[col(reflect(e, we))])
         }
     };
+    // The input columns that land in the staged row, then the padding.
+    let n = we.min(g.wp - pad);
     if g.stride == 2 {
-        for px in 0..g.wp {
+        if g.up {
+            for px in 0..g.wp {
+                dst[(px & 1) * g.half + px / 2] = value(px);
+            }
+            return;
+        }
+        // Deinterleaved: even padded columns first, then odd ones, each a strided read.
+        for parity in 0..2 {
+            let first = pad + (parity + pad) % 2;
+            if first >= pad + n {
+                continue;
+            }
+            let count = (pad + n - first).div_ceil(2);
+            let start = parity * g.half + first / 2;
+            let columns = src[first - pad..n].iter().step_by(2);
+            transform_into(&mut dst[start..start + count], columns, affine, relu);
+        }
+        for px in (0..pad).chain(pad + n..g.wp) {
             dst[(px & 1) * g.half + px / 2] = value(px);
         }
         return;
     }
-    // Stride 1: the input columns that land in the staged row, then the padding.
-    let n = we.min(g.wp - pad);
     let interior = &mut dst[pad..pad + n];
-    match (g.up, affine, relu) {
-        (false, Some((a, b)), true) => {
-            for (d, &s) in interior.iter_mut().zip(src) {
-                *d = (s * a + b).max(0.0);
-            }
-        }
-        (false, None, false) => interior.copy_from_slice(&src[..n]),
-        (false, _, _) => {
-            for (d, &s) in interior.iter_mut().zip(src) {
-                *d = f(s);
-            }
-        }
-        (true, _, _) => {
-            for (i, d) in interior.iter_mut().enumerate() {
-                *d = f(src[i / 2]);
-            }
-        }
+    if g.up {
+        transform_into(interior, (0..n).map(|i| &src[i / 2]), affine, relu);
+    } else if affine.is_none() && !relu {
+        interior.copy_from_slice(&src[..n]);
+    } else {
+        transform_into(interior, src[..n].iter(), affine, relu);
     }
     for px in (0..pad).chain(pad + n..g.wp) {
         dst[px] = value(px);
@@ -1670,6 +1692,9 @@ mod tests {
             ),
             (
                 1, 7, 9, 3, 2, 17, 23, false, true, false, true, false, false,
+            ),
+            (
+                1, 6, 10, 3, 2, 15, 21, false, true, true, false, false, false,
             ),
             (
                 1, 3, 32, 7, 1, 24, 40, false, false, false, false, false, false,
