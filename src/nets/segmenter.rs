@@ -241,8 +241,10 @@ impl DecoderStage {
 
     fn forward(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = skip.dims4()?;
-        // TF half-pixel-centre resize == candle's align_corners = false.
-        let up = self.project.forward(&x.upsample_bilinear2d(h, w, false)?)?;
+        // TF half-pixel-centre resize == candle's align_corners = false. The 1x1
+        // projection commutes with the resize (its weights sum to 1 per output pixel), so
+        // it runs on the 4x fewer coarse pixels.
+        let up = self.project.forward(x)?.upsample_bilinear2d(h, w, false)?;
         let gate = self.gate.forward(&(skip + &up)?)?;
         let fused = (skip.broadcast_mul(&gate)? + up)?;
         let f = self.conv.forward_act(&fused, Act::Relu)?;
