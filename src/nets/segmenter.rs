@@ -336,8 +336,23 @@ impl SelfieSegmenter {
 /// (columns), the smaller half at the top (left). With `size % stride == 0` and `k >= stride`
 /// this is TF's `SAME` (`size * stride` outputs).
 pub fn conv_transpose_same(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let (_, _, kh, kw) = weight.dims4()?;
+    let (n, cin, h, w) = x.dims4()?;
+    let (_, cout, kh, kw) = weight.dims4()?;
+    if kh == stride && kw == stride {
+        // No overlap and no cropping: each input pixel's channels times the kernel give
+        // its own k x k output patch; one matrix product instead of candle's per-pixel
+        // dot products.
+        let patches = x
+            .reshape((n, cin, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .matmul(&weight.reshape((cin, cout * kh * kw))?.broadcast_left(n)?)?;
+        return patches
+            .reshape((n, h, w, cout, kh, kw))?
+            .permute((0, 3, 1, 4, 2, 5))?
+            .contiguous()?
+            .reshape((n, cout, h * kh, w * kw));
+    }
     let full = x.conv_transpose2d(weight, 0, 0, stride, 1)?;
     let crop = |t: Tensor, dim: usize, size: usize, k: usize| -> Result<Tensor> {
         let pad = k.saturating_sub((size - 1) % stride + 1);
