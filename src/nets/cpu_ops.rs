@@ -1459,20 +1459,32 @@ pub fn channel_affine(
     }
 }
 
-/// `F.avg_pool2d(x, 2)` on NCHW with even sizes.
-pub struct AvgPool2x;
+/// 2x2 stride-2 pooling on NCHW with even sizes: `F.avg_pool2d(x, 2)` or
+/// `F.max_pool2d(x, 2)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool2x {
+    Avg,
+    Max,
+}
 
-impl CustomOp1 for AvgPool2x {
+impl CustomOp1 for Pool2x {
     fn name(&self) -> &'static str {
-        "toonbot-avg-pool2x"
+        match self {
+            Pool2x::Avg => "toonbot-avg-pool2x",
+            Pool2x::Max => "toonbot-max-pool2x",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
         let (n, c, h, w) = l.shape().dims4()?;
         if h % 2 != 0 || w % 2 != 0 || h == 0 || w == 0 {
-            bail!("cpu_ops avg_pool2x: even sizes needed, got {h}x{w}")
+            bail!("cpu_ops {}: even sizes needed, got {h}x{w}", self.name())
         }
+        let pool = match self {
+            Pool2x::Avg => |a: &[f32], b: &[f32]| (a[0] + a[1] + b[0] + b[1]) * 0.25,
+            Pool2x::Max => |a: &[f32], b: &[f32]| a[0].max(a[1]).max(b[0].max(b[1])),
+        };
         let (ho, wo) = (h / 2, w / 2);
         let mut out = uninit_vec(n * c * ho * wo);
         out.par_chunks_mut(ho * wo).enumerate().for_each(|(p, o)| {
@@ -1485,7 +1497,7 @@ impl CustomOp1 for AvgPool2x {
                     .zip(a.chunks_exact(2))
                     .zip(b.chunks_exact(2))
                 {
-                    *o = (a[0] + a[1] + b[0] + b[1]) * 0.25;
+                    *o = pool(a, b);
                 }
             }
         });
@@ -1494,7 +1506,11 @@ impl CustomOp1 for AvgPool2x {
 }
 
 pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&AvgPool2x)
+    x.contiguous()?.apply_op1_no_bwd(&Pool2x::Avg)
+}
+
+pub fn max_pool2x(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Pool2x::Max)
 }
 
 /// `skip + upsample_nearest2x(low)`: CustomOp2 on `(skip, low)`.
@@ -1915,6 +1931,8 @@ mod tests {
         let x = rand(&[2, 3, 8, 12], 11)?;
         let diff = max_diff(&avg_pool2x(&x)?, &x.avg_pool2d(2)?)?;
         assert!(diff < 1e-6, "avg_pool2x differs by {diff}");
+        let diff = max_diff(&max_pool2x(&x)?, &x.max_pool2d(2)?)?;
+        assert_eq!(diff, 0.0, "max_pool2x differs by {diff}");
 
         let low = rand(&[2, 3, 4, 6], 12)?;
         let want = (&x + upsample_nearest2x(&low)?)?;

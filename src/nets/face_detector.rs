@@ -9,7 +9,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_ops::Act;
+use super::cpu_ops::{self, Act};
 use super::tf_ops::{separable, Conv, ConvConfig};
 
 /// Network input side in pixels.
@@ -152,7 +152,11 @@ impl Block {
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = separable(x, &self.dw1, &self.pw1, false, None, Act::Relu)?;
-        let skip = if self.stride > 1 {
+        let (_, _, rows, cols) = x.dims4()?;
+        let even = rows % 2 == 0 && cols % 2 == 0;
+        let skip = if self.stride == 2 && even && cpu_ops::usable(&[x]) {
+            cpu_ops::max_pool2x(x)?
+        } else if self.stride > 1 {
             x.max_pool2d(self.stride)?
         } else {
             x.clone()
