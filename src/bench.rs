@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::cartoon::compose::{self, ComposeOptions};
-use crate::cartoon::Cartoonizer;
+use crate::cartoon::{self, Cartoonizer};
 use crate::config::Config;
+use crate::face::Face;
 use crate::imageops;
 use crate::nets::generator::{self, Generator};
 
@@ -214,18 +215,9 @@ pub fn run(
         }
         *timings.entry("compose").or_default() += started.elapsed().as_secs_f64() * 1e3;
 
-        let aligned: Vec<_> = result
-            .faces
-            .iter()
-            .map(|f| f.face.aligned.clone())
-            .collect();
-        let input = generator::normalize(&imageops::rgb_batch(&aligned, device)?)?;
+        let faces_alone: Vec<Face> = result.faces.into_iter().map(|f| f.face).collect();
         let started = Instant::now();
-        generator
-            .forward(&input)?
-            .0
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?;
+        cartoon::generate(&generator, &faces_alone, device)?;
         let alone_ms = started.elapsed().as_secs_f64() * 1e3;
         if run == 0 {
             continue; // warm-up

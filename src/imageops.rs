@@ -253,12 +253,12 @@ fn warp_bilinear(
     let (w, h) = (src.width() as usize, src.height() as usize);
     let pixels = src.as_raw();
     let fill = fill.0.map(f32::from);
+    let read = |at: usize| [0, 1, 2].map(|k| f32::from(pixels[at + k]));
     let texel = |x: i64, y: i64| -> [f32; 3] {
         if x < 0 || y < 0 || x >= w as i64 || y >= h as i64 {
             fill
         } else {
-            let at = (y as usize * w + x as usize) * 3;
-            [0, 1, 2].map(|k| f32::from(pixels[at + k]))
+            read((y as usize * w + x as usize) * 3)
         }
     };
     let mut out = vec![0u8; out_w as usize * out_h as usize * 3];
@@ -274,8 +274,12 @@ fn warp_bilinear(
                 let [p00, p10, p01, p11] = if inside {
                     // The 2x2 neighbourhood lies in the photo: read it without the checks.
                     let at = (y0 as usize * w + x0 as usize) * 3;
-                    let px = |at: usize| [0, 1, 2].map(|k| f32::from(pixels[at + k]));
-                    [px(at), px(at + 3), px(at + 3 * w), px(at + 3 * w + 3)]
+                    [
+                        read(at),
+                        read(at + 3),
+                        read(at + 3 * w),
+                        read(at + 3 * w + 3),
+                    ]
                 } else {
                     [
                         texel(x0, y0),

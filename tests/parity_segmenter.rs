@@ -89,15 +89,14 @@ fn transposed_conv_crops_like_mediapipe_same() -> Result<()> {
         .broadcast_mul(&cover.reshape((1, 4))?)?
         .reshape((1, 1, 4, 4))?;
     assert_eq!(max_abs_diff(&y, &expected)?, 0.0);
-    // k == stride (the shipped model): no overlap, no cropping; the same as candle's
-    // transposed convolution on random values.
+    // k == stride (the shipped model): no overlap, no cropping. The same as candle's
+    // transposed convolution on random values, and on ones every output is one input.
     let xr = Tensor::randn(0f32, 1.0, (2, 5, 3, 4), &dev)?;
     let wr = Tensor::randn(0f32, 1.0, (5, 3, 2, 2), &dev)?;
     let want = xr.conv_transpose2d(&wr, 0, 0, 2, 1)?;
     let got = conv_transpose_same(&xr, &wr, 2)?;
     assert_eq!(got.dims(), want.dims());
     assert!(max_abs_diff(&got, &want)? < 1e-5);
-    // k == stride (the shipped model): no overlap, no cropping.
     let w = Tensor::ones((1, 1, 2, 2), DType::F32, &dev)?;
     let y = conv_transpose_same(&x, &w, 2)?;
     assert_eq!(y.dims(), &[1, 1, 4, 4]);

@@ -47,6 +47,22 @@ pub struct CartoonFace {
     pub avatar: RgbaImage,
 }
 
+/// Step 8: the generator on the faces' whitened aligned crops, as one batch; its outputs
+/// `(N, 3, 256, 256)` in `[-1, 1]`, f32 on the CPU.
+pub fn generate(
+    generator: &Generator,
+    faces: &[Face],
+    device: &Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    let aligned: Vec<RgbImage> = faces.iter().map(|f| f.aligned.clone()).collect();
+    let input = generator::normalize(&imageops::rgb_batch(&aligned, device)?)?;
+    generator
+        .forward(&input)?
+        .0
+        .to_device(&Device::Cpu)?
+        .to_dtype(candle_core::DType::F32)
+}
+
 /// The generator's outputs `(N, 3, 256, 256)` for `faces` (in order) composed: each face's
 /// cartoon on white, sticker and avatar, and the photo with the faces pasted back.
 fn compose_faces(
@@ -193,12 +209,7 @@ impl Cartoonizer {
         }
         let mut timings = found.timings.as_map();
         let started = Instant::now();
-        let aligned: Vec<RgbImage> = found.faces.iter().map(|f| f.aligned.clone()).collect();
-        let input = generator::normalize(&imageops::rgb_batch(&aligned, &self.device)?)?;
-        let output = generator.forward(&input)?.0;
-        let output = output
-            .to_device(&Device::Cpu)?
-            .to_dtype(candle_core::DType::F32)?;
+        let output = generate(generator, &found.faces, &self.device)?;
         timings.insert("generator", started.elapsed().as_secs_f64() * 1e3);
 
         let started = Instant::now();

@@ -654,41 +654,46 @@ fn stage_row(g: &Geom, src: &[f32], dst: &mut [f32], affine: Option<(f32, f32)>,
             f(src[col(reflect(e, we))])
         }
     };
+    // Where padded column `px` goes: stride 2 deinterleaves even and odd columns.
+    let slot = |px: usize| {
+        if g.stride == 2 {
+            (px & 1) * g.half + px / 2
+        } else {
+            px
+        }
+    };
+    if g.stride == 2 && g.up {
+        for px in 0..g.wp {
+            dst[slot(px)] = value(px);
+        }
+        return;
+    }
     // The input columns that land in the staged row, then the padding.
     let n = we.min(g.wp - pad);
     if g.stride == 2 {
-        if g.up {
-            for px in 0..g.wp {
-                dst[(px & 1) * g.half + px / 2] = value(px);
-            }
-            return;
-        }
-        // Deinterleaved: even padded columns first, then odd ones, each a strided read.
+        // Even padded columns first, then odd ones, each a strided read.
         for parity in 0..2 {
             let first = pad + (parity + pad) % 2;
             if first >= pad + n {
                 continue;
             }
             let count = (pad + n - first).div_ceil(2);
-            let start = parity * g.half + first / 2;
+            let start = slot(first);
             let columns = src[first - pad..n].iter().step_by(2);
             transform_into(&mut dst[start..start + count], columns, affine, relu);
         }
-        for px in (0..pad).chain(pad + n..g.wp) {
-            dst[(px & 1) * g.half + px / 2] = value(px);
-        }
-        return;
-    }
-    let interior = &mut dst[pad..pad + n];
-    if g.up {
-        transform_into(interior, (0..n).map(|i| &src[i / 2]), affine, relu);
-    } else if affine.is_none() && !relu {
-        interior.copy_from_slice(&src[..n]);
     } else {
-        transform_into(interior, src[..n].iter(), affine, relu);
+        let interior = &mut dst[pad..pad + n];
+        if g.up {
+            transform_into(interior, (0..n).map(|i| &src[i / 2]), affine, relu);
+        } else if affine.is_none() && !relu {
+            interior.copy_from_slice(&src[..n]);
+        } else {
+            transform_into(interior, src[..n].iter(), affine, relu);
+        }
     }
     for px in (0..pad).chain(pad + n..g.wp) {
-        dst[px] = value(px);
+        dst[slot(px)] = value(px);
     }
 }
 
