@@ -439,46 +439,150 @@ fn stop_on_signal() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
-/// Runs `trainer` with a progress bar (steps, losses, images/s, ETA).
-fn run_with_progress(trainer: &mut train::run::Trainer) -> Result<train::run::Finish> {
+/// Runs a training loop with a progress bar (steps, `message` of the losses, images/s,
+/// ETA); Ctrl-C / SIGTERM stop it with a checkpoint.
+fn with_progress(
+    position: u64,
+    length: u64,
+    message: impl Fn(&train::run::Progress) -> String,
+    run: impl FnOnce(&AtomicBool, &mut dyn FnMut(&train::run::Progress)) -> Result<train::run::Finish>,
+) -> Result<train::run::Finish> {
     let stop = stop_on_signal()?;
-    let bar = indicatif::ProgressBar::new(trainer.spec.steps)
-        .with_position(trainer.step())
+    let bar = indicatif::ProgressBar::new(length)
+        .with_position(position)
         .with_style(
             indicatif::ProgressStyle::with_template(
                 "{bar:30} {pos}/{len} {msg} eta {eta} ({elapsed})",
             )
             .expect("valid template"),
         );
-    let finish = trainer.run(&stop, |p| {
+    let finish = run(&stop, &mut |p| {
+        bar.set_length(p.steps);
         bar.set_position(p.step);
-        let loss = |k: &str| p.losses.get(k).copied().unwrap_or(f64::NAN);
         bar.set_message(format!(
-            "G {:.3} D {:.3} cycle {:.3} id {:.3} | {:.2} img/s lr {:.1e}",
-            loss("Generator_loss"),
-            loss("Discriminator_loss"),
-            loss("G_recon_loss_A"),
-            loss("G_id_loss_A"),
+            "{} | {:.2} img/s lr {:.1e}",
+            message(p),
             p.images_per_s,
             p.lr
         ));
     })?;
     bar.finish_and_clear();
-    let out = &trainer.options.out;
+    Ok(finish)
+}
+
+fn finish_line(finish: train::run::Finish, step: u64, steps: u64, checkpoint: &Path, out: &Path) {
     eprintln!(
-        "{} at step {}/{}: checkpoint {}, log {}, samples in {}",
+        "{} at step {step}/{steps}: checkpoint {}, log {}, samples in {}",
         match finish {
             train::run::Finish::Completed => "finished",
             train::run::Finish::Interrupted => "interrupted",
             train::run::Finish::TimeLimit => "time limit reached",
         },
-        trainer.step(),
-        trainer.spec.steps,
-        trainer.checkpoint_path().display(),
+        checkpoint.display(),
         out.join(train::run::LOG_FILE).display(),
         out.join(train::run::SAMPLES_DIR).display(),
     );
+}
+
+/// A loss of `p` by name, NaN when absent.
+fn loss(p: &train::run::Progress, name: &str) -> f64 {
+    p.losses.get(name).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs a photo2cartoon `trainer` with a progress bar.
+fn run_with_progress(trainer: &mut train::run::Trainer) -> Result<train::run::Finish> {
+    let message = |p: &train::run::Progress| {
+        format!(
+            "G {:.3} D {:.3} cycle {:.3} id {:.3}",
+            loss(p, "Generator_loss"),
+            loss(p, "Discriminator_loss"),
+            loss(p, "G_recon_loss_A"),
+            loss(p, "G_id_loss_A"),
+        )
+    };
+    let (step, steps) = (trainer.step(), trainer.spec.steps);
+    let finish = with_progress(step, steps, message, |stop, on_step| {
+        trainer.run(stop, on_step)
+    })?;
+    let out = &trainer.options.out;
+    finish_line(
+        finish,
+        trainer.step(),
+        trainer.spec.steps,
+        &trainer.checkpoint_path(),
+        out,
+    );
     Ok(finish)
+}
+
+/// How `train base --recipe fast` starts.
+pub struct FastStartArgs {
+    pub resume: bool,
+    /// A fast checkpoint whose generator has done the reconstruction phase.
+    pub init: Option<PathBuf>,
+}
+
+/// `toonbot train base --recipe fast`: the one-sided CPU recipe (or resumes the run in
+/// `out`).
+pub fn train_base_fast(
+    config: &Config,
+    device: &Device,
+    spec: train::fast::FastSpec,
+    out: &Path,
+    args: &TrainArgs,
+    start: FastStartArgs,
+) -> Result<ExitCode> {
+    use train::fast::run::{FastStart, FastTrainer};
+    let start = match (start.resume, start.init) {
+        (true, _) => FastStart::Resume(resume_checkpoint(out, args)?),
+        (false, Some(init)) => FastStart::FromReconstruction(init),
+        (false, None) => FastStart::Fresh,
+    };
+    let mut trainer = FastTrainer::new(spec, args.options(config, out), start, device)?;
+    let message = |p: &train::run::Progress| {
+        if p.losses.contains_key("R_loss") {
+            format!(
+                "reconstruct L1 {:.4} feat {:.4}",
+                loss(p, "R_pixel"),
+                loss(p, "R_feature")
+            )
+        } else {
+            format!(
+                "G {:.3} D {:.3} id {:.3} p {:.2}",
+                loss(p, "G_loss"),
+                loss(p, "D_loss"),
+                loss(p, "G_face_id"),
+                loss(p, "ada_p"),
+            )
+        }
+    };
+    let length = trainer.state.recon_steps + trainer.spec.steps;
+    let finish = with_progress(trainer.total_steps(), length, message, |stop, on_step| {
+        trainer.run(stop, on_step)
+    })?;
+    let steps = trainer.state.recon_steps + trainer.spec.steps;
+    let (checkpoint, out) = (trainer.checkpoint_path(), &trainer.options.out);
+    finish_line(finish, trainer.total_steps(), steps, &checkpoint, out);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoint `--resume` continues: the run's own in `out`, else the `--compact` one.
+fn resume_checkpoint(out: &Path, args: &TrainArgs) -> Result<PathBuf> {
+    let path = [
+        Some(out.join(train::run::CHECKPOINT_FILE)),
+        args.compact.clone(),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.is_file())
+    .with_context(|| {
+        format!(
+            "--resume: no checkpoint in {} (nor --compact)",
+            out.display()
+        )
+    })?;
+    eprintln!("resuming from {}", path.display());
+    Ok(path)
 }
 
 /// `toonbot train base`: trains all six networks from scratch (or resumes the run in `out`).
@@ -493,21 +597,7 @@ pub fn train_base(
 ) -> Result<ExitCode> {
     let options = args.options(config, out);
     let start = if resume {
-        let path = [
-            Some(out.join(train::run::CHECKPOINT_FILE)),
-            args.compact.clone(),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "--resume: no checkpoint in {} (nor --compact)",
-                out.display()
-            )
-        })?;
-        eprintln!("resuming from {}", path.display());
-        train::run::Start::Resume(path)
+        train::run::Start::Resume(resume_checkpoint(out, args)?)
     } else {
         train::run::Start::Fresh
     };

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use toonbot::cli;
 use toonbot::config::Config;
@@ -135,6 +135,20 @@ enum TrainCommand {
         /// Continue the run in --out (its checkpoint, else the --compact one) exactly.
         #[arg(long)]
         resume: bool,
+        /// `fast`: the one-sided CPU recipe (default on the CPU); `photo2cartoon`: the
+        /// reference's six networks (default on CUDA).
+        #[arg(long, value_enum)]
+        recipe: Option<Recipe>,
+        /// Held-out aligned photos (fast recipe): the reconstruction check and the samples.
+        #[arg(long)]
+        val_photos: Option<PathBuf>,
+        /// Start the adversarial phase from this fast checkpoint's generator, whose
+        /// reconstruction phase is done (fast recipe).
+        #[arg(long, conflicts_with = "resume")]
+        init: Option<PathBuf>,
+        /// Side of the last 15% of the steps (fast recipe; --size is the side of the rest).
+        #[arg(long, default_value_t = 256)]
+        high_size: usize,
         #[command(flatten)]
         common: TrainFlags,
     },
@@ -183,15 +197,23 @@ enum TrainCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Recipe {
+    Fast,
+    Photo2cartoon,
+}
+
 #[derive(clap::Args)]
 struct TrainFlags {
-    /// Training image side (multiple of 16).
-    #[arg(long, default_value_t = 256)]
-    size: usize,
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Total steps; the learning rate decays linearly over the second half (default:
-    /// 200000 for base, as photo2cartoon's schedule; 2000 for finetune).
+    /// Training image side (multiple of 16; default 256, or 128 for the fast recipe).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Images per domain and step (default 1, or 4 for the fast recipe).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Total steps; photo2cartoon's learning rate decays linearly over the second half
+    /// (default: 200000 for base, as photo2cartoon's schedule; 2000 for finetune); the fast
+    /// recipe's count its adversarial steps (default 20000).
     #[arg(long)]
     steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
@@ -220,11 +242,12 @@ struct TrainFlags {
 }
 
 impl TrainFlags {
-    fn args(self, default_steps: u64) -> cli::TrainArgs {
+    /// The settings, with `(size, batch, steps)` defaults for those not given.
+    fn args(self, (size, batch, steps): (usize, usize, u64)) -> cli::TrainArgs {
         cli::TrainArgs {
-            size: self.size,
-            batch: self.batch,
-            steps: self.steps.unwrap_or(default_steps),
+            size: self.size.unwrap_or(size),
+            batch: self.batch.unwrap_or(batch),
+            steps: self.steps.unwrap_or(steps),
             seed: self.seed,
             lr: self.lr,
             save_every: self.save_every,
@@ -339,16 +362,49 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             cartoons,
             out,
             resume,
+            recipe,
+            val_photos,
+            init,
+            high_size,
             common,
-        } => cli::train_base(
-            config,
-            device,
-            photos,
-            cartoons,
-            &out,
-            &common.args(200_000),
-            resume,
-        ),
+        } => {
+            let recipe = recipe.unwrap_or(if device.is_cuda() {
+                Recipe::Photo2cartoon
+            } else {
+                Recipe::Fast
+            });
+            if recipe == Recipe::Photo2cartoon {
+                anyhow::ensure!(
+                    val_photos.is_none() && init.is_none(),
+                    "--val-photos and --init belong to the fast recipe"
+                );
+                return cli::train_base(
+                    config,
+                    device,
+                    photos,
+                    cartoons,
+                    &out,
+                    &common.args((256, 1, 200_000)),
+                    resume,
+                );
+            }
+            let val_photos = val_photos.context(
+                "the fast recipe needs --val-photos: held-out aligned photos for its \
+                 reconstruction check and sample grids",
+            )?;
+            let args = common.args((128, 4, 20_000));
+            let spec = toonbot::train::fast::FastSpec {
+                seed: args.seed,
+                batch: args.batch,
+                low_size: args.size,
+                high_size,
+                lr_g: args.lr,
+                lr_d: args.lr,
+                ..toonbot::train::fast::FastSpec::new(photos, cartoons, val_photos, args.steps)
+            };
+            let start = cli::FastStartArgs { resume, init };
+            cli::train_base_fast(config, device, spec, &out, &args, start)
+        }
         TrainCommand::Finetune {
             from,
             cartoons,
@@ -372,7 +428,7 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                 dtype,
                 resume,
             },
-            &common.args(2_000),
+            &common.args((256, 1, 2_000)),
         ),
         TrainCommand::Export {
             checkpoint,

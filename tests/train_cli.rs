@@ -169,3 +169,40 @@ fn eval_without_inception_weights_says_how_to_get_them() {
         "{err}"
     );
 }
+
+#[test]
+fn the_fast_recipe_asks_for_held_out_photos_and_refuses_bad_folders() {
+    let tmp = tempfile::tempdir().unwrap();
+    let styles = tmp.path().join("styles");
+    let (photos, cartoons) = (tmp.path().join("photos"), tmp.path().join("cartoons"));
+    images(&photos, 8, 40);
+    images(&cartoons, 3, 200);
+    let base = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "base",
+            "--photos",
+            photos.to_str().unwrap(),
+            "--cartoons",
+            cartoons.to_str().unwrap(),
+            "--out",
+        ];
+        let out = tmp.path().join("run");
+        let out = out.to_str().unwrap().to_string();
+        args.push(&out);
+        args.extend_from_slice(extra);
+        toonbot(&args, &styles)
+    };
+    let out = base(&[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--val-photos"), "{stderr}");
+
+    let out = base(&["--val-photos", photos.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--cartoons") && stderr.contains("fewer than the 8"),
+        "{stderr}"
+    );
+}

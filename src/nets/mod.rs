@@ -1,5 +1,6 @@
 //! candle network definitions, one network per file.
 
+pub mod backbone;
 pub mod cpu_ops;
 pub mod discriminator;
 pub mod face_detector;
@@ -8,6 +9,7 @@ pub mod generator;
 pub mod inception;
 pub mod landmarks68;
 pub mod layers;
+pub mod projected_discriminator;
 pub mod segmenter;
 pub mod tf_ops;
 pub mod train_ops;

@@ -419,25 +419,34 @@ impl CustomOp2 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (pad, stride) = (self.pad, self.stride);
         let grad = grad.contiguous()?;
-        let x_dims = x.dims4()?;
-        let grad_x = grad.apply_op2_no_bwd(
-            w,
-            &ConvInputGrad {
-                pad,
-                stride,
-                x_dims,
-            },
-        )?;
-        let w_dims = w.dims4()?;
-        let grad_w = x.apply_op2_no_bwd(
-            &grad,
-            &ConvWeightGrad {
-                pad,
-                stride,
-                w_dims,
-            },
-        )?;
-        Ok((Some(grad_x), Some(grad_w)))
+        // A frozen weight (a detached backbone's) or an input image needs no gradient.
+        let grad_x = if x.track_op() {
+            let x_dims = x.dims4()?;
+            Some(grad.apply_op2_no_bwd(
+                w,
+                &ConvInputGrad {
+                    pad,
+                    stride,
+                    x_dims,
+                },
+            )?)
+        } else {
+            None
+        };
+        let grad_w = if w.track_op() {
+            let w_dims = w.dims4()?;
+            Some(x.apply_op2_no_bwd(
+                &grad,
+                &ConvWeightGrad {
+                    pad,
+                    stride,
+                    w_dims,
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w))
     }
 }
 
@@ -685,6 +694,210 @@ pub fn instance_norm(x: &Tensor, relu: bool, eps: f64) -> Option<Result<Tensor>>
     training_on_cpu(&[x]).then(|| x.contiguous()?.apply_op1(InstanceNormOp { relu, eps }))
 }
 
+/// Zero padding on each side of a convolution's input: `[top, bottom, left, right]`.
+pub type Padding4 = [usize; 4];
+
+/// TensorFlow's `SAME` padding of one axis of `size` pixels: `ceil(size / stride)` outputs,
+/// the odd pixel of the padding after (bottom or right).
+pub fn same_padding(size: usize, kernel: usize, stride: usize) -> [usize; 2] {
+    let out = size.div_ceil(stride);
+    let total = ((out - 1) * stride + kernel).saturating_sub(size);
+    [total / 2, total - total / 2]
+}
+
+/// The geometry of a depthwise convolution over one channel plane.
+#[derive(Debug, Clone, Copy)]
+struct DepthwiseGeometry {
+    height: usize,
+    width: usize,
+    kernel: usize,
+    stride: usize,
+    top: usize,
+    left: usize,
+    out_height: usize,
+    out_width: usize,
+}
+
+impl DepthwiseGeometry {
+    fn new(h: usize, w: usize, kernel: usize, stride: usize, pad: Padding4) -> Result<Self> {
+        let [top, bottom, left, right] = pad;
+        let (ph, pw) = (h + top + bottom, w + left + right);
+        if ph < kernel || pw < kernel || stride == 0 {
+            bail!("depthwise conv: {h}x{w} input (padded {pad:?}) for kernel {kernel}")
+        }
+        Ok(Self {
+            height: h,
+            width: w,
+            kernel,
+            stride,
+            top,
+            left,
+            out_height: (ph - kernel) / stride + 1,
+            out_width: (pw - kernel) / stride + 1,
+        })
+    }
+
+    /// Calls `f(output index, input index, tap index)` for every output pixel and every
+    /// kernel tap that reads inside the plane (not the padding).
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let k = self.kernel;
+        for oy in 0..self.out_height {
+            for i in 0..k {
+                let Some(y) = (oy * self.stride + i)
+                    .checked_sub(self.top)
+                    .filter(|&y| y < self.height)
+                else {
+                    continue;
+                };
+                for ox in 0..self.out_width {
+                    for j in 0..k {
+                        let Some(x) = (ox * self.stride + j)
+                            .checked_sub(self.left)
+                            .filter(|&x| x < self.width)
+                        else {
+                            continue;
+                        };
+                        f(oy * self.out_width + ox, y * self.width + x, i * k + j);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A depthwise convolution with fixed (frozen) weights and bias, zero padded: forward and
+/// input gradient one pass per channel plane. candle runs a grouped convolution as one
+/// convolution per channel, forward and back, which is very slow for these layers.
+struct FrozenDepthwiseOp {
+    /// `(channels, kernel * kernel)`.
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+    pad: Padding4,
+}
+
+impl FrozenDepthwiseOp {
+    fn geometry(&self, dims: &[usize]) -> Result<(usize, usize, DepthwiseGeometry)> {
+        let &[n, c, h, w] = dims else {
+            bail!("depthwise conv: NCHW input expected, got {dims:?}")
+        };
+        if c * self.kernel * self.kernel != self.weight.len() {
+            bail!(
+                "depthwise conv: {c} channels for a weight of {}",
+                self.weight.len()
+            )
+        }
+        Ok((
+            n,
+            c,
+            DepthwiseGeometry::new(h, w, self.kernel, self.stride, self.pad)?,
+        ))
+    }
+}
+
+impl CustomOp1 for FrozenDepthwiseOp {
+    fn name(&self) -> &'static str {
+        "toonbot-frozen-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, g) = self.geometry(l.dims())?;
+        let x = f32_slice(s, l)?;
+        let (plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
+        let taps = self.kernel * self.kernel;
+        let mut y = vec![0f32; n * c * out_plane];
+        y.par_chunks_mut(out_plane)
+            .zip(x.par_chunks(plane))
+            .enumerate()
+            .for_each(|(i, (y, x))| {
+                let ch = i % c;
+                let w = &self.weight[ch * taps..(ch + 1) * taps];
+                y.fill(self.bias[ch]);
+                g.for_each_tap(|o, src, t| y[o] += w[t] * x[src]);
+            });
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((n, c, g.out_height, g.out_width)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = FrozenDepthwiseInputGrad {
+            forward: self,
+            x_dims: x.dims().to_vec(),
+        };
+        Ok(Some(grad.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// The input gradient of [`FrozenDepthwiseOp`] from its output gradient.
+struct FrozenDepthwiseInputGrad<'a> {
+    forward: &'a FrozenDepthwiseOp,
+    x_dims: Vec<usize>,
+}
+
+impl CustomOp1 for FrozenDepthwiseInputGrad<'_> {
+    fn name(&self) -> &'static str {
+        "toonbot-frozen-depthwise-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.forward;
+        let (n, c, g) = op.geometry(&self.x_dims)?;
+        if l.dims() != [n, c, g.out_height, g.out_width] {
+            bail!(
+                "depthwise conv: gradient {:?} for input {:?}",
+                l.dims(),
+                self.x_dims
+            )
+        }
+        let grad = f32_slice(s, l)?;
+        let (plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
+        let taps = op.kernel * op.kernel;
+        let mut dx = vec![0f32; n * c * plane];
+        dx.par_chunks_mut(plane)
+            .zip(grad.par_chunks(out_plane))
+            .enumerate()
+            .for_each(|(i, (dx, grad))| {
+                let ch = i % c;
+                let w = &op.weight[ch * taps..(ch + 1) * taps];
+                g.for_each_tap(|o, src, t| dx[src] += w[t] * grad[o]);
+            });
+        Ok((CpuStorage::F32(dx), Shape::from(self.x_dims.clone())))
+    }
+}
+
+/// A depthwise convolution (`weight` `(C, 1, k, k)`, `bias` `(C)`, both held fixed) of `x`
+/// with zero padding `pad`: [`FrozenDepthwiseOp`] on the CPU in f32, candle's grouped
+/// convolution elsewhere. Gradients flow to `x` only.
+pub fn frozen_depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    pad: Padding4,
+) -> Result<Tensor> {
+    let (c, _, k, _) = weight.dims4()?;
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        let [top, bottom, left, right] = pad;
+        let padded = x
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?;
+        let y = padded.conv2d(&weight.detach(), 0, stride, 1, c)?;
+        return y.broadcast_add(&bias.detach().reshape((1, c, 1, 1))?);
+    }
+    let op = FrozenDepthwiseOp {
+        weight: weight.flatten_all()?.to_vec1()?,
+        bias: bias.to_vec1()?,
+        kernel: k,
+        stride,
+        pad,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -827,6 +1040,66 @@ mod tests {
         assert!(!y.track_op());
         let expected = x.conv2d(&w, 1, 1, 1, 1)?;
         assert_eq!(max_rel_diff(&y, &expected)?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_frozen_depthwise_convolution_and_its_input_gradient_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // (batch, channels, kernel, stride, height, width)
+        let cases = [
+            (2, 5, 3, 1, 9, 12),
+            (1, 4, 3, 2, 16, 16),
+            (2, 3, 5, 2, 13, 11),
+            (1, 6, 5, 1, 8, 8),
+        ];
+        for (n, c, k, stride, h, w) in cases {
+            let pad = {
+                let [t, b] = same_padding(h, k, stride);
+                let [l, r] = same_padding(w, k, stride);
+                [t, b, l, r]
+            };
+            let x = Var::randn(0f32, 1f32, (n, c, h, w), &dev)?;
+            let wt = Tensor::randn(0f32, 1f32, (c, 1, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1f32, c, &dev)?;
+            let (ho, wo) = (h.div_ceil(stride), w.div_ceil(stride));
+            let r = Tensor::randn(0f32, 1f32, (n, c, ho, wo), &dev)?;
+            let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<[Tensor; 2]> {
+                let y = f(x.as_tensor())?;
+                let grads = (&y * &r)?.sum_all()?.backward()?;
+                Ok([y, grads.get(&x).expect("input gradient").clone()])
+            };
+            let ours = run(&|x| frozen_depthwise_conv2d(x, &wt, &bias, stride, pad))?;
+            let candle = run(&|x| {
+                let [t, b, l, rt] = pad;
+                let p = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, rt)?;
+                p.conv2d(&wt, 0, stride, 1, c)?
+                    .broadcast_add(&bias.reshape((1, c, 1, 1))?)
+            })?;
+            for (what, (a, b)) in ["output", "input grad"]
+                .iter()
+                .zip(ours.iter().zip(&candle))
+            {
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                let diff = max_rel_diff(a, b)?;
+                assert!(diff < 1e-5, "{what} of c{c} k{k} s{stride} {h}x{w}: {diff}");
+            }
+        }
+        assert_eq!(same_padding(128, 3, 2), [0, 1]);
+        assert_eq!(same_padding(64, 5, 2), [1, 2]);
+        assert_eq!(same_padding(32, 5, 1), [2, 2]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1f32, (1, 3, 6, 6), &dev)?;
+        let w = Var::randn(0f32, 1f32, (4, 3, 3, 3), &dev)?;
+        let y = conv2d(x.as_tensor(), &w.as_tensor().detach(), Pad::Zeros(1), 1)?;
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&x).is_some());
+        assert!(grads.get(&w).is_none());
         Ok(())
     }
 }

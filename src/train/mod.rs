@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod face_id;
+pub mod fast;
 pub mod finetune;
 pub mod grid;
 pub mod losses;

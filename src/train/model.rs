@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use super::params::{trainable_vars, var_builder, Freeze};
+use super::params::{self, trainable_vars, var_builder, Freeze};
 use crate::nets::discriminator::{self, Discriminator};
 use crate::nets::generator::{self, clip_rho_w, Generator};
 
@@ -129,40 +129,21 @@ impl Ugatit {
 
     /// Every variable and buffer of the named networks, `network.param`, sorted.
     pub fn named_tensors(&self, networks: &[&str]) -> Vec<(String, Tensor)> {
-        let mut out: Vec<(String, Tensor)> = NETWORKS
-            .iter()
-            .zip(&self.vars)
-            .filter(|(net, _)| networks.contains(net))
-            .flat_map(|(net, vars)| {
-                let data = vars.data().lock().expect("varmap lock");
-                data.iter()
-                    .map(|(name, var)| (format!("{net}.{name}"), var.as_tensor().detach()))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        params::named_tensors(self.selected(networks))
     }
 
     /// Sets the named networks' variables from `tensors` (keys `network.param`, any float
     /// dtype). Every variable of each network in `networks` must be present.
     pub fn load(&self, tensors: &HashMap<String, Tensor>, networks: &[&str]) -> Result<()> {
-        for (net, vars) in NETWORKS.iter().zip(&self.vars) {
-            if !networks.contains(net) {
-                continue;
-            }
-            for (name, var) in vars.data().lock().expect("varmap lock").iter() {
-                let key = format!("{net}.{name}");
-                let Some(t) = tensors.get(&key) else {
-                    bail!("{key} is missing")
-                };
-                if t.shape() != var.shape() {
-                    bail!("{key}: shape {:?}, expected {:?}", t.shape(), var.shape())
-                }
-                var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
-            }
-        }
-        Ok(())
+        params::load_named(self.selected(networks), tensors)
+    }
+
+    fn selected<'a>(&'a self, networks: &'a [&str]) -> impl Iterator<Item = (&'a str, &'a VarMap)> {
+        NETWORKS
+            .iter()
+            .zip(&self.vars)
+            .filter(move |(net, _)| networks.contains(net))
+            .map(|(net, vars)| (*net, vars))
     }
 
     /// Generator A->B's weights alone, named as in a style's `generator.safetensors`.

@@ -139,6 +139,44 @@ pub fn trainable_vars(vars: &VarMap, key: &str, freeze: Freeze) -> Vec<(String, 
     out
 }
 
+/// Every variable and buffer of the named networks, `network.param`, sorted.
+pub fn named_tensors<'a>(
+    networks: impl IntoIterator<Item = (&'a str, &'a VarMap)>,
+) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = networks
+        .into_iter()
+        .flat_map(|(net, vars)| {
+            let data = vars.data().lock().expect("varmap lock");
+            data.iter()
+                .map(|(name, var)| (format!("{net}.{name}"), var.as_tensor().detach()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Sets the networks' variables from `tensors` (keys `network.param`, any float dtype);
+/// every variable must be present with its shape.
+pub fn load_named<'a>(
+    networks: impl IntoIterator<Item = (&'a str, &'a VarMap)>,
+    tensors: &std::collections::HashMap<String, Tensor>,
+) -> Result<()> {
+    for (net, vars) in networks {
+        for (name, var) in vars.data().lock().expect("varmap lock").iter() {
+            let key = format!("{net}.{name}");
+            let Some(t) = tensors.get(&key) else {
+                bail!("{key} is missing")
+            };
+            if t.shape() != var.shape() {
+                bail!("{key}: shape {:?}, expected {:?}", t.shape(), var.shape())
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

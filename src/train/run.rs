@@ -256,7 +256,7 @@ pub fn sample_path(out: &Path, step: u64) -> PathBuf {
 }
 
 /// Loss means over each logging interval, appended to the JSON-lines log.
-struct LossLog {
+pub(crate) struct LossLog {
     file: std::fs::File,
     sums: Losses,
     count: u64,
@@ -273,7 +273,7 @@ struct LogLine<'a> {
 }
 
 impl LossLog {
-    fn open(path: &Path) -> Result<Self> {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -286,14 +286,14 @@ impl LossLog {
         })
     }
 
-    fn add(&mut self, p: &Progress) {
+    pub(crate) fn add(&mut self, p: &Progress) {
         for (name, value) in &p.losses {
             *self.sums.entry(name.clone()).or_default() += value;
         }
         self.count += 1;
     }
 
-    fn flush(&mut self, p: &Progress, elapsed_s: f64) -> Result<()> {
+    pub(crate) fn flush(&mut self, p: &Progress, elapsed_s: f64) -> Result<()> {
         let means: Losses = self
             .sums
             .iter()

@@ -26,15 +26,15 @@ pub type Losses = BTreeMap<String, f64>;
 /// Named scalar tensors, read back in one transfer. They are kept detached, so that a
 /// graph is freed as soon as its loss is differentiated.
 #[derive(Default)]
-struct Terms(Vec<(String, Tensor)>);
+pub(crate) struct Terms(Vec<(String, Tensor)>);
 
 impl Terms {
-    fn push(&mut self, name: impl Into<String>, t: Tensor) -> Tensor {
+    pub(crate) fn push(&mut self, name: impl Into<String>, t: Tensor) -> Tensor {
         self.0.push((name.into(), t.detach()));
         t
     }
 
-    fn read(self, into: &mut Losses) -> Result<()> {
+    pub(crate) fn read(self, into: &mut Losses) -> Result<()> {
         let (names, tensors): (Vec<String>, Vec<Tensor>) = self.0.into_iter().unzip();
         let values: Vec<f32> = Tensor::stack(&tensors, 0)?.to_vec1()?;
         into.extend(names.into_iter().zip(values.into_iter().map(f64::from)));
@@ -47,7 +47,7 @@ impl Terms {
 /// candle's backward computes a weight's gradient from the layer's input without detaching
 /// it, so every gradient would keep the whole forward graph alive (and, through Adam's
 /// moments, every earlier step's): the gradients are detached before the graph goes.
-fn differentiate(loss: Tensor) -> Result<(GradStore, Tensor)> {
+pub(crate) fn differentiate(loss: Tensor) -> Result<(GradStore, Tensor)> {
     let mut grads = loss.backward()?;
     let ids: Vec<_> = grads.get_ids().copied().collect();
     for id in ids {
@@ -57,7 +57,7 @@ fn differentiate(loss: Tensor) -> Result<(GradStore, Tensor)> {
     Ok((grads, loss.detach()))
 }
 
-fn sum(terms: &[Tensor]) -> Result<Tensor> {
+pub(crate) fn sum(terms: &[Tensor]) -> Result<Tensor> {
     let mut total = terms[0].clone();
     for t in &terms[1..] {
         total = (total + t)?;

@@ -1,0 +1,152 @@
+//! One step of the fast recipe: a reconstruction step, or an adversarial step (a
+//! discriminator update, then a generator update, then clipping rho and w). Losses are
+//! returned by name: `R_*` reconstruction, `D_*` discriminators, `G_*` generator.
+
+use candle_core::{Result, Tensor};
+
+use super::augment::{diff_augment, sign_mean, AdaptiveProbability};
+use super::model::FastNets;
+use super::{FastSpec, FastWeights};
+use crate::train::adam::Adam;
+use crate::train::face_id::FaceIdLoss;
+use crate::train::losses::{bce_with_logits_to, l1, mse_to};
+use crate::train::step::{differentiate, sum, Losses, Terms};
+
+/// Luminance averaged over 8x8 blocks: what the content term keeps of the photo.
+fn low_pass_luminance(x: &Tensor) -> Result<Tensor> {
+    x.mean_keepdim(1)?.avg_pool2d(8)
+}
+
+/// The fixed parts of a step.
+pub struct FastStep<'a> {
+    pub nets: &'a FastNets,
+    pub face_id: &'a FaceIdLoss,
+    pub spec: &'a FastSpec,
+}
+
+/// An adversarial step's inputs: photos, cartoons, and the cartoons edge-smoothed.
+pub struct AdversarialBatch<'a> {
+    pub photos: &'a Tensor,
+    pub cartoons: &'a Tensor,
+    pub smoothed: &'a Tensor,
+}
+
+impl FastStep<'_> {
+    fn weights(&self) -> FastWeights {
+        self.spec.weights
+    }
+
+    /// `G(x) = x` on photos and cartoons together: L1 on pixels and on the backbone's
+    /// low-level features.
+    pub fn reconstruct(
+        &self,
+        photos: &Tensor,
+        cartoons: &Tensor,
+        optim: &mut Adam,
+        lr: f64,
+    ) -> Result<Losses> {
+        let (n, w) = (self.nets, self.weights());
+        let mut terms = Terms::default();
+        let x = Tensor::cat(&[photos, cartoons], 0)?;
+        let y = n.gen.forward(&x)?.0;
+        let pixel = terms.push("R_pixel", l1(&y, &x)?);
+        let target = n.backbone.low_level(&x)?.detach();
+        let feature = terms.push("R_feature", l1(&n.backbone.low_level(&y)?, &target)?);
+        let loss = ((pixel * w.recon_pixel)? + (feature * w.recon_feature)?)?;
+        let (grads, loss) = differentiate(loss)?;
+        terms.push("R_loss", loss);
+        optim.step(&[grads], lr)?;
+        n.clip_rho_w()?;
+        let mut losses = Losses::new();
+        terms.read(&mut losses)?;
+        Ok(losses)
+    }
+
+    /// Adversarial step `step` (1-based).
+    pub fn adversarial(
+        &self,
+        batch: &AdversarialBatch,
+        step: u64,
+        ada: &mut AdaptiveProbability,
+        (g_optim, d_optim): (&mut Adam, &mut Adam),
+        (lr_g, lr_d): (f64, f64),
+    ) -> Result<Losses> {
+        let (n, w, seed) = (self.nets, self.weights(), self.spec.seed);
+        let mut terms = Terms::default();
+        let (fake, fake_cam, _) = n.gen.forward(batch.photos)?;
+
+        // Discriminators: real cartoons against translations and edge-smoothed cartoons.
+        let p = ada.p;
+        let aug = |x: &Tensor, what: &str| diff_augment(x, p, seed, &format!("{what}.{step}"));
+        let real = aug(batch.cartoons, "real")?;
+        let fakes = aug(&fake.detach(), "fake")?;
+        let smoothed = aug(batch.smoothed, "smoothed")?;
+        let real_logits = n.projected.forward_t(&n.backbone, &real, true)?;
+        let fake_logits = n.projected.forward_t(&n.backbone, &fakes, true)?;
+        ada.observe(sign_mean(&real_logits)?, real.dim(0)?);
+        let hinge = (real_logits.affine(-1.0, 1.0)?.relu()?.mean_all()?
+            + fake_logits.affine(1.0, 1.0)?.relu()?.mean_all()?)?;
+        let d_projected = terms.push("D_projected", hinge);
+        let mut local = Vec::new();
+        for (x, target) in [(&real, 1.0), (&fakes, 0.0), (&smoothed, 0.0)] {
+            let (logit, cam, _) = n.local.forward_t(x, true)?;
+            local.push(mse_to(&logit, target)?);
+            local.push(mse_to(&cam, target)?);
+        }
+        let d_local = terms.push("D_local", sum(&local)?);
+        let (d_grads, d_loss) = differentiate((d_projected + d_local)?)?;
+        terms.push("D_loss", d_loss);
+        d_optim.step(&[d_grads], lr_d)?;
+
+        // Generator: fool both, keep the face and the content, CAM towards "translated".
+        let fake_aug = aug(&fake, "generated")?;
+        let g_projected = terms.push(
+            "G_projected",
+            n.projected
+                .forward_t(&n.backbone, &fake_aug, true)?
+                .mean_all()?
+                .neg()?,
+        );
+        let (logit, cam, _) = n.local.forward_t(&fake_aug, true)?;
+        let g_local = terms.push("G_local", (mse_to(&logit, 1.0)? + mse_to(&cam, 1.0)?)?);
+        let ramp = self.spec.adv_ramp(step);
+        let adv = ((g_projected * (ramp * w.adv_projected))? + (g_local * (ramp * w.adv_local))?)?;
+        let photos = batch.photos;
+        let id = terms.push("G_face_id", self.face_id.cosine_distance(photos, &fake)?);
+        let luma = terms.push(
+            "G_content_luma",
+            l1(&low_pass_luminance(&fake)?, &low_pass_luminance(photos)?)?,
+        );
+        let target = n.backbone.low_level(photos)?.detach();
+        let feature = terms.push(
+            "G_content_feature",
+            l1(&n.backbone.low_level(&fake)?, &target)?,
+        );
+        let cam = terms.push("G_cam", bce_with_logits_to(&fake_cam, 1.0)?);
+        let loss = sum(&[
+            adv,
+            (id * w.face_id)?,
+            (luma * w.content_luma)?,
+            (feature * w.content_feature)?,
+            (cam * w.cam)?,
+        ])?;
+        let (grads, loss) = differentiate(loss)?;
+        let mut g_grads = vec![grads];
+        let mut g_loss = loss;
+        if w.identity_every > 0 && step.is_multiple_of(w.identity_every) {
+            let (same, same_cam, _) = n.gen.forward(batch.cartoons)?;
+            let identity = terms.push("G_identity", l1(&same, batch.cartoons)?);
+            let cam = terms.push("G_cam_identity", bce_with_logits_to(&same_cam, 0.0)?);
+            let (grads, loss) = differentiate(((identity * w.identity)? + (cam * w.cam)?)?)?;
+            g_grads.push(grads);
+            g_loss = (g_loss + loss)?;
+        }
+        terms.push("G_loss", g_loss);
+        g_optim.step(&g_grads, lr_g)?;
+        n.clip_rho_w()?;
+        let mut losses = Losses::new();
+        terms.read(&mut losses)?;
+        losses.insert("ada_p".into(), p);
+        Ok(losses)
+    }
+}
