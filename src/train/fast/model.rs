@@ -91,14 +91,6 @@ impl FastNets {
             .map(|(net, vars)| (*net, vars))
     }
 
-    /// The generator's weights alone, named as in a style's `generator.safetensors`.
-    pub fn generator_tensors(&self) -> HashMap<String, Tensor> {
-        let data = self.vars[0].data().lock().expect("varmap lock");
-        data.iter()
-            .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-            .collect()
-    }
-
     pub fn clip_rho_w(&self) -> Result<()> {
         clip_rho_w(&self.vars[0])
     }
