@@ -68,7 +68,7 @@ pub struct ReferenceTiming {
     pub ms_per_image: BTreeMap<usize, f64>,
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }

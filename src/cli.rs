@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::face::{FacePipeline, PhotoFaces};
 use crate::imageops;
 use crate::train;
+use crate::train::bench::BenchRecipe;
 
 /// `--device`: where the networks run.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -324,35 +325,55 @@ pub fn bench_train(
     config: &Config,
     device: &Device,
     size: usize,
-    batches: &[usize],
-    steps: usize,
+    (recipes, batches): (&[BenchRecipe], &[usize]),
+    runs: usize,
     reference_python: Option<&Path>,
     json: bool,
 ) -> Result<ExitCode> {
-    let steps = steps.max(1);
-    let mut report = train::bench::run(device, &config.models.dir, size, batches, steps)?;
+    let runs = runs.max(1);
+    let models = &config.models.dir;
+    let mut report = train::bench::run(device, models, size, recipes, batches, runs)?;
     if let Some(python) = reference_python {
-        report.reference = Some(train::bench::reference_step(python, size, batches, steps)?);
+        let p2c_batches = match batches {
+            [] => vec![BenchRecipe::Photo2cartoon.default_batch()],
+            b => b.to_vec(),
+        };
+        report.reference = Some(train::bench::reference_step(
+            python,
+            size,
+            &p2c_batches,
+            runs,
+        )?);
     }
     if json {
         println!("{}", serde_json::to_string(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("training step at {size}x{size} on {}", report.device);
-    for (batch, ms) in &report.ms_per_step {
-        print!(
-            "batch {batch:<4} {ms:>10.0} ms/step {:>8.2} images/s",
-            report.images_per_s[batch]
-        );
-        if let Some(r) = &report.reference {
-            let theirs = r.ms_per_step.get(batch).copied().unwrap_or(f64::NAN);
+    for (recipe, times) in &report.recipes {
+        for (batch, ms) in &times.ms_per_step {
             print!(
-                " | {}: {theirs:.0} ms/step, candle/reference {:.2}",
-                r.runtime,
-                ms / theirs
+                "{:<14} batch {batch:<4} {ms:>10.0} ms/step {:>8.2} images/s",
+                format!("{recipe:?}").to_lowercase(),
+                times.images_per_s[batch]
             );
+            let reference = report
+                .reference
+                .as_ref()
+                .filter(|_| *recipe == BenchRecipe::Photo2cartoon);
+            if let Some(r) = reference {
+                let theirs = r.ms_per_step.get(batch).copied().unwrap_or(f64::NAN);
+                print!(
+                    " | {}: {theirs:.0} ms/step, candle/reference {:.2}",
+                    r.runtime,
+                    ms / theirs
+                );
+            }
+            println!();
         }
-        println!();
+    }
+    if let Some(ratio) = report.fast_over_photo2cartoon {
+        println!("fast / photo2cartoon seconds per image: {ratio:.3} (median of per-run ratios)");
     }
     if let Some(mib) = report.peak_rss_mib {
         println!("peak host memory {mib:.0} MiB");

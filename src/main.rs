@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use toonbot::cli;
 use toonbot::config::Config;
+use toonbot::train::bench::BenchRecipe;
 
 /// toonbot: turns the faces in photos into cartoons (CLI and Discord bot).
 #[derive(Parser)]
@@ -75,15 +76,20 @@ enum Command {
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Time training steps instead (photo2cartoon's networks, seeded random images);
-        /// on CUDA also compares the generator's output with the CPU's.
+        /// Time training steps instead (seeded random images); on CUDA also compares the
+        /// generator's output with the CPU's.
         #[arg(long)]
         train: bool,
+        /// Recipes whose steps --train times, taking turns (repeat it; default
+        /// photo2cartoon). With both, the report has fast_over_photo2cartoon.
+        #[arg(long, value_enum)]
+        recipe: Vec<Recipe>,
         /// Training image side for --train.
         #[arg(long, default_value_t = 256)]
         size: usize,
-        /// Batch sizes for --train.
-        #[arg(long, num_args = 1.., default_values_t = [1])]
+        /// Batch sizes for --train (default: each recipe's own, 1 for photo2cartoon and 4
+        /// for fast).
+        #[arg(long, num_args = 1..)]
         batch: Vec<usize>,
         /// Also time each generator stage (and, when the CPU fast path is on, the same
         /// stages with plain candle ops).
@@ -146,7 +152,8 @@ enum TrainCommand {
         /// reconstruction phase is done (fast recipe).
         #[arg(long, conflicts_with = "resume")]
         init: Option<PathBuf>,
-        /// Side of the last 15% of the steps (fast recipe; --size is the side of the rest).
+        /// Side of the last 15% of the steps, at most 256 (fast recipe; --size is the side of
+        /// the rest).
         #[arg(long, default_value_t = 256)]
         high_size: usize,
         #[command(flatten)]
@@ -311,19 +318,34 @@ fn run(args: Args) -> Result<ExitCode> {
             runs,
             json,
             train: true,
+            recipe,
             size,
             batch,
             reference_python,
             ..
-        } => cli::bench_train(
-            &config,
-            &device,
-            size,
-            &batch,
-            runs,
-            reference_python.as_deref(),
-            json,
-        ),
+        } => {
+            let recipes: Vec<BenchRecipe> = recipe
+                .iter()
+                .map(|r| match r {
+                    Recipe::Fast => BenchRecipe::Fast,
+                    Recipe::Photo2cartoon => BenchRecipe::Photo2cartoon,
+                })
+                .collect();
+            let recipes = if recipes.is_empty() {
+                vec![BenchRecipe::Photo2cartoon]
+            } else {
+                recipes
+            };
+            cli::bench_train(
+                &config,
+                &device,
+                size,
+                (&recipes, &batch),
+                runs,
+                reference_python.as_deref(),
+                json,
+            )
+        }
         Command::Bench {
             photo,
             style,

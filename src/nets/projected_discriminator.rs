@@ -112,7 +112,7 @@ impl Mixing {
 /// One feature's head: built for every input size, its depth set by the map's size.
 #[derive(Debug, Clone)]
 struct Head {
-    /// Enough stride-2 layers for the largest feature map trained on (64 at 256 px).
+    /// Enough stride-2 layers for the largest feature map (64 at [`MAX_SIZE`]).
     down: Vec<SnConv>,
     out: SnConv,
 }
@@ -134,8 +134,12 @@ impl Head {
     }
 }
 
-/// Stride-2 layers per head: enough for features of 512 px images.
-const MAX_DOWN: [usize; 4] = [4, 3, 2, 1];
+/// Stride-2 layers per head: enough for features of [`MAX_SIZE`] images. A layer more on
+/// each head would make images of twice the size possible, at 5.6 M parameters more.
+const MAX_DOWN: [usize; 4] = [3, 2, 1, 0];
+
+/// The largest image side the heads take.
+pub const MAX_SIZE: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct ProjectedDiscriminator {
@@ -148,7 +152,7 @@ impl ProjectedDiscriminator {
     pub fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
         let mut mixing = Vec::new();
         let mut heads = Vec::new();
-        for i in 0..4 {
+        for (i, depth) in MAX_DOWN.into_iter().enumerate() {
             let c = cfg.mixed_channels[i];
             mixing.push(Mixing::new(
                 cfg.feature_channels[i],
@@ -156,7 +160,7 @@ impl ProjectedDiscriminator {
                 vb.pp(format!("scratch.layer{i}_ccm")),
             )?);
             let vh = vb.pp(format!("heads.{i}"));
-            let down = (0..MAX_DOWN[i])
+            let down = (0..depth)
                 .map(|j| SnConv::new(c, c, (2, 1), true, vh.pp(format!("down.{j}"))))
                 .collect::<Result<_>>()?;
             heads.push(Head {
@@ -173,8 +177,8 @@ impl ProjectedDiscriminator {
     }
 
     /// The logits of every head, flattened and concatenated: `(N, L)`. With `train`, every
-    /// spectral norm does one power iteration. `x` in [-1, 1], sides multiples of 32 and
-    /// at least 128.
+    /// spectral norm does one power iteration. `x` in [-1, 1], sides multiples of 32 from
+    /// 128 to [`MAX_SIZE`].
     pub fn forward_t(&self, backbone: &Backbone, x: &Tensor, train: bool) -> Result<Tensor> {
         let features = backbone.features(x)?;
         let n = x.dim(0)?;

@@ -1,10 +1,13 @@
-//! `toonbot bench --train`: the time of a full training step (both updates, every loss,
-//! photo2cartoon's networks) at a given size and batch sizes, on seeded random images; the
-//! process's peak memory; and on CUDA, how far the CUDA generator's output is from the
-//! CPU's for the same weights and input.
+//! `toonbot bench --train`: the time of a full training step of each recipe at a given
+//! size and batch sizes, on seeded random images: photo2cartoon's (both updates, every
+//! loss, both generators and four discriminators) and the fast recipe's adversarial step
+//! (generator A->B, projected and local discriminators, DiffAugment, every loss; timed
+//! over a whole identity cycle, so that the every-k-th identity term is counted once per
+//! k steps). Also the process's peak memory, and on CUDA how far the CUDA generator's
+//! output is from the CPU's for the same weights and input.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -13,20 +16,53 @@ use serde::Serialize;
 
 use super::adam::{Adam, AdamConfig};
 use super::face_id::FaceIdLoss;
+use super::fast::augment::{edge_smoothed, AdaptiveProbability};
+use super::fast::model::{load_backbone, FastNets};
+use super::fast::step::{AdversarialBatch, FastStep};
+use super::fast::FastSpec;
 use super::losses::LossWeights;
 use super::model::{NetConfig, Ugatit};
 use super::params::Freeze;
 use super::step::Step;
+use crate::bench::median;
 use crate::rng::SplitMix64;
+
+/// A training recipe the bench can time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BenchRecipe {
+    Photo2cartoon,
+    Fast,
+}
+
+impl BenchRecipe {
+    /// The batch size the recipe trains with by default.
+    pub fn default_batch(self) -> usize {
+        match self {
+            Self::Photo2cartoon => 1,
+            Self::Fast => 4,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecipeTimes {
+    /// Median milliseconds per training step, by batch size.
+    pub ms_per_step: BTreeMap<usize, f64>,
+    /// Photos (training pairs for photo2cartoon) per second, by batch size.
+    pub images_per_s: BTreeMap<usize, f64>,
+    /// The batch size with the most images per second.
+    pub best_batch: usize,
+}
 
 #[derive(Debug, Serialize)]
 pub struct TrainBenchReport {
     pub device: String,
     pub size: usize,
-    /// Median milliseconds per training step, by batch size.
-    pub ms_per_step: BTreeMap<usize, f64>,
-    /// Training pairs per second, by batch size.
-    pub images_per_s: BTreeMap<usize, f64>,
+    pub recipes: BTreeMap<BenchRecipe, RecipeTimes>,
+    /// With both recipes: the median over the runs of the fast recipe's seconds per image
+    /// (at its best batch) over photo2cartoon's (at its best batch) in the same run.
+    pub fast_over_photo2cartoon: Option<f64>,
     /// Peak resident memory of the process (host memory), MiB.
     pub peak_rss_mib: Option<f64>,
     /// Max |CUDA - CPU| of generator A->B's output (same weights and input), on CUDA only.
@@ -105,53 +141,168 @@ fn cuda_vs_cpu(size: usize, device: &Device) -> Result<f64> {
     Ok(f64::from(diff.to_scalar::<f32>()?))
 }
 
-/// Times `steps` training steps (after one warm-up) per batch size.
+/// One recipe's networks and optimisers, ready to take steps.
+enum Trainer {
+    Photo2cartoon {
+        model: Box<Ugatit>,
+        face_id: FaceIdLoss,
+        g_optim: Adam,
+        d_optim: Adam,
+    },
+    Fast {
+        nets: Box<FastNets>,
+        spec: Box<FastSpec>,
+        face_id: FaceIdLoss,
+        ada: AdaptiveProbability,
+        g_optim: Adam,
+        d_optim: Adam,
+        step: u64,
+    },
+}
+
+impl Trainer {
+    fn new(recipe: BenchRecipe, device: &Device, models_dir: &Path, size: usize) -> Result<Self> {
+        let net = NetConfig::photo2cartoon();
+        let face_id = FaceIdLoss::load(models_dir, size, device)?;
+        Ok(match recipe {
+            BenchRecipe::Photo2cartoon => {
+                net.check_size(size)?;
+                let model = Ugatit::new(net, Freeze::None, 0, device)?;
+                let adam = AdamConfig::photo2cartoon();
+                Self::Photo2cartoon {
+                    g_optim: Adam::new(model.generator_vars(), adam)?,
+                    d_optim: Adam::new(model.discriminator_vars(), adam)?,
+                    model: Box::new(model),
+                    face_id,
+                }
+            }
+            BenchRecipe::Fast => {
+                let none = PathBuf::new();
+                let spec = FastSpec::new(none.clone(), none.clone(), none, 1);
+                let nets = FastNets::new(net, 0, load_backbone(models_dir, device)?, device)?;
+                let adam = AdamConfig {
+                    weight_decay: 0.0,
+                    ..AdamConfig::photo2cartoon()
+                };
+                let mut ada = AdaptiveProbability::new(spec.ada_target, spec.ada_speed_images);
+                // Mid-run augmentation, not the first steps' none.
+                ada.p = 0.5;
+                Self::Fast {
+                    g_optim: Adam::new(nets.generator_vars(), adam)?,
+                    d_optim: Adam::new(nets.discriminator_vars(), adam)?,
+                    nets: Box::new(nets),
+                    spec: Box::new(spec),
+                    face_id,
+                    ada,
+                    step: 0,
+                }
+            }
+        })
+    }
+
+    /// Steps timed together: the fast recipe's identity cycle, photo2cartoon's one.
+    fn steps_per_run(&self) -> u64 {
+        match self {
+            Self::Photo2cartoon { .. } => 1,
+            Self::Fast { spec, .. } => spec.weights.identity_every.max(1),
+        }
+    }
+
+    fn step(&mut self, photos: &Tensor, cartoons: &Tensor) -> Result<()> {
+        match self {
+            Self::Photo2cartoon {
+                model,
+                face_id,
+                g_optim,
+                d_optim,
+            } => {
+                let step = Step {
+                    model,
+                    face_id,
+                    weights: LossWeights::default(),
+                };
+                step.run(photos, cartoons, d_optim, g_optim, 1e-4)?;
+            }
+            Self::Fast {
+                nets,
+                spec,
+                face_id,
+                ada,
+                g_optim,
+                d_optim,
+                step,
+            } => {
+                *step += 1;
+                let smoothed = edge_smoothed(cartoons, spec.edge_threshold)?;
+                let batch = AdversarialBatch {
+                    photos,
+                    cartoons,
+                    smoothed: &smoothed,
+                };
+                let fast = FastStep {
+                    nets,
+                    face_id,
+                    spec,
+                };
+                fast.adversarial(&batch, *step, ada, (g_optim, d_optim), (1e-4, 1e-4))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Times `runs` runs (after one warm-up step) of each recipe at each batch size (each
+/// recipe's default batch when `batches` is empty), the recipes taking turns in every run.
 pub fn run(
     device: &Device,
     models_dir: &Path,
     size: usize,
+    recipes: &[BenchRecipe],
     batches: &[usize],
-    steps: usize,
+    runs: usize,
 ) -> Result<TrainBenchReport> {
-    let net = NetConfig::photo2cartoon();
-    net.check_size(size)?;
-    let model = Ugatit::new(net, Freeze::None, 0, device)?;
-    let face_id = FaceIdLoss::load(models_dir, size, device)?;
-    let adam = AdamConfig::photo2cartoon();
-    let mut g_optim = Adam::new(model.generator_vars(), adam)?;
-    let mut d_optim = Adam::new(model.discriminator_vars(), adam)?;
-    let step = Step {
-        model: &model,
-        face_id: &face_id,
-        weights: LossWeights::default(),
+    let mut recipes = recipes.to_vec();
+    recipes.sort();
+    recipes.dedup();
+    let mut trainers = recipes
+        .iter()
+        .map(|&r| Ok((r, Trainer::new(r, device, models_dir, size)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let batches_of = |r: BenchRecipe| match batches {
+        [] => vec![r.default_batch()],
+        b => b.to_vec(),
     };
-    let mut ms_per_step = BTreeMap::new();
-    for &batch in batches {
-        let (a, b) = (
+    let inputs = |batch: usize| -> Result<(Tensor, Tensor)> {
+        Ok((
             images(2, batch, size, device)?,
             images(3, batch, size, device)?,
-        );
-        let mut times = Vec::with_capacity(steps);
-        for i in 0..=steps {
-            sync(device)?;
-            let started = Instant::now();
-            step.run(&a, &b, &mut d_optim, &mut g_optim, 1e-4)?;
-            sync(device)?;
-            if i > 0 {
-                times.push(started.elapsed().as_secs_f64() * 1e3);
+        ))
+    };
+    // Milliseconds per step of each run, by recipe and batch.
+    let mut times: BTreeMap<(BenchRecipe, usize), Vec<f64>> = BTreeMap::new();
+    for run in 0..=runs {
+        for (recipe, trainer) in &mut trainers {
+            for batch in batches_of(*recipe) {
+                let (photos, cartoons) = inputs(batch)?;
+                let steps = if run == 0 { 1 } else { trainer.steps_per_run() };
+                sync(device)?;
+                let started = Instant::now();
+                for _ in 0..steps {
+                    trainer.step(&photos, &cartoons)?;
+                }
+                sync(device)?;
+                if run > 0 {
+                    let ms = started.elapsed().as_secs_f64() * 1e3 / steps as f64;
+                    times.entry((*recipe, batch)).or_default().push(ms);
+                }
             }
         }
-        times.sort_by(f64::total_cmp);
-        ms_per_step.insert(batch, times[times.len() / 2]);
     }
-    Ok(TrainBenchReport {
+    let mut report = TrainBenchReport {
         device: format!("{device:?}"),
         size,
-        images_per_s: ms_per_step
-            .iter()
-            .map(|(&b, &ms)| (b, b as f64 * 1e3 / ms))
-            .collect(),
-        ms_per_step,
+        recipes: BTreeMap::new(),
+        fast_over_photo2cartoon: None,
         peak_rss_mib: peak_rss_mib(),
         reference: None,
         cuda_vs_cpu_max_abs_diff: if device.is_cuda() {
@@ -159,5 +310,43 @@ pub fn run(
         } else {
             None
         },
-    })
+    };
+    for &recipe in &recipes {
+        let ms_per_step: BTreeMap<usize, f64> = batches_of(recipe)
+            .into_iter()
+            .map(|b| (b, median(times[&(recipe, b)].clone())))
+            .collect();
+        let images_per_s: BTreeMap<usize, f64> = ms_per_step
+            .iter()
+            .map(|(&b, &ms)| (b, b as f64 * 1e3 / ms))
+            .collect();
+        let best_batch = images_per_s
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(&b, _)| b)
+            .expect("at least one batch size");
+        let times = RecipeTimes {
+            ms_per_step,
+            images_per_s,
+            best_batch,
+        };
+        report.recipes.insert(recipe, times);
+    }
+    let per_image = |r: BenchRecipe| -> Option<Vec<f64>> {
+        let batch = report.recipes.get(&r)?.best_batch;
+        Some(
+            times[&(r, batch)]
+                .iter()
+                .map(|ms| ms / batch as f64)
+                .collect(),
+        )
+    };
+    if let (Some(fast), Some(p2c)) = (
+        per_image(BenchRecipe::Fast),
+        per_image(BenchRecipe::Photo2cartoon),
+    ) {
+        let ratios: Vec<f64> = fast.iter().zip(&p2c).map(|(f, p)| f / p).collect();
+        report.fast_over_photo2cartoon = Some(median(ratios));
+    }
+    Ok(report)
 }

@@ -2,7 +2,7 @@
 //! sample grids and checkpoints every N steps, and a clean stop (with a checkpoint) when
 //! asked to, when a time limit passes or at the last step.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -255,11 +255,13 @@ pub fn sample_path(out: &Path, step: u64) -> PathBuf {
     out.join(SAMPLES_DIR).join(format!("step-{step:07}.png"))
 }
 
-/// Loss means over each logging interval, appended to the JSON-lines log.
+/// Loss means over each logging interval, appended to the JSON-lines log. Each value is
+/// the mean over the steps that reported it: a term of every 4th step, or a check of every
+/// 100th, is not diluted by the steps without it.
 pub(crate) struct LossLog {
     file: std::fs::File,
-    sums: Losses,
-    count: u64,
+    /// Sum and count of each value since the previous line.
+    sums: BTreeMap<String, (f64, u64)>,
 }
 
 #[derive(Serialize)]
@@ -268,7 +270,7 @@ struct LogLine<'a> {
     lr: f64,
     images_per_s: f64,
     elapsed_s: f64,
-    /// Means over the steps since the previous line.
+    /// Means over the steps since the previous line that reported each.
     losses: &'a Losses,
 }
 
@@ -281,23 +283,23 @@ impl LossLog {
             .with_context(|| format!("opening {}", path.display()))?;
         Ok(Self {
             file,
-            sums: Losses::new(),
-            count: 0,
+            sums: BTreeMap::new(),
         })
     }
 
     pub(crate) fn add(&mut self, p: &Progress) {
         for (name, value) in &p.losses {
-            *self.sums.entry(name.clone()).or_default() += value;
+            let (sum, count) = self.sums.entry(name.clone()).or_default();
+            *sum += value;
+            *count += 1;
         }
-        self.count += 1;
     }
 
     pub(crate) fn flush(&mut self, p: &Progress, elapsed_s: f64) -> Result<()> {
         let means: Losses = self
             .sums
             .iter()
-            .map(|(k, v)| (k.clone(), v / self.count as f64))
+            .map(|(k, &(sum, count))| (k.clone(), sum / count as f64))
             .collect();
         let line = LogLine {
             step: p.step,
@@ -309,7 +311,42 @@ impl LossLog {
         writeln!(self.file, "{}", serde_json::to_string(&line)?)?;
         self.file.flush()?;
         self.sums.clear();
-        self.count = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_logged_value_is_the_mean_of_the_steps_that_reported_it() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("train.jsonl");
+        let mut log = LossLog::open(&path)?;
+        let progress = |step: u64, losses: &[(&str, f64)]| Progress {
+            step,
+            steps: 10,
+            lr: 1e-4,
+            losses: losses.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            images_per_s: 1.0,
+        };
+        log.add(&progress(1, &[("L", 1.0)]));
+        log.add(&progress(2, &[("L", 2.0), ("psnr", 22.0)]));
+        let last = progress(3, &[("L", 6.0)]);
+        log.add(&last);
+        log.flush(&last, 3.0)?;
+        log.add(&progress(4, &[("L", 5.0)]));
+        log.flush(&progress(4, &[]), 4.0)?;
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)?
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<std::result::Result<_, _>>()?;
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["losses"]["L"], 3.0);
+        assert_eq!(lines[0]["losses"]["psnr"], 22.0);
+        assert_eq!(lines[1]["losses"]["L"], 5.0);
+        assert!(lines[1]["losses"].get("psnr").is_none());
         Ok(())
     }
 }

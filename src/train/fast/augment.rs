@@ -184,7 +184,11 @@ pub fn edge_smoothed(x: &Tensor, threshold: f64) -> Result<Tensor> {
         ],
         dev,
     )?;
-    let g = lum.conv2d(&sobel, 1, 1, 1, 1)?;
+    // Replicated, not zero, padding: the image's border is not an edge.
+    let g = lum
+        .pad_with_same(2, 1, 1)?
+        .pad_with_same(3, 1, 1)?
+        .conv2d(&sobel, 0, 1, 1, 1)?;
     let magnitude = g.sqr()?.sum_keepdim(1)?.sqrt()?;
     let edges = magnitude.ge(threshold)?.to_dtype(DType::F32)?;
     let dilated = edges
@@ -281,8 +285,11 @@ mod tests {
         let x = Tensor::from_vec(img, (1, 3, 16, 16), &dev)?;
         let y = edge_smoothed(&x, 0.5)?;
         let at = |col: usize| -> Result<f32> { y.get(0)?.get(0)?.get(5)?.get(col)?.to_scalar() };
+        // Far from the edge, and at the image's border, pixels are kept exactly.
         assert_eq!(at(0)?, -1.0);
         assert_eq!(at(15)?, 1.0);
+        let top: Vec<f32> = y.get(0)?.get(1)?.get(0)?.to_vec1()?;
+        assert_eq!(top[..5], [-1.0; 5]);
         assert!(at(7)? > -0.9 && at(8)? < 0.9);
         Ok(())
     }

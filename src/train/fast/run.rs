@@ -23,7 +23,7 @@ use crate::imageops;
 use crate::nets::face_embedder::cosine_similarity;
 use crate::nets::generator;
 use crate::nets::layers::is_buffer;
-use crate::nets::projected_discriminator::ProjectedDiscriminator;
+use crate::nets::projected_discriminator::{ProjectedDiscriminator, MAX_SIZE};
 use crate::train::adam::{Adam, AdamConfig};
 use crate::train::checkpoint::{to_safetensors, write_atomically};
 use crate::train::data::{ImageFolder, TrainData};
@@ -162,8 +162,8 @@ impl FastTrainer {
         };
         for size in [spec.low_size, spec.high_size] {
             anyhow::ensure!(
-                size.is_multiple_of(32) && size >= 128,
-                "image sizes must be multiples of 32 and at least 128, got {size}"
+                size.is_multiple_of(32) && (128..=MAX_SIZE).contains(&size),
+                "image sizes must be multiples of 32 from 128 to {MAX_SIZE}, got {size}"
             );
         }
         anyhow::ensure!(
