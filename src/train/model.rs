@@ -129,21 +129,13 @@ impl Ugatit {
 
     /// Every variable and buffer of the named networks, `network.param`, sorted.
     pub fn named_tensors(&self, networks: &[&str]) -> Vec<(String, Tensor)> {
-        params::named_tensors(self.selected(networks))
+        params::named_tensors(params::select(&NETWORKS, &self.vars, networks))
     }
 
     /// Sets the named networks' variables from `tensors` (keys `network.param`, any float
     /// dtype). Every variable of each network in `networks` must be present.
     pub fn load(&self, tensors: &HashMap<String, Tensor>, networks: &[&str]) -> Result<()> {
-        params::load_named(self.selected(networks), tensors)
-    }
-
-    fn selected<'a>(&'a self, networks: &'a [&str]) -> impl Iterator<Item = (&'a str, &'a VarMap)> {
-        NETWORKS
-            .iter()
-            .zip(&self.vars)
-            .filter(move |(net, _)| networks.contains(net))
-            .map(|(net, vars)| (*net, vars))
+        params::load_named(params::select(&NETWORKS, &self.vars, networks), tensors)
     }
 
     /// Generator A->B's weights alone, named as in a style's `generator.safetensors`.

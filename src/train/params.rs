@@ -156,6 +156,18 @@ pub fn named_tensors<'a>(
     out
 }
 
+/// The networks named in `wanted`, of `all` (the names beside their variables).
+pub fn select<'a>(
+    all: &'a [&'a str],
+    vars: &'a [VarMap],
+    wanted: &'a [&str],
+) -> impl Iterator<Item = (&'a str, &'a VarMap)> {
+    all.iter()
+        .zip(vars)
+        .filter(move |(net, _)| wanted.contains(net))
+        .map(|(net, vars)| (*net, vars))
+}
+
 /// Sets the networks' variables from `tensors` (keys `network.param`, any float dtype);
 /// every variable must be present with its shape.
 pub fn load_named<'a>(
