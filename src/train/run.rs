@@ -48,6 +48,27 @@ pub struct RunOptions {
     pub models_dir: PathBuf,
 }
 
+impl RunOptions {
+    /// Why a run ends before its next step, if it does: all steps `done`, `stop` set, or
+    /// the time limit since `started` reached.
+    pub(crate) fn finish_before_step(
+        &self,
+        done: bool,
+        stop: &AtomicBool,
+        started: Instant,
+    ) -> Option<Finish> {
+        if done {
+            Some(Finish::Completed)
+        } else if stop.load(Ordering::SeqCst) {
+            Some(Finish::Interrupted)
+        } else if self.time_limit.is_some_and(|t| started.elapsed() >= t) {
+            Some(Finish::TimeLimit)
+        } else {
+            None
+        }
+    }
+}
+
 /// Where the networks' weights come from.
 pub enum Start {
     /// Fresh, seeded initialisation.
@@ -164,18 +185,9 @@ impl Trainer {
         let started = Instant::now();
         let first_step = self.step;
         let finish = loop {
-            if self.step >= self.spec.steps {
-                break Finish::Completed;
-            }
-            if stop.load(Ordering::SeqCst) {
-                break Finish::Interrupted;
-            }
-            if self
-                .options
-                .time_limit
-                .is_some_and(|t| started.elapsed() >= t)
-            {
-                break Finish::TimeLimit;
+            let done = self.step >= self.spec.steps;
+            if let Some(finish) = self.options.finish_before_step(done, stop, started) {
+                break finish;
             }
             let losses = self.train_one()?;
             let elapsed = started.elapsed().as_secs_f64();

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -287,18 +287,9 @@ impl FastTrainer {
         let mut data = self.data(self.current_size())?;
         let finish =
             loop {
-                if self.state.adv_steps >= self.spec.steps {
-                    break Finish::Completed;
-                }
-                if stop.load(Ordering::SeqCst) {
-                    break Finish::Interrupted;
-                }
-                if self
-                    .options
-                    .time_limit
-                    .is_some_and(|t| started.elapsed() >= t)
-                {
-                    break Finish::TimeLimit;
+                let done = self.state.adv_steps >= self.spec.steps;
+                if let Some(finish) = self.options.finish_before_step(done, stop, started) {
+                    break finish;
                 }
                 let size = self.current_size();
                 if data.size != size {
