@@ -708,14 +708,42 @@ pub fn train_export(
     } else {
         checkpoint.to_path_buf()
     };
-    let loaded = train::checkpoint::load(&path, device)?;
-    let spec = &loaded.state.spec;
-    let model = train::model::Ugatit::new(spec.net, spec.freeze, spec.seed, device)?;
-    model.load(&loaded.tensors, loaded.state.kind.networks())?;
     let registry = StyleRegistry::from_config(config);
     let dir = registry
         .trained_dir(name)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(trained) = train::fast::run::read_generator(&path, device)? {
+        anyhow::ensure!(
+            !finetunable,
+            "--finetunable: {} is a fast-recipe checkpoint, whose styles are fine-tuned from \
+             their generator alone; export it without --finetunable",
+            path.display()
+        );
+        let (state, steps) = (
+            &trained.state,
+            trained.state.recon_steps + trained.state.adv_steps,
+        );
+        let manifest = StyleManifest {
+            description: description.unwrap_or_else(|| {
+                format!(
+                    "trained on {} with the fast recipe ({} reconstruction and {} adversarial \
+                     steps)",
+                    state.spec.cartoons.display(),
+                    state.recon_steps,
+                    state.adv_steps
+                )
+            }),
+            base: None,
+            steps: Some(steps),
+        };
+        train::style::install_generator(&dir, trained.tensors, dtype, &manifest)?;
+        eprintln!("installed style {name:?} in {}", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let loaded = train::checkpoint::load(&path, device)?;
+    let spec = &loaded.state.spec;
+    let model = train::model::Ugatit::new(spec.net, spec.freeze, spec.seed, device)?;
+    model.load(&loaded.tensors, loaded.state.kind.networks())?;
     let manifest = StyleManifest {
         description: description.unwrap_or_else(|| {
             format!(
@@ -738,12 +766,15 @@ pub fn eval(
     config: &Config,
     device: &Device,
     style: Option<&str>,
+    baseline: bool,
     photos: &Path,
     cartoons: &Path,
     json: bool,
 ) -> Result<ExitCode> {
     let bar = indicatif::ProgressBar::new_spinner();
-    let report = train::eval::evaluate(config, device, style, photos, cartoons, || bar.inc(1))?;
+    let report = train::eval::evaluate(config, device, style, baseline, photos, cartoons, || {
+        bar.inc(1)
+    })?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string(&report)?);

@@ -115,6 +115,10 @@ enum Command {
         /// Style name (default: the configured default style).
         #[arg(long)]
         style: Option<String>,
+        /// Score the do-nothing baseline instead: the photos themselves, segmented and
+        /// composited as the cartoons would be.
+        #[arg(long, conflicts_with = "style")]
+        baseline: bool,
         /// Aligned face crops (e.g. `toonbot prepare` output).
         #[arg(long)]
         photos: PathBuf,
@@ -156,6 +160,17 @@ enum TrainCommand {
         /// the rest).
         #[arg(long, default_value_t = 256)]
         high_size: usize,
+        /// What judges whole cartoons beside the local discriminator (fast recipe).
+        #[arg(long, value_enum, default_value = "projected")]
+        discriminators: toonbot::train::fast::model::Discriminators,
+        /// Weight of the content term on 8x8-block luminance, photo against cartoon (fast
+        /// recipe; default 10).
+        #[arg(long)]
+        content_luma: Option<f64>,
+        /// Weight of the content term on the backbone's low-level features (fast recipe;
+        /// default 0.1).
+        #[arg(long)]
+        content_feature: Option<f64>,
         #[command(flatten)]
         common: TrainFlags,
     },
@@ -220,7 +235,7 @@ struct TrainFlags {
     batch: Option<usize>,
     /// Total steps; photo2cartoon's learning rate decays linearly over the second half
     /// (default: 200000 for base, as photo2cartoon's schedule; 2000 for finetune); the fast
-    /// recipe's count its adversarial steps (default 20000).
+    /// recipe's count its adversarial steps (default 2000).
     #[arg(long)]
     steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
@@ -372,8 +387,17 @@ fn run(args: Args) -> Result<ExitCode> {
             style,
             photos,
             cartoons,
+            baseline,
             json,
-        } => cli::eval(&config, &device, style.as_deref(), &photos, &cartoons, json),
+        } => cli::eval(
+            &config,
+            &device,
+            style.as_deref(),
+            baseline,
+            &photos,
+            &cartoons,
+            json,
+        ),
     }
 }
 
@@ -388,6 +412,9 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             val_photos,
             init,
             high_size,
+            discriminators,
+            content_luma,
+            content_feature,
             common,
         } => {
             let recipe = recipe.unwrap_or(if device.is_cuda() {
@@ -414,8 +441,16 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                 "the fast recipe needs --val-photos: held-out aligned photos for its \
                  reconstruction check and sample grids",
             )?;
-            let args = common.args((128, 4, 20_000));
+            let args = common.args((128, 4, 2_000));
+            let defaults = toonbot::train::fast::FastWeights::default();
+            let weights = toonbot::train::fast::FastWeights {
+                content_luma: content_luma.unwrap_or(defaults.content_luma),
+                content_feature: content_feature.unwrap_or(defaults.content_feature),
+                ..defaults
+            };
             let spec = toonbot::train::fast::FastSpec {
+                discriminators,
+                weights,
                 seed: args.seed,
                 batch: args.batch,
                 low_size: args.size,

@@ -129,6 +129,94 @@ fn export_then_finetune_installs_styles() {
     assert!(styles.join("tiny-ft/generator.safetensors").is_file());
 }
 
+/// A fast run (two reconstruction steps, one adversarial) with tiny networks in `root/fast`.
+fn tiny_fast_checkpoint(root: &Path) -> std::path::PathBuf {
+    use toonbot::train::fast::run::{FastStart, FastTrainer};
+    let dirs = ["fast-photos", "fast-cartoons", "fast-val"].map(|d| root.join(d));
+    for (dir, shade) in dirs.iter().zip([40, 220, 90]) {
+        images(dir, 8, shade);
+    }
+    let [photos, cartoons, val] = dirs;
+    let mut spec = toonbot::train::fast::FastSpec::new(photos, cartoons, val, 1);
+    spec.net = NetConfig {
+        ngf: 4,
+        n_blocks: 1,
+        ndf: 4,
+        global_layers: 4,
+        local_layers: 3,
+    };
+    spec.batch = 1;
+    spec.high_size = 128;
+    spec.recon.check_every = 2;
+    spec.recon.max_steps = 2;
+    let out = root.join("fast");
+    let options = RunOptions {
+        out: out.clone(),
+        compact: Some(root.join("fast-compact.safetensors")),
+        compact_generators_only: false,
+        save_every: 100,
+        sample_every: 100,
+        log_every: 1,
+        time_limit: None,
+        models_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+    };
+    let mut t = FastTrainer::new(spec, options, FastStart::Fresh, &Device::Cpu).unwrap();
+    t.run(&AtomicBool::new(false), |_| {}).unwrap();
+    out
+}
+
+#[test]
+fn a_fast_checkpoint_exports_as_a_style() {
+    let tmp = tempfile::tempdir().unwrap();
+    let styles = tmp.path().join("styles");
+    let run = tiny_fast_checkpoint(tmp.path());
+    let export = |checkpoint: &Path, name: &str, extra: &[&str]| {
+        let mut args = vec!["train", "export", "--checkpoint"];
+        args.extend([checkpoint.to_str().unwrap(), "--name", name]);
+        args.extend_from_slice(extra);
+        toonbot(&args, &styles)
+    };
+    for (checkpoint, name) in [
+        (run.clone(), "fast-full"),
+        (tmp.path().join("fast-compact.safetensors"), "fast-compact"),
+    ] {
+        let out = export(&checkpoint, name, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifest = std::fs::read_to_string(styles.join(name).join("style.toml")).unwrap();
+        assert!(
+            manifest.contains("steps = 3")
+                && manifest.contains("fast recipe (2 reconstruction and 1 adversarial steps)"),
+            "{manifest}"
+        );
+        let weights = std::fs::read(styles.join(name).join("generator.safetensors")).unwrap();
+        let weights = safetensors::SafeTensors::deserialize(&weights).unwrap();
+        let names = weights.names();
+        assert!(
+            !names.is_empty()
+                && names
+                    .iter()
+                    .all(|n| !n.contains("genA2B") && !n.starts_with("dis"))
+        );
+        assert!(weights
+            .tensors()
+            .iter()
+            .all(|(_, t)| t.dtype() == safetensors::Dtype::F16));
+        assert!(!styles.join(name).join("training.safetensors").exists());
+    }
+    let listed = toonbot(&["styles"], &styles);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("fast-compact"));
+
+    let out = export(&run, "fast-ft", &["--finetunable"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fast-recipe checkpoint"), "{err}");
+    assert!(!styles.join("fast-ft").exists());
+}
+
 #[test]
 fn finetune_without_a_base_style_says_so() {
     let tmp = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Tensor};
 use image::{Rgb, RgbImage};
-use toonbot::train::fast::model::NETWORKS;
+use toonbot::train::fast::model::{Discriminators, NETWORKS};
 use toonbot::train::fast::run::{FastStart, FastTrainer};
 use toonbot::train::fast::FastSpec;
 use toonbot::train::model::NetConfig;
@@ -178,12 +178,16 @@ fn reconstruction_then_adversarial_steps_train_every_network() {
         .filter(|(a, b)| a.1 != b.1)
         .map(|(a, _)| a.0.clone())
         .collect();
-    for net in NETWORKS {
+    for net in ["genA2B", "disP", "disLB"] {
         assert!(
             changed.iter().any(|k| k.starts_with(&format!("{net}."))),
             "{net} did not train"
         );
     }
+    assert!(
+        !after.iter().any(|(k, _)| k.starts_with("disGB.")),
+        "the projected recipe has no global discriminator"
+    );
     assert!(
         !changed.iter().any(|k| k.starts_with("disP.scratch.")),
         "the random mixing must stay fixed"
@@ -197,6 +201,47 @@ fn reconstruction_then_adversarial_steps_train_every_network() {
     assert_eq!((grid.width(), grid.height()), (256, 8 * 128));
     let grid = image::open(out.join("samples/step-0000004.png")).unwrap();
     assert_eq!(grid.width(), 320);
+}
+
+#[test]
+fn the_photo2cartoon_discriminators_variant_trains_a_global_one_instead() {
+    let mut s = setup(2);
+    s.spec.discriminators = Discriminators::Photo2cartoon;
+    let out = s.root.join("run");
+    let mut t = trainer(&s.spec, &out, FastStart::Fresh).unwrap();
+    let before = tensors(&t);
+    let (finish, seen) = run(&mut t, None);
+    assert_eq!(finish, Finish::Completed);
+    for name in ["D_global", "D_local", "G_global", "G_local", "ada_p"] {
+        assert!(seen[3][name].is_finite(), "{name}: {:?}", seen[3]);
+    }
+    assert!(!seen[3].contains_key("D_projected") && !seen[3].contains_key("G_projected"));
+    let after = tensors(&t);
+    assert!(!after.iter().any(|(k, _)| k.starts_with("disP.")));
+    for net in ["genA2B", "disLB", "disGB"] {
+        assert!(
+            before
+                .iter()
+                .zip(&after)
+                .any(|(a, b)| a.0.starts_with(&format!("{net}.")) && a.1 != b.1),
+            "{net} did not train"
+        );
+    }
+    // It resumes as itself, and a projected spec is refused for its run.
+    let resumed = trainer(&s.spec, &out, FastStart::Resume(out.join(CHECKPOINT_FILE))).unwrap();
+    assert_eq!(tensors(&resumed), after);
+    let projected = FastSpec {
+        discriminators: Discriminators::Projected,
+        ..s.spec.clone()
+    };
+    let err = trainer(
+        &projected,
+        &out,
+        FastStart::Resume(out.join(CHECKPOINT_FILE)),
+    )
+    .err()
+    .expect("a differing spec is refused");
+    assert!(format!("{err:#}").contains("other settings"), "{err:#}");
 }
 
 #[test]

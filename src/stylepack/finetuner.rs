@@ -163,7 +163,7 @@ impl StyleTrainer for CandleTrainer {
                 .truncate(self.config.stylepacks.eval_photos.max(1));
             let scored = Scored {
                 name: &dir_name(style_dir),
-                generator: &generator,
+                generator: Some(&generator),
                 faces: &self.faces,
             };
             let report = scored.evaluate(

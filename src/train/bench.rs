@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::adam::{Adam, AdamConfig};
 use super::face_id::FaceIdLoss;
 use super::fast::augment::{edge_smoothed, AdaptiveProbability};
-use super::fast::model::{load_backbone, FastNets};
+use super::fast::model::{load_backbone, Discriminators, FastNets};
 use super::fast::step::{AdversarialBatch, FastStep};
 use super::fast::FastSpec;
 use super::losses::LossWeights;
@@ -179,7 +179,13 @@ impl Trainer {
             BenchRecipe::Fast => {
                 let none = PathBuf::new();
                 let spec = FastSpec::new(none.clone(), none.clone(), none, 1);
-                let nets = FastNets::new(net, 0, load_backbone(models_dir, device)?, device)?;
+                let nets = FastNets::new(
+                    net,
+                    Discriminators::Projected,
+                    0,
+                    load_backbone(models_dir, device)?,
+                    device,
+                )?;
                 let adam = AdamConfig {
                     weight_decay: 0.0,
                     ..AdamConfig::photo2cartoon()

@@ -66,34 +66,49 @@ fn square(img: &RgbImage) -> RgbImage {
     }
 }
 
-/// Scores `style` (default style when `None`) on `photos` against `cartoons`;
-/// `on_image` is called after each photo is cartoonised.
+/// Name under which the do-nothing baseline is reported.
+pub const BASELINE_NAME: &str = "do-nothing (the photos themselves)";
+
+/// Scores `style` (default style when `None`) on `photos` against `cartoons`, or with
+/// `baseline` the do-nothing baseline: the segmented photos themselves, composited as the
+/// cartoons would be; `on_image` is called after each photo is cartoonised.
 pub fn evaluate(
     config: &Config,
     device: &Device,
     style: Option<&str>,
+    baseline: bool,
     photos: &Path,
     cartoons: &Path,
     on_image: impl FnMut(),
 ) -> Result<EvalReport> {
     let inception = load_inception(config, device)?;
+    let photos = ImageFolder::open(photos)?;
+    if baseline {
+        let faces = FacePipeline::load(config, device)?;
+        let scored = Scored {
+            name: BASELINE_NAME,
+            generator: None,
+            faces: &faces,
+        };
+        return scored.evaluate(config, device, &inception, &photos, cartoons, on_image);
+    }
     let cartoonizer = Cartoonizer::load(config, device)?;
     let (info, generator) = cartoonizer
         .generator(style)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let scored = Scored {
         name: &info.name,
-        generator: &generator,
+        generator: Some(&generator),
         faces: cartoonizer.faces(),
     };
-    let photos = ImageFolder::open(photos)?;
     scored.evaluate(config, device, &inception, &photos, cartoons, on_image)
 }
 
-/// A generator to score, with the face pipeline that segments its inputs.
+/// A generator to score (none: the do-nothing baseline), with the face pipeline that
+/// segments its inputs.
 pub struct Scored<'a> {
     pub name: &'a str,
-    pub generator: &'a Generator,
+    pub generator: Option<&'a Generator>,
     pub faces: &'a FacePipeline,
 }
 
@@ -126,7 +141,11 @@ impl Scored<'_> {
                 .map(|(c, m)| imageops::whiten(c, m))
                 .collect();
             let input = generator::normalize(&imageops::rgb_batch(&inputs, device)?)?;
-            let output = generator.forward(&input)?.0.to_device(&Device::Cpu)?;
+            let output = match generator {
+                Some(generator) => generator.forward(&input)?.0,
+                None => input.clone(),
+            }
+            .to_device(&Device::Cpu)?;
             let cartoons = masks
                 .iter()
                 .enumerate()

@@ -47,7 +47,7 @@ impl NetConfig {
         }
     }
 
-    fn discriminator(&self, n_layers: usize) -> discriminator::Config {
+    pub fn discriminator(&self, n_layers: usize) -> discriminator::Config {
         discriminator::Config {
             input_nc: 3,
             ndf: self.ndf,

@@ -41,9 +41,33 @@ pub fn install(
     manifest: &StyleManifest,
     training_state: Option<(u64, &RunSpec)>,
 ) -> Result<()> {
+    write_generator(dir, model.generator_a2b_tensors(), dtype)?;
+    if let Some((step, spec)) = training_state {
+        let kind = checkpoint::Kind::Compact;
+        checkpoint::save(&dir.join(TRAINING_FILE), step, spec, model, kind, None)?;
+    }
+    write_manifest(dir, manifest)
+}
+
+/// Installs a generator A->B given by its weights (keys as in `generator.safetensors`)
+/// into `dir` with `manifest`.
+pub fn install_generator(
+    dir: &Path,
+    generator: HashMap<String, Tensor>,
+    dtype: WeightsDtype,
+    manifest: &StyleManifest,
+) -> Result<()> {
+    write_generator(dir, generator, dtype)?;
+    write_manifest(dir, manifest)
+}
+
+fn write_generator(
+    dir: &Path,
+    generator: HashMap<String, Tensor>,
+    dtype: WeightsDtype,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tensors: Vec<(String, Tensor)> = model
-        .generator_a2b_tensors()
+    let mut tensors: Vec<(String, Tensor)> = generator
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(dtype.dtype())?)))
         .collect::<candle_core::Result<_>>()?;
@@ -51,11 +75,10 @@ pub fn install(
     checkpoint::write_atomically(
         &dir.join(WEIGHTS_FILE),
         &checkpoint::to_safetensors(tensors, None)?,
-    )?;
-    if let Some((step, spec)) = training_state {
-        let kind = checkpoint::Kind::Compact;
-        checkpoint::save(&dir.join(TRAINING_FILE), step, spec, model, kind, None)?;
-    }
+    )
+}
+
+fn write_manifest(dir: &Path, manifest: &StyleManifest) -> Result<()> {
     checkpoint::write_atomically(
         &dir.join(MANIFEST_FILE),
         toml::to_string(manifest)?.as_bytes(),

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::train::model::NetConfig;
+use model::Discriminators;
 
 /// The loss weights of the fast recipe.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -23,8 +24,10 @@ pub struct FastWeights {
     /// Reconstruction: L1 on pixels and on the backbone's low-level features.
     pub recon_pixel: f64,
     pub recon_feature: f64,
-    /// Adversarial: projected (hinge) and local (LSGAN on logits and CAM logits).
-    pub adv_projected: f64,
+    /// Adversarial: the whole-image discriminator (projected, hinge; or photo2cartoon's
+    /// global, LSGAN) and the local one (LSGAN on logits and CAM logits).
+    #[serde(alias = "adv_projected")]
+    pub adv_global: f64,
     pub adv_local: f64,
     /// Adversarial steps over which the adversarial weights ramp up from 0.
     pub adv_ramp_steps: u64,
@@ -47,9 +50,9 @@ impl Default for FastWeights {
             recon_pixel: 1.0,
             // The low-level features' L1 starts about 10x the pixels' (8 against 0.7).
             recon_feature: 0.1,
-            adv_projected: 1.0,
+            adv_global: 1.0,
             adv_local: 1.0,
-            adv_ramp_steps: 1000,
+            adv_ramp_steps: 200,
             face_id: 1.0,
             content_luma: 10.0,
             content_feature: 0.1,
@@ -92,8 +95,11 @@ pub struct FastSpec {
     /// Held-out aligned photos: the reconstruction check and the sample grids.
     pub val_photos: PathBuf,
     pub seed: u64,
-    /// The generator's and local discriminator's widths (photo2cartoon's; smaller in tests).
+    /// The generator's and discriminators' widths (photo2cartoon's; smaller in tests).
     pub net: NetConfig,
+    /// The whole-image discriminator (absent from runs before it was a choice: projected).
+    #[serde(default)]
+    pub discriminators: Discriminators,
     /// Images of each domain per step.
     pub batch: usize,
     /// Side of most steps (128) and of the last `high_fraction` of them (256).
@@ -123,6 +129,7 @@ impl FastSpec {
             val_photos,
             seed: 0,
             net: NetConfig::photo2cartoon(),
+            discriminators: Discriminators::Projected,
             batch: 4,
             low_size: 128,
             high_size: 256,
@@ -190,7 +197,7 @@ mod tests {
         assert!(spec.lr_factor(86) < 1.0 && spec.lr_factor(86) > 0.9);
         assert_eq!(spec.lr_factor(100), 0.0);
         assert_eq!(spec.adv_ramp(0), 0.0);
-        assert_eq!(spec.adv_ramp(500), 0.5);
+        assert_eq!(spec.adv_ramp(100), 0.5);
         assert_eq!(spec.adv_ramp(5000), 1.0);
     }
 }

@@ -1,30 +1,52 @@
-//! The networks of a fast run: generator A->B (`genA2B`, photo2cartoon's keys), the
-//! projected discriminator's mixing and heads (`disP`), photo2cartoon's local
-//! discriminator for cartoons (`disLB`), and the frozen backbone.
+//! The networks of a fast run: generator A->B (`genA2B`, photo2cartoon's keys),
+//! photo2cartoon's local discriminator for cartoons (`disLB`), the frozen backbone, and
+//! either the projected discriminator's mixing and heads (`disP`, the recipe) or
+//! photo2cartoon's global discriminator for cartoons (`disGB`, the comparison's
+//! no-backbone variant).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
 
 use crate::nets::backbone::{self, Backbone};
-use crate::nets::discriminator::{self, Discriminator};
+use crate::nets::discriminator::Discriminator;
 use crate::nets::generator::{clip_rho_w, Generator};
 use crate::nets::projected_discriminator::{self, ProjectedDiscriminator};
 use crate::train::model::NetConfig;
 use crate::train::params::{self, trainable_vars, var_builder, Freeze};
 
-/// Network names, as checkpoint key prefixes.
-pub const NETWORKS: [&str; 3] = ["genA2B", "disP", "disLB"];
+/// Network names, as checkpoint key prefixes. A run has `disP` or `disGB`, not both; the
+/// other one's variables are empty.
+pub const NETWORKS: [&str; 4] = ["genA2B", "disP", "disLB", "disGB"];
+
+/// What judges the cartoons beside photo2cartoon's local discriminator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Discriminators {
+    /// The projected discriminator on the frozen backbone's features (hinge loss).
+    #[default]
+    Projected,
+    /// photo2cartoon's global discriminator (LSGAN on its logits and CAM logits), no
+    /// backbone features.
+    Photo2cartoon,
+}
+
+/// The discriminator that judges whole images.
+pub enum GlobalDiscriminator {
+    Projected(ProjectedDiscriminator),
+    Photo2cartoon(Discriminator),
+}
 
 pub struct FastNets {
     pub gen: Generator,
-    pub projected: ProjectedDiscriminator,
+    pub global: GlobalDiscriminator,
     pub local: Discriminator,
     pub backbone: Backbone,
     /// In [`NETWORKS`] order.
-    vars: [VarMap; 3],
+    vars: [VarMap; 4],
 }
 
 /// The frozen backbone from `models_dir/efficientnet_lite0.safetensors`.
@@ -34,22 +56,28 @@ pub fn load_backbone(models_dir: &Path, device: &Device) -> anyhow::Result<Backb
 }
 
 impl FastNets {
-    /// Fresh networks drawn from `seed` (photo2cartoon's generator and local discriminator).
-    pub fn new(net: NetConfig, seed: u64, backbone: Backbone, device: &Device) -> Result<Self> {
-        let vars: [VarMap; 3] = std::array::from_fn(|_| VarMap::new());
+    /// Fresh networks drawn from `seed` (photo2cartoon's generator and discriminators).
+    pub fn new(
+        net: NetConfig,
+        discriminators: Discriminators,
+        seed: u64,
+        backbone: Backbone,
+        device: &Device,
+    ) -> Result<Self> {
+        let vars: [VarMap; 4] = std::array::from_fn(|_| VarMap::new());
         let vb = |i: usize| var_builder(&vars[i], NETWORKS[i], seed, Freeze::None, device);
-        let local = discriminator::Config {
-            input_nc: 3,
-            ndf: net.ndf,
-            n_layers: net.local_layers,
+        let global = match discriminators {
+            Discriminators::Projected => GlobalDiscriminator::Projected(
+                ProjectedDiscriminator::new(projected_discriminator::Config::lite0(), vb(1))?,
+            ),
+            Discriminators::Photo2cartoon => GlobalDiscriminator::Photo2cartoon(
+                Discriminator::new(net.discriminator(net.global_layers), vb(3))?,
+            ),
         };
         Ok(Self {
             gen: Generator::new(net.generator(), vb(0))?,
-            projected: ProjectedDiscriminator::new(
-                projected_discriminator::Config::lite0(),
-                vb(1),
-            )?,
-            local: Discriminator::new(local, vb(2))?,
+            global,
+            local: Discriminator::new(net.discriminator(net.local_layers), vb(2))?,
             backbone,
             vars,
         })
@@ -63,7 +91,7 @@ impl FastNets {
     /// buffers).
     pub fn discriminator_vars(&self) -> Vec<(String, Var)> {
         let prefix = format!("{}.", NETWORKS[1]);
-        (1..3)
+        (1..4)
             .flat_map(|i| trainable_vars(&self.vars[i], NETWORKS[i], Freeze::None))
             .filter(|(name, _)| {
                 name.strip_prefix(&prefix)

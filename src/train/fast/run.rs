@@ -90,6 +90,35 @@ fn load_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     Ok(Loaded { state, tensors })
 }
 
+/// A fast checkpoint's generator A->B (keys as in a style's `generator.safetensors`) and
+/// where its run stood.
+pub struct TrainedGenerator {
+    pub tensors: HashMap<String, Tensor>,
+    pub state: FastState,
+}
+
+/// The generator of the fast checkpoint at `path`; `None` when the file is another kind of
+/// checkpoint.
+pub fn read_generator(path: &Path, device: &Device) -> Result<Option<TrainedGenerator>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    if !header
+        .metadata()
+        .as_ref()
+        .is_some_and(|m| m.contains_key(METADATA_KEY))
+    {
+        return Ok(None);
+    }
+    let Loaded { state, tensors } = load_checkpoint(path, device)?;
+    let prefix = format!("{}.", NETWORKS[0]);
+    let tensors = tensors
+        .into_iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
+        .collect();
+    Ok(Some(TrainedGenerator { tensors, state }))
+}
+
 /// Fails unless `folder` holds at least [`MIN_IMAGES`] images that all decode.
 fn check_folder(what: &str, dir: &Path) -> Result<ImageFolder> {
     let folder = ImageFolder::open(dir).with_context(|| what.to_string())?;
@@ -176,6 +205,7 @@ impl FastTrainer {
 
         let nets = FastNets::new(
             spec.net,
+            spec.discriminators,
             spec.seed,
             load_backbone(&options.models_dir, device)?,
             device,

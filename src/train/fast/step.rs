@@ -5,8 +5,9 @@
 use candle_core::{Result, Tensor};
 
 use super::augment::{diff_augment, sign_mean, AdaptiveProbability};
-use super::model::FastNets;
+use super::model::{FastNets, GlobalDiscriminator};
 use super::{FastSpec, FastWeights};
+use crate::nets::discriminator::Discriminator;
 use crate::train::adam::Adam;
 use crate::train::face_id::FaceIdLoss;
 use crate::train::losses::{bce_with_logits_to, l1, mse_to};
@@ -15,6 +16,27 @@ use crate::train::step::{differentiate, sum, Losses, Terms};
 /// Luminance averaged over 8x8 blocks: what the content term keeps of the photo.
 fn low_pass_luminance(x: &Tensor) -> Result<Tensor> {
     x.mean_keepdim(1)?.avg_pool2d(8)
+}
+
+/// photo2cartoon's discriminator loss: LSGAN on the patch and CAM logits, real towards 1,
+/// the translations and the edge-smoothed cartoons towards 0. Also returns the real
+/// patch logits.
+fn lsgan_d(d: &Discriminator, [real, fakes, smoothed]: [&Tensor; 3]) -> Result<(Tensor, Tensor)> {
+    let mut losses = Vec::new();
+    let mut real_logit = None;
+    for (x, target) in [(real, 1.0), (fakes, 0.0), (smoothed, 0.0)] {
+        let (logit, cam, _) = d.forward_t(x, true)?;
+        losses.push(mse_to(&logit, target)?);
+        losses.push(mse_to(&cam, target)?);
+        real_logit.get_or_insert(logit);
+    }
+    Ok((sum(&losses)?, real_logit.expect("three inputs")))
+}
+
+/// The generator's LSGAN loss against `d`: patch and CAM logits towards 1.
+fn lsgan_g(d: &Discriminator, fake: &Tensor) -> Result<Tensor> {
+    let (logit, cam, _) = d.forward_t(fake, true)?;
+    mse_to(&logit, 1.0)? + mse_to(&cam, 1.0)?
 }
 
 /// The fixed parts of a step.
@@ -81,36 +103,43 @@ impl FastStep<'_> {
         let real = aug(batch.cartoons, "real")?;
         let fakes = aug(&fake.detach(), "fake")?;
         let smoothed = aug(batch.smoothed, "smoothed")?;
-        let real_logits = n.projected.forward_t(&n.backbone, &real, true)?;
-        let fake_logits = n.projected.forward_t(&n.backbone, &fakes, true)?;
-        ada.observe(sign_mean(&real_logits)?, real.dim(0)?);
-        let hinge = (real_logits.affine(-1.0, 1.0)?.relu()?.mean_all()?
-            + fake_logits.affine(1.0, 1.0)?.relu()?.mean_all()?)?;
-        let d_projected = terms.push("D_projected", hinge);
-        let mut local = Vec::new();
-        for (x, target) in [(&real, 1.0), (&fakes, 0.0), (&smoothed, 0.0)] {
-            let (logit, cam, _) = n.local.forward_t(x, true)?;
-            local.push(mse_to(&logit, target)?);
-            local.push(mse_to(&cam, target)?);
+        let mut d_terms = Vec::new();
+        match &n.global {
+            GlobalDiscriminator::Projected(projected) => {
+                let real_logits = projected.forward_t(&n.backbone, &real, true)?;
+                let fake_logits = projected.forward_t(&n.backbone, &fakes, true)?;
+                ada.observe(sign_mean(&real_logits)?, real.dim(0)?);
+                let hinge = (real_logits.affine(-1.0, 1.0)?.relu()?.mean_all()?
+                    + fake_logits.affine(1.0, 1.0)?.relu()?.mean_all()?)?;
+                d_terms.push(terms.push("D_projected", hinge));
+            }
+            GlobalDiscriminator::Photo2cartoon(global) => {
+                let (loss, real_logit) = lsgan_d(global, [&real, &fakes, &smoothed])?;
+                // LSGAN's real target is 1 and fake 0: ADA's sign is taken about 0.5.
+                ada.observe(sign_mean(&real_logit.affine(1.0, -0.5)?)?, real.dim(0)?);
+                d_terms.push(terms.push("D_global", loss));
+            }
         }
-        let d_local = terms.push("D_local", sum(&local)?);
-        let (d_grads, d_loss) = differentiate((d_projected + d_local)?)?;
+        let (loss, _) = lsgan_d(&n.local, [&real, &fakes, &smoothed])?;
+        d_terms.push(terms.push("D_local", loss));
+        let (d_grads, d_loss) = differentiate(sum(&d_terms)?)?;
         terms.push("D_loss", d_loss);
         d_optim.step(&[d_grads], lr_d)?;
 
         // Generator: fool both, keep the face and the content, CAM towards "translated".
         let fake_aug = aug(&fake, "generated")?;
-        let g_projected = terms.push(
-            "G_projected",
-            n.projected
-                .forward_t(&n.backbone, &fake_aug, true)?
-                .mean_all()?
-                .neg()?,
-        );
-        let (logit, cam, _) = n.local.forward_t(&fake_aug, true)?;
-        let g_local = terms.push("G_local", (mse_to(&logit, 1.0)? + mse_to(&cam, 1.0)?)?);
+        let g_global = match &n.global {
+            GlobalDiscriminator::Projected(projected) => {
+                let logits = projected.forward_t(&n.backbone, &fake_aug, true)?;
+                terms.push("G_projected", logits.mean_all()?.neg()?)
+            }
+            GlobalDiscriminator::Photo2cartoon(global) => {
+                terms.push("G_global", lsgan_g(global, &fake_aug)?)
+            }
+        };
+        let g_local = terms.push("G_local", lsgan_g(&n.local, &fake_aug)?);
         let ramp = self.spec.adv_ramp(step);
-        let adv = ((g_projected * (ramp * w.adv_projected))? + (g_local * (ramp * w.adv_local))?)?;
+        let adv = ((g_global * (ramp * w.adv_global))? + (g_local * (ramp * w.adv_local))?)?;
         let photos = batch.photos;
         let id = terms.push("G_face_id", self.face_id.cosine_distance(photos, &fake)?);
         let luma = terms.push(
