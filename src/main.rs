@@ -202,6 +202,20 @@ enum TrainCommand {
         #[command(flatten)]
         common: TrainFlags,
     },
+    /// Plot KID and identity against CPU-hours from evaluation results (JSON lines, as
+    /// tools/compare-fast.sh writes them) into a PNG.
+    Plot {
+        #[arg(long)]
+        results: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// TrueType font for the labels.
+        #[arg(
+            long,
+            default_value = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+        )]
+        font: PathBuf,
+    },
     /// Install generator A->B of a training checkpoint as a style.
     Export {
         /// A checkpoint file, or a run directory holding checkpoint.safetensors.
@@ -487,6 +501,13 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             },
             &common.args((256, 1, 2_000)),
         ),
+        TrainCommand::Plot { results, out, font } => {
+            let rows = toonbot::train::plot::read_rows(&results)?;
+            let (curves, baseline) = toonbot::train::plot::curves(&rows);
+            toonbot::train::plot::plot(&curves, baseline, &font, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         TrainCommand::Export {
             checkpoint,
             name,

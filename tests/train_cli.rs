@@ -294,3 +294,50 @@ fn the_fast_recipe_asks_for_held_out_photos_and_refuses_bad_folders() {
         "{stderr}"
     );
 }
+
+#[test]
+fn plot_draws_kid_and_identity_curves_into_a_png() {
+    let font = Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
+    if !font.is_file() {
+        eprintln!("skipping: no DejaVu Sans font at {}", font.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("compare.jsonl");
+    let rows = [
+        r#"{"variant":"baseline","cpu_s":0,"kid_x100":18.3,"kid_std_x100":0.7,"identity_cosine":1.0}"#,
+        r#"{"variant":"init","cpu_s":0,"kid_x100":18.0,"kid_std_x100":0.7,"identity_cosine":0.98}"#,
+        r#"{"variant":"projected","cpu_s":1800,"steps":120,"kid_x100":12.0,"kid_std_x100":0.8,"identity_cosine":0.8}"#,
+    ];
+    std::fs::write(&results, rows.join("\n")).unwrap();
+    let png = tmp.path().join("curves.png");
+    let styles = tmp.path().join("styles");
+    let args = ["train", "plot", "--results", results.to_str().unwrap()];
+    let out = toonbot(
+        &[&args[..], &["--out", png.to_str().unwrap()]].concat(),
+        &styles,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (1200, 480));
+    let coloured = image
+        .pixels()
+        .filter(|p| p[0] != p[1] || p[1] != p[2])
+        .count();
+    assert!(
+        coloured > 500,
+        "only {coloured} coloured pixels: no curves drawn"
+    );
+
+    std::fs::write(&results, rows[..2].join("\n")).unwrap();
+    let out = toonbot(
+        &[&args[..], &["--out", png.to_str().unwrap()]].concat(),
+        &styles,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to plot"));
+}

@@ -15,6 +15,7 @@ pub mod grid;
 pub mod losses;
 pub mod model;
 pub mod params;
+pub mod plot;
 pub mod run;
 pub mod step;
 pub mod style;
