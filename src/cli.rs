@@ -761,6 +761,27 @@ pub fn train_export(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `toonbot panel`: photos beside their cartoons, one PNG.
+pub fn panel(
+    config: &Config,
+    device: &Device,
+    style: Option<&str>,
+    baseline: bool,
+    photos: &[PathBuf],
+    layout: train::panel::Layout,
+    out: &Path,
+) -> Result<ExitCode> {
+    let photos = train::panel::photo_paths(photos)?;
+    let panel = train::eval::with_scored(config, device, style, baseline, |scored| {
+        train::panel::panel(scored, &photos, layout, device)
+    })?;
+    panel
+        .save(out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {} ({} faces)", out.display(), photos.len());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `toonbot eval`: KID x100 and identity cosine of a style (JSON or a short table).
 pub fn eval(
     config: &Config,

@@ -110,6 +110,26 @@ enum Command {
         #[command(subcommand)]
         command: TrainCommand,
     },
+    /// Each aligned photo beside its cartoon, in rows, as one PNG (judge a style by eye).
+    Panel {
+        /// Style name (default: the configured default style).
+        #[arg(long)]
+        style: Option<String>,
+        /// The photos unchanged (segmented and composited only), to see what goes in.
+        #[arg(long, conflicts_with = "style")]
+        baseline: bool,
+        /// Aligned face crops: files, or folders taken whole in name order.
+        #[arg(long, num_args = 1.., required = true)]
+        photos: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Photo/cartoon pairs per row.
+        #[arg(long, default_value_t = 4)]
+        columns: u32,
+        /// Side of each image in the panel.
+        #[arg(long, default_value_t = 160)]
+        size: u32,
+    },
     /// Score a style: KID x100 against a cartoon set and photo/cartoon identity cosine.
     Eval {
         /// Style name (default: the configured default style).
@@ -171,6 +191,10 @@ enum TrainCommand {
         /// default 0.1).
         #[arg(long)]
         content_feature: Option<f64>,
+        /// Weight of the content term on 8x8-block colour, photo against cartoon (fast
+        /// recipe; default 0).
+        #[arg(long)]
+        content_colour: Option<f64>,
         #[command(flatten)]
         common: TrainFlags,
     },
@@ -397,6 +421,25 @@ fn run(args: Args) -> Result<ExitCode> {
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
         Command::Train { command } => train(&config, &device, command),
+        Command::Panel {
+            style,
+            baseline,
+            photos,
+            out,
+            columns,
+            size,
+        } => {
+            let layout = toonbot::train::panel::Layout { columns, size };
+            cli::panel(
+                &config,
+                &device,
+                style.as_deref(),
+                baseline,
+                &photos,
+                layout,
+                &out,
+            )
+        }
         Command::Eval {
             style,
             photos,
@@ -429,6 +472,7 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             discriminators,
             content_luma,
             content_feature,
+            content_colour,
             common,
         } => {
             let recipe = recipe.unwrap_or(if device.is_cuda() {
@@ -460,6 +504,7 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             let weights = toonbot::train::fast::FastWeights {
                 content_luma: content_luma.unwrap_or(defaults.content_luma),
                 content_feature: content_feature.unwrap_or(defaults.content_feature),
+                content_colour: content_colour.unwrap_or(defaults.content_colour),
                 ..defaults
             };
             let spec = toonbot::train::fast::FastSpec {

@@ -341,3 +341,57 @@ fn plot_draws_kid_and_identity_curves_into_a_png() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to plot"));
 }
+
+#[test]
+fn panel_lays_photos_beside_their_cartoons() {
+    let faces =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/photos/p2c-aligned/test");
+    if !faces.is_dir() {
+        eprintln!("skipping: ../shared/data is absent");
+        return;
+    }
+    let mut photos: Vec<_> = std::fs::read_dir(&faces)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    photos.sort();
+    let tmp = tempfile::tempdir().unwrap();
+    let png = tmp.path().join("panel.png");
+    let mut args = vec!["panel", "--baseline", "--columns", "2", "--size", "64"];
+    args.extend(["--out", png.to_str().unwrap(), "--photos"]);
+    args.extend(photos[..3].iter().map(|p| p.to_str().unwrap()));
+    let out = toonbot(&args, &tmp.path().join("styles"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let panel = image::open(&png).unwrap().to_rgb8();
+    // Two pairs a row (2 x 64 + 8 each, and the margin), two rows.
+    assert_eq!(panel.dimensions(), (2 * 136 + 8, 2 * 72 + 8));
+    // The third pair's cell is filled; the fourth is blank.
+    let ink = |x0: u32, y0: u32| {
+        (x0..x0 + 128)
+            .flat_map(|x| (y0..y0 + 64).map(move |y| (x, y)))
+            .filter(|&(x, y)| panel.get_pixel(x, y).0.iter().any(|&c| c < 200))
+            .count()
+    };
+    assert!(ink(8, 80) > 1000 && ink(144, 80) == 0);
+
+    let not_an_image = tmp.path().join("notes.png");
+    std::fs::write(&not_an_image, "hello").unwrap();
+    let args = [
+        "panel",
+        "--baseline",
+        "--out",
+        png.to_str().unwrap(),
+        "--photos",
+    ];
+    let out = toonbot(
+        &[&args[..], &[not_an_image.to_str().unwrap()]].concat(),
+        &tmp.path().join("styles"),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a readable image"), "{err}");
+}

@@ -158,6 +158,7 @@ fn reconstruction_then_adversarial_steps_train_every_network() {
         "G_local",
         "G_face_id",
         "G_content_luma",
+        "G_content_colour",
         "G_content_feature",
         "G_cam",
         "G_loss",

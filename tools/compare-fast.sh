@@ -15,8 +15,8 @@
 #   INIT  a fast checkpoint whose reconstruction phase is done
 #   RUNS  where the runs, styles and results go (outside the repo)
 #   VARIANT: projected (the recipe), p2c-disc (photo2cartoon's global + local
-#            discriminators, no backbone), no-luma (content on backbone features only);
-#            default all three.
+#            discriminators, no backbone), no-luma (content on backbone features only),
+#            colour (8x8-block colour instead of luminance); default the first three.
 # Environment: BIN (default target/release/toonbot), BUDGET (CPU-seconds per variant,
 # default 3600), POINTS (evaluations per variant, default 2), STEPS (the runs' adversarial
 # step count, which sets their schedule; default 2000).
@@ -37,6 +37,7 @@ flags() {
     projected) ;;
     p2c-disc) echo --discriminators photo2cartoon ;;
     no-luma) echo --content-luma 0 ;;
+    colour) echo --content-luma 0 --content-colour 10 ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }

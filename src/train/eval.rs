@@ -57,7 +57,8 @@ pub fn load_inception(config: &Config, device: &Device) -> Result<InceptionV3> {
     Ok(InceptionV3::new(&Default::default(), vb)?)
 }
 
-fn square(img: &RgbImage) -> RgbImage {
+/// `img` at the aligned crop's size.
+pub fn square(img: &RgbImage) -> RgbImage {
     let s = ALIGNED_SIZE;
     if img.dimensions() == (s, s) {
         img.clone()
@@ -69,9 +70,36 @@ fn square(img: &RgbImage) -> RgbImage {
 /// Name under which the do-nothing baseline is reported.
 pub const BASELINE_NAME: &str = "do-nothing (the photos themselves)";
 
-/// Scores `style` (default style when `None`) on `photos` against `cartoons`, or with
-/// `baseline` the do-nothing baseline: the segmented photos themselves, composited as the
-/// cartoons would be; `on_image` is called after each photo is cartoonised.
+/// Calls `f` with `style` (default style when `None`) ready to score, or with `baseline`
+/// the do-nothing baseline: the segmented photos themselves, composited as the cartoons
+/// would be.
+pub fn with_scored<T>(
+    config: &Config,
+    device: &Device,
+    style: Option<&str>,
+    baseline: bool,
+    f: impl FnOnce(&Scored) -> Result<T>,
+) -> Result<T> {
+    let cartoonizer = Cartoonizer::load(config, device)?;
+    let generator = match baseline {
+        true => None,
+        false => Some(
+            cartoonizer
+                .generator(style)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ),
+    };
+    f(&Scored {
+        name: generator
+            .as_ref()
+            .map_or(BASELINE_NAME, |(info, _)| info.name.as_str()),
+        generator: generator.as_ref().map(|(_, g)| &**g),
+        faces: cartoonizer.faces(),
+    })
+}
+
+/// Scores `style` (or the baseline, see [`with_scored`]) on `photos` against `cartoons`;
+/// `on_image` is called after each photo is cartoonised.
 pub fn evaluate(
     config: &Config,
     device: &Device,
@@ -83,25 +111,9 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let inception = load_inception(config, device)?;
     let photos = ImageFolder::open(photos)?;
-    if baseline {
-        let faces = FacePipeline::load(config, device)?;
-        let scored = Scored {
-            name: BASELINE_NAME,
-            generator: None,
-            faces: &faces,
-        };
-        return scored.evaluate(config, device, &inception, &photos, cartoons, on_image);
-    }
-    let cartoonizer = Cartoonizer::load(config, device)?;
-    let (info, generator) = cartoonizer
-        .generator(style)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let scored = Scored {
-        name: &info.name,
-        generator: Some(&generator),
-        faces: cartoonizer.faces(),
-    };
-    scored.evaluate(config, device, &inception, &photos, cartoons, on_image)
+    with_scored(config, device, style, baseline, |scored| {
+        scored.evaluate(config, device, &inception, &photos, cartoons, on_image)
+    })
 }
 
 /// A generator to score (none: the do-nothing baseline), with the face pipeline that
@@ -113,6 +125,37 @@ pub struct Scored<'a> {
 }
 
 impl Scored<'_> {
+    /// The cartoons users get for aligned `crops` (256 px): segmented, whitened, through
+    /// the generator (unchanged for the baseline), composited on white with the mask.
+    /// Also returns the generator's input batch, in [-1, 1].
+    pub fn cartoons_on_white(
+        &self,
+        crops: &[RgbImage],
+        device: &Device,
+    ) -> Result<(Tensor, Vec<RgbImage>)> {
+        let masks = self.faces.segment(crops)?;
+        let inputs: Vec<RgbImage> = crops
+            .iter()
+            .zip(&masks)
+            .map(|(c, m)| imageops::whiten(c, m))
+            .collect();
+        let input = generator::normalize(&imageops::rgb_batch(&inputs, device)?)?;
+        let output = match self.generator {
+            Some(generator) => generator.forward(&input)?.0,
+            None => input.clone(),
+        }
+        .to_device(&Device::Cpu)?;
+        let cartoons = masks
+            .iter()
+            .enumerate()
+            .map(|(i, mask)| {
+                let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(compose::cartoon_on_white(&values, mask))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((input, cartoons))
+    }
+
     /// KID and identity of the generator's cartoons of `photos` against `cartoons`.
     pub fn evaluate(
         &self,
@@ -124,7 +167,6 @@ impl Scored<'_> {
         mut on_image: impl FnMut(),
     ) -> Result<EvalReport> {
         let face_id = FaceIdLoss::load(&config.models.dir, ALIGNED_SIZE as usize, device)?;
-        let (generator, faces) = (self.generator, self.faces);
         let cartoon_set = ImageFolder::open(cartoons)?;
 
         let mut generated_features = Vec::new();
@@ -134,26 +176,7 @@ impl Scored<'_> {
                 .iter()
                 .map(|&i| Ok(square(&photos.load(i)?)))
                 .collect::<Result<Vec<_>>>()?;
-            let masks = faces.segment(&crops)?;
-            let inputs: Vec<RgbImage> = crops
-                .iter()
-                .zip(&masks)
-                .map(|(c, m)| imageops::whiten(c, m))
-                .collect();
-            let input = generator::normalize(&imageops::rgb_batch(&inputs, device)?)?;
-            let output = match generator {
-                Some(generator) => generator.forward(&input)?.0,
-                None => input.clone(),
-            }
-            .to_device(&Device::Cpu)?;
-            let cartoons = masks
-                .iter()
-                .enumerate()
-                .map(|(i, mask)| {
-                    let values = output.get(i)?.flatten_all()?.to_vec1::<f32>()?;
-                    Ok(compose::cartoon_on_white(&values, mask))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let (input, cartoons) = self.cartoons_on_white(&crops, device)?;
             let cartoon_batch = imageops::rgb_batch(&cartoons, device)?;
             generated_features.push(inception.forward(&cartoon_batch)?);
             photo_embeddings.push(face_id.embed(&input)?);

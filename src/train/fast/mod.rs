@@ -37,6 +37,10 @@ pub struct FastWeights {
     /// low-level features, photo against cartoon.
     pub content_luma: f64,
     pub content_feature: f64,
+    /// Content: L1 of the colour (all three channels) averaged over 8x8 blocks, which
+    /// also keeps skin tones and hair colours (absent from runs before it existed: 0).
+    #[serde(default)]
+    pub content_colour: f64,
     /// Identity L1 on cartoons (`G(B) = B`), every `identity_every`-th step.
     pub identity: f64,
     pub identity_every: u64,
@@ -56,6 +60,7 @@ impl Default for FastWeights {
             face_id: 1.0,
             content_luma: 10.0,
             content_feature: 0.1,
+            content_colour: 0.0,
             identity: 10.0,
             identity_every: 4,
             cam: 1000.0,

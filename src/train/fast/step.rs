@@ -146,6 +146,10 @@ impl FastStep<'_> {
             "G_content_luma",
             l1(&low_pass_luminance(&fake)?, &low_pass_luminance(photos)?)?,
         );
+        let colour = terms.push(
+            "G_content_colour",
+            l1(&fake.avg_pool2d(8)?, &photos.avg_pool2d(8)?)?,
+        );
         let target = n.backbone.low_level(photos)?.detach();
         let feature = terms.push(
             "G_content_feature",
@@ -156,6 +160,7 @@ impl FastStep<'_> {
             adv,
             (id * w.face_id)?,
             (luma * w.content_luma)?,
+            (colour * w.content_colour)?,
             (feature * w.content_feature)?,
             (cam * w.cam)?,
         ])?;
