@@ -108,7 +108,7 @@ enum Command {
     /// Train cartoon generators (photo2cartoon's U-GAT-IT with face-ID loss).
     Train {
         #[command(subcommand)]
-        command: TrainCommand,
+        command: Box<TrainCommand>,
     },
     /// Each aligned photo beside its cartoon, in rows, as one PNG (judge a style by eye).
     Panel {
@@ -195,6 +195,13 @@ enum TrainCommand {
         /// recipe; default 0).
         #[arg(long)]
         content_colour: Option<f64>,
+        /// Weight of the whole-image discriminator's adversarial term (fast recipe; default
+        /// 1).
+        #[arg(long)]
+        adv_global: Option<f64>,
+        /// Weight of the face-ID term, photo against cartoon (fast recipe; default 1).
+        #[arg(long)]
+        face_id: Option<f64>,
         #[command(flatten)]
         common: TrainFlags,
     },
@@ -420,7 +427,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Command::Serve => cli::serve(&config, &device),
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
-        Command::Train { command } => train(&config, &device, command),
+        Command::Train { command } => train(&config, &device, *command),
         Command::Panel {
             style,
             baseline,
@@ -473,6 +480,8 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             content_luma,
             content_feature,
             content_colour,
+            adv_global,
+            face_id,
             common,
         } => {
             let recipe = recipe.unwrap_or(if device.is_cuda() {
@@ -505,6 +514,8 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                 content_luma: content_luma.unwrap_or(defaults.content_luma),
                 content_feature: content_feature.unwrap_or(defaults.content_feature),
                 content_colour: content_colour.unwrap_or(defaults.content_colour),
+                adv_global: adv_global.unwrap_or(defaults.adv_global),
+                face_id: face_id.unwrap_or(defaults.face_id),
                 ..defaults
             };
             let spec = toonbot::train::fast::FastSpec {

@@ -16,7 +16,9 @@
 #   RUNS  where the runs, styles and results go (outside the repo)
 #   VARIANT: projected (the recipe), p2c-disc (photo2cartoon's global + local
 #            discriminators, no backbone), no-luma (content on backbone features only),
-#            colour (8x8-block colour instead of luminance); default the first three.
+#            colour (8x8-block colour instead of luminance), projected-adv0.25 (the
+#            projected discriminator's weight 0.25), projected-id10 (face-ID weight 10);
+#            default the first three.
 # Environment: BIN (default target/release/toonbot), BUDGET (CPU-seconds per variant,
 # default 3600), POINTS (evaluations per variant, default 2), STEPS (the runs' adversarial
 # step count, which sets their schedule; default 2000).
@@ -38,6 +40,8 @@ flags() {
     p2c-disc) echo --discriminators photo2cartoon ;;
     no-luma) echo --content-luma 0 ;;
     colour) echo --content-luma 0 --content-colour 10 ;;
+    projected-adv0.25) echo --adv-global 0.25 ;;
+    projected-id10) echo --face-id 10 ;;
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
