@@ -31,6 +31,30 @@ fn images(dir: &Path, n: u32, shade: u8) {
     }
 }
 
+fn tiny_net() -> NetConfig {
+    NetConfig {
+        ngf: 4,
+        n_blocks: 1,
+        ndf: 4,
+        global_layers: 4,
+        local_layers: 3,
+    }
+}
+
+/// A run into `out` that checkpoints at its end (and every 100 steps), no samples.
+fn run_options(out: &Path, compact: Option<std::path::PathBuf>) -> RunOptions {
+    RunOptions {
+        out: out.to_path_buf(),
+        compact,
+        compact_generators_only: false,
+        save_every: 100,
+        sample_every: 100,
+        log_every: 1,
+        time_limit: None,
+        models_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+    }
+}
+
 /// A 1-step tiny training run's checkpoint in `root/run`.
 fn tiny_checkpoint(root: &Path) -> std::path::PathBuf {
     let (photos, cartoons) = (root.join("photos"), root.join("cartoons"));
@@ -38,23 +62,11 @@ fn tiny_checkpoint(root: &Path) -> std::path::PathBuf {
     images(&cartoons, 2, 220);
     let mut spec = RunSpec::photo2cartoon(photos, cartoons, 1);
     spec.size = 32;
-    spec.net = NetConfig {
-        ngf: 4,
-        n_blocks: 1,
-        ndf: 4,
-        global_layers: 4,
-        local_layers: 3,
-    };
+    spec.net = tiny_net();
     let out = root.join("run");
     let options = RunOptions {
-        out: out.clone(),
-        compact: None,
-        compact_generators_only: false,
         save_every: 1,
-        sample_every: 100,
-        log_every: 1,
-        time_limit: None,
-        models_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+        ..run_options(&out, None)
     };
     let mut t = Trainer::new(spec, options, Start::Fresh, &Device::Cpu).unwrap();
     t.run(&AtomicBool::new(false), |_| {}).unwrap();
@@ -138,28 +150,13 @@ fn tiny_fast_checkpoint(root: &Path) -> std::path::PathBuf {
     }
     let [photos, cartoons, val] = dirs;
     let mut spec = toonbot::train::fast::FastSpec::new(photos, cartoons, val, 1);
-    spec.net = NetConfig {
-        ngf: 4,
-        n_blocks: 1,
-        ndf: 4,
-        global_layers: 4,
-        local_layers: 3,
-    };
+    spec.net = tiny_net();
     spec.batch = 1;
     spec.high_size = 128;
     spec.recon.check_every = 2;
     spec.recon.max_steps = 2;
     let out = root.join("fast");
-    let options = RunOptions {
-        out: out.clone(),
-        compact: Some(root.join("fast-compact.safetensors")),
-        compact_generators_only: false,
-        save_every: 100,
-        sample_every: 100,
-        log_every: 1,
-        time_limit: None,
-        models_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
-    };
+    let options = run_options(&out, Some(root.join("fast-compact.safetensors")));
     let mut t = FastTrainer::new(spec, options, FastStart::Fresh, &Device::Cpu).unwrap();
     t.run(&AtomicBool::new(false), |_| {}).unwrap();
     out

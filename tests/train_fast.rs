@@ -98,6 +98,11 @@ fn trainer(spec: &FastSpec, out: &Path, start: FastStart) -> anyhow::Result<Fast
     FastTrainer::new(spec.clone(), options(out), start, &Device::Cpu)
 }
 
+/// Continues the run in `out` from its checkpoint.
+fn resume(spec: &FastSpec, out: &Path) -> anyhow::Result<FastTrainer> {
+    trainer(spec, out, FastStart::Resume(out.join(CHECKPOINT_FILE)))
+}
+
 fn run(t: &mut FastTrainer, stop_at: Option<u64>) -> (Finish, Vec<Losses>) {
     let stop = AtomicBool::new(false);
     let mut seen = Vec::new();
@@ -229,19 +234,15 @@ fn the_photo2cartoon_discriminators_variant_trains_a_global_one_instead() {
         );
     }
     // It resumes as itself, and a projected spec is refused for its run.
-    let resumed = trainer(&s.spec, &out, FastStart::Resume(out.join(CHECKPOINT_FILE))).unwrap();
+    let resumed = resume(&s.spec, &out).unwrap();
     assert_eq!(tensors(&resumed), after);
     let projected = FastSpec {
         discriminators: Discriminators::Projected,
         ..s.spec.clone()
     };
-    let err = trainer(
-        &projected,
-        &out,
-        FastStart::Resume(out.join(CHECKPOINT_FILE)),
-    )
-    .err()
-    .expect("a differing spec is refused");
+    let err = resume(&projected, &out)
+        .err()
+        .expect("a differing spec is refused");
     assert!(format!("{err:#}").contains("other settings"), "{err:#}");
 }
 
@@ -258,12 +259,7 @@ fn an_interrupted_run_resumes_exactly() {
     let (finish, _) = run(&mut t, Some(3));
     assert_eq!(finish, Finish::Interrupted);
     drop(t);
-    let mut t = trainer(
-        &s.spec,
-        &parts,
-        FastStart::Resume(parts.join(CHECKPOINT_FILE)),
-    )
-    .unwrap();
+    let mut t = resume(&s.spec, &parts).unwrap();
     assert_eq!(t.total_steps(), 3);
     let (finish, _) = run(&mut t, None);
     assert_eq!(finish, Finish::Completed);
@@ -275,13 +271,7 @@ fn an_interrupted_run_resumes_exactly() {
     // Other settings are refused, with both written out.
     let mut other = s.spec.clone();
     other.lr_g = 5e-5;
-    let err = trainer(
-        &other,
-        &parts,
-        FastStart::Resume(parts.join(CHECKPOINT_FILE)),
-    )
-    .err()
-    .expect("refused");
+    let err = resume(&other, &parts).err().expect("refused");
     assert!(format!("{err:#}").contains("other settings"), "{err:#}");
 
     // A new run starts its adversarial phase from the reconstruction of this one.

@@ -73,21 +73,26 @@ struct Loaded {
 
 fn load_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let json = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(METADATA_KEY))
-        .with_context(|| {
-            format!(
-                "{} is not a fast-recipe training checkpoint",
-                path.display()
-            )
-        })?;
+    parse_checkpoint(&bytes, path, device)?.with_context(|| {
+        format!(
+            "{} is not a fast-recipe training checkpoint",
+            path.display()
+        )
+    })
+}
+
+/// The checkpoint in `bytes` (read from `path`); `None` when it is a safetensors file
+/// without a fast run's state.
+fn parse_checkpoint(bytes: &[u8], path: &Path, device: &Device) -> Result<Option<Loaded>> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let Some(json) = header.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)) else {
+        return Ok(None);
+    };
     let state: FastState = serde_json::from_str(json)?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)
         .with_context(|| format!("loading tensors from {}", path.display()))?;
-    Ok(Loaded { state, tensors })
+    Ok(Some(Loaded { state, tensors }))
 }
 
 /// A fast checkpoint's generator A->B (keys as in a style's `generator.safetensors`) and
@@ -101,16 +106,9 @@ pub struct TrainedGenerator {
 /// checkpoint.
 pub fn read_generator(path: &Path, device: &Device) -> Result<Option<TrainedGenerator>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    if !header
-        .metadata()
-        .as_ref()
-        .is_some_and(|m| m.contains_key(METADATA_KEY))
-    {
+    let Some(Loaded { state, tensors }) = parse_checkpoint(&bytes, path, device)? else {
         return Ok(None);
-    }
-    let Loaded { state, tensors } = load_checkpoint(path, device)?;
+    };
     let prefix = format!("{}.", NETWORKS[0]);
     let tensors = tensors
         .into_iter()

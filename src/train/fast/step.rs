@@ -22,15 +22,14 @@ fn low_pass_luminance(x: &Tensor) -> Result<Tensor> {
 /// the translations and the edge-smoothed cartoons towards 0. Also returns the real
 /// patch logits.
 fn lsgan_d(d: &Discriminator, [real, fakes, smoothed]: [&Tensor; 3]) -> Result<(Tensor, Tensor)> {
-    let mut losses = Vec::new();
-    let mut real_logit = None;
-    for (x, target) in [(real, 1.0), (fakes, 0.0), (smoothed, 0.0)] {
+    let (real_logit, real_cam, _) = d.forward_t(real, true)?;
+    let mut losses = vec![mse_to(&real_logit, 1.0)?, mse_to(&real_cam, 1.0)?];
+    for x in [fakes, smoothed] {
         let (logit, cam, _) = d.forward_t(x, true)?;
-        losses.push(mse_to(&logit, target)?);
-        losses.push(mse_to(&cam, target)?);
-        real_logit.get_or_insert(logit);
+        losses.push(mse_to(&logit, 0.0)?);
+        losses.push(mse_to(&cam, 0.0)?);
     }
-    Ok((sum(&losses)?, real_logit.expect("three inputs")))
+    Ok((sum(&losses)?, real_logit))
 }
 
 /// The generator's LSGAN loss against `d`: patch and CAM logits towards 1.
