@@ -1,6 +1,6 @@
 //! `toonbot bench`: the median time of each pipeline stage on this machine, per face, the
 //! whole photo against the generator alone on the same faces, and the generator at batch 1
-//! and 4.
+//! and 4 (or the batch sizes asked for).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -169,14 +169,14 @@ fn profile(generator: &Generator, device: &Device, runs: usize) -> Result<StageP
     })
 }
 
-/// Times every stage `runs` times on `photo` and the generator alone at batch 1 and 4; with
-/// `with_profile`, also each generator stage.
+/// Times every stage `runs` times on `photo` and the generator alone at each of
+/// `generator_batches` (on random faces); with `with_profile`, also each generator stage.
 pub fn run(
     config: &Config,
     device: &Device,
     photo_path: &Path,
     style: Option<&str>,
-    runs: usize,
+    (runs, generator_batches): (usize, &[usize]),
     with_profile: bool,
 ) -> Result<BenchReport> {
     let runs = runs.max(1);
@@ -233,7 +233,7 @@ pub fn run(
     }
 
     let mut generator_ms_per_image = BTreeMap::new();
-    for batch in [1usize, 4] {
+    for &batch in generator_batches {
         let input = Tensor::randn(0f32, 0.5, (batch, 3, 256, 256), device)?;
         generator.forward(&input)?.0.to_device(&Device::Cpu)?; // warm-up
         let times = (0..runs)

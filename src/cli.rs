@@ -303,12 +303,19 @@ pub fn bench(
     device: &Device,
     photo: &Path,
     style: Option<&str>,
-    runs: usize,
+    (runs, generator_batches): (usize, &[usize]),
     reference_python: Option<&Path>,
     json: bool,
     profile: bool,
 ) -> Result<ExitCode> {
-    let mut report = crate::bench::run(config, device, photo, style, runs, profile)?;
+    let mut report = crate::bench::run(
+        config,
+        device,
+        photo,
+        style,
+        (runs, generator_batches),
+        profile,
+    )?;
     if let Some(python) = reference_python {
         report.reference = Some(crate::bench::reference_timing(python, runs)?);
     }

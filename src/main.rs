@@ -59,7 +59,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Time each pipeline stage per face, and the generator at batch 1 and 4.
+    /// Time each pipeline stage per face, and the generator at batch 1 and 4 (or --batch).
     Bench {
         /// The photo to time (default: a 3-face group photo from ../shared/data).
         #[arg(long, default_value = "../shared/data/samples/groups/sample1.jpg")]
@@ -87,8 +87,8 @@ enum Command {
         /// Training image side for --train.
         #[arg(long, default_value_t = 256)]
         size: usize,
-        /// Batch sizes for --train (default: each recipe's own, 1 for photo2cartoon and 4
-        /// for fast).
+        /// Batch sizes: of the generator alone (default 1 and 4), or with --train of the
+        /// training steps (default: each recipe's own, 1 for photo2cartoon and 4 for fast).
         #[arg(long, num_args = 1..)]
         batch: Vec<usize>,
         /// Also time each generator stage (and, when the CPU fast path is on, the same
@@ -280,7 +280,7 @@ struct TrainFlags {
     batch: Option<usize>,
     /// Total steps; photo2cartoon's learning rate decays linearly over the second half
     /// (default: 200000 for base, as photo2cartoon's schedule; 2000 for finetune); the fast
-    /// recipe's count its adversarial steps (default 2000).
+    /// recipe counts its adversarial steps (default 2000).
     #[arg(long)]
     steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
@@ -412,6 +412,7 @@ fn run(args: Args) -> Result<ExitCode> {
             runs,
             reference_python,
             json,
+            batch,
             profile,
             ..
         } => cli::bench(
@@ -419,7 +420,7 @@ fn run(args: Args) -> Result<ExitCode> {
             &device,
             &photo,
             style.as_deref(),
-            runs,
+            (runs, if batch.is_empty() { &[1, 4] } else { &batch }),
             reference_python.as_deref(),
             json,
             profile,

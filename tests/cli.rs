@@ -166,3 +166,32 @@ fn prepare_writes_the_largest_face_of_each_photo_and_lists_what_it_skipped() {
     let face = image::open(out.join("group.png")).unwrap();
     assert_eq!((face.width(), face.height()), (256, 256));
 }
+
+#[test]
+fn bench_times_the_generator_at_the_batch_sizes_asked_for() {
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    let group = data.join("samples/groups/sample1.jpg");
+    let run = toonbot(
+        &[
+            "bench",
+            "--photo",
+            group.to_str().unwrap(),
+            "--batch",
+            "1",
+            "2",
+            "--runs",
+            "1",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(text(&run.stdout).lines().last().unwrap()).unwrap();
+    let per_batch = report["generator_ms_per_image"].as_object().unwrap();
+    assert_eq!(per_batch.keys().collect::<Vec<_>>(), ["1", "2"]);
+    assert!(per_batch.values().all(|ms| ms.as_f64().unwrap() > 0.0));
+    assert_eq!(report["faces"], 3);
+}

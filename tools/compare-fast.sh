@@ -7,7 +7,8 @@
 # stop and an evaluation after every BUDGET/POINTS of them. Each stop exports the
 # generator as a style under RUNS/styles and scores it with `toonbot eval` on the held-out
 # photos against the held-out cartoons; the do-nothing baseline and the init itself are
-# scored first. One JSON object per evaluation goes to RUNS/compare.jsonl:
+# scored first. Run again, it goes on where it stopped (the CPU-seconds used are kept in
+# RUNS/VARIANT.cpu_s, and the points already in the results are skipped). One JSON object per evaluation goes to RUNS/compare.jsonl:
 #   {"variant", "cpu_s", "steps" (adversarial), "kid_x100", "kid_std_x100", "identity_cosine", ...}
 #
 # Usage: tools/compare-fast.sh DATA INIT RUNS [VARIANT ...]
@@ -73,29 +74,36 @@ fi
 
 for variant in "${VARIANTS[@]}"; do
   out=$RUNS/$variant
-  used=0
+  # CPU-seconds the variant has used so far, kept across restarts of this script.
+  used_file=$RUNS/$variant.cpu_s
+  used=$(cat "$used_file" 2> /dev/null || echo 0)
   for point in $(seq 1 "$POINTS"); do
     goal=$((BUDGET * point / POINTS))
-    if [[ -f $out/checkpoint.safetensors ]]; then start=(--resume); else start=(--init "$INIT"); fi
-    # shellcheck disable=SC2046
-    nice -n 10 "$BIN" train base --recipe fast \
-      --photos "$DATA/photos-train" --cartoons "$DATA/cartoons-train" \
-      --val-photos "$DATA/photos-val" --out "$out" --steps "$STEPS" \
-      --log-every 10 --sample-every 50 --save-every 100000 \
-      "${start[@]}" $(flags "$variant") >> "$RUNS/$variant.log" 2>&1 &
-    pid=$! now=0 stopping=0
-    while kill -0 "$pid" 2> /dev/null; do
-      now=$(cpu_seconds "$pid" 2> /dev/null || echo "$now")
-      if ((!stopping && used + now >= goal)); then
-        kill -TERM "$pid"
-        stopping=1
-      fi
-      sleep 2
-    done
-    wait "$pid" || true
-    used=$((used + now))
-    "$BIN" train export --checkpoint "$out" --name "cmp-$variant-$point" --dtype f32
-    steps=$(grep -o '[0-9]* adversarial' "$RUNS/styles/cmp-$variant-$point/style.toml" | cut -d' ' -f1)
-    score "cmp-$variant-$point" "$variant" "$used" "$steps"
+    style=cmp-${variant//./}-$point
+    if grep -qs "\"style\":\"$style\"" "$RESULTS"; then continue; fi
+    if ((used < goal)); then
+      if [[ -f $out/checkpoint.safetensors ]]; then start=(--resume); else start=(--init "$INIT"); fi
+      # shellcheck disable=SC2046
+      nice -n 10 "$BIN" train base --recipe fast \
+        --photos "$DATA/photos-train" --cartoons "$DATA/cartoons-train" \
+        --val-photos "$DATA/photos-val" --out "$out" --steps "$STEPS" \
+        --log-every 10 --sample-every 50 --save-every 100000 \
+        "${start[@]}" $(flags "$variant") >> "$RUNS/$variant.log" 2>&1 &
+      pid=$! now=0 stopping=0
+      while kill -0 "$pid" 2> /dev/null; do
+        now=$(cpu_seconds "$pid" 2> /dev/null || echo "$now")
+        if ((!stopping && used + now >= goal)); then
+          kill -TERM "$pid"
+          stopping=1
+        fi
+        sleep 2
+      done
+      wait "$pid" || true
+      used=$((used + now))
+      echo "$used" > "$used_file"
+    fi
+    "$BIN" train export --checkpoint "$out" --name "$style" --dtype f32
+    steps=$(grep -o '[0-9]* adversarial' "$RUNS/styles/$style/style.toml" | cut -d' ' -f1)
+    score "$style" "$variant" "$used" "$steps"
   done
 done

@@ -1,39 +1,42 @@
 #!/usr/bin/env bash
 # The prepared script of a GPU session (DESIGN §8): runs on the device machine, in the
-# repository root, with no cargo and no network. It needs, carried in CARRY (default
-# .gpu-carry, see tools/gpu/pack_data.sh):
-#   toonbot                 a CUDA build (tools/build-cuda.sh), copied here
-#   data.tar                photos/ and cartoons/ as 256-px JPEGs (tools/gpu/pack_data.sh)
-#   compact.safetensors     optional: the base run's generators-only compact checkpoint
-#                           (models/training/p2c-base.safetensors, 15 MB) to resume from
-# and writes under $OUT, as it goes (so a killed run still leaves them):
-#   session.log             everything printed, nvidia-smi, timings
-#   bench_candle_cuda.jsonl `toonbot bench --train` on CUDA at 256, batch 1 and 8 (a line
-#                           each): ms/step, images/s, max |CUDA - CPU| of the generator
-#   bench_torch_cuda.jsonl  the PyTorch reference step (tools/reference/p2c_train_step.py),
-#                           when torch is importable
-#   gpu.csv                 GPU memory and utilisation every 10 s
-#   train.jsonl             the training log (losses, images/s)
-#   samples.png             the latest sample grid (photo | cartoon | cycle)
-#   p2c-base.safetensors    the generators-only compact checkpoint (f16, 15 MB), copied after
-#                           every save: commit it as models/training/p2c-base.safetensors to
-#                           continue next time, and install the style from it with
-#                           `toonbot train export --checkpoint p2c-base.safetensors --name p2c`
-# (8 files at most come back from the device.)
-# The full checkpoint (432 MB) stays on the device: files over 16 MiB do not come back, so a
-# later session resumes the generators and starts the discriminators and Adam afresh.
+# repository root, with no cargo, no network and no ../shared. It needs, carried in CARRY
+# (default .gpu-carry, made by tools/gpu/pack_data.sh):
+#   toonbot             a CUDA build (tools/build-cuda.sh), copied here
+#   data.tar            photos-train/, photos-val/, cartoons-train/ as 256-px JPEGs
+#   group.jpg           the photo the pipeline bench runs on
+# and the base run's compact checkpoint, models/training/base-fast.safetensors (tracked).
+# It runs, each step bounded in time, writing under $OUT as it goes (so a killed run still
+# leaves them):
+#   1. the CUDA check: bench_cuda.jsonl, `toonbot bench` on the GPU: every pipeline stage, and
+#      the generator's ms per face at batch 1, 4, 16 and 64 (faces/s = 1000 / ms);
+#      bench_train_cuda.jsonl, `bench --train --recipe fast` at SIZE and batch 8 and 16:
+#      s/step, images/s, peak memory and max |CUDA - CPU| of the generator's output;
+#   2. the fast recipe (with TRAIN_FLAGS, the base run's variant flags) at SIZE and BATCH,
+#      its generator started from that checkpoint (`--init`; discriminators and Adam
+#      restart), for what is left of DEADLINE: train.jsonl, samples.png (the latest grid)
+#      and base-fast-gpu.safetensors (the compact checkpoint, 14 MB, copied after every
+#      save). Export it with `toonbot train export --checkpoint base-fast-gpu.safetensors
+#      --name NAME`, and continue it on the CPU with `train base --init` (its spec, batch
+#      and paths differ from the CPU run's, so it is a new run, not a --resume).
+#   session.log (everything printed, timings) and gpu.csv (memory and utilisation every
+#   10 s). 8 files at most come back, each under 16 MiB.
 #
-# Env: TRAIN_SECONDS (training time, default 400, cut so that the whole script ends within
-# DEADLINE seconds, default 560), BATCH (default 1), SIZE (256).
+# Env: INIT (the checkpoint to start from), SIZE (256), BATCH (16), STEPS (the schedule's
+# adversarial steps, 2000), TRAIN_FLAGS, DEADLINE (seconds the whole script may take, 560),
+# BENCH (0 skips step 1, for a second call in the same session), DEVICE (cuda; cpu for a
+# dry run here).
 # Run:  bash tools/gpu/train_base.sh    (device tool: carry [".gpu-carry"], timeout_s 590)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?run this on the device machine, where OUT is set}"
 carry=${CARRY:-.gpu-carry}
-train_seconds=${TRAIN_SECONDS:-400}
 deadline=${DEADLINE:-560}
-batch=${BATCH:-1}
+batch=${BATCH:-16}
 size=${SIZE:-256}
+steps=${STEPS:-2000}
+device=${DEVICE:-cuda}
+read -r -a train_flags <<<"${TRAIN_FLAGS:-}"
 bin=$carry/toonbot
 run=/tmp/toonbot-run
 data=/tmp/toonbot-data
@@ -64,30 +67,19 @@ chmod +x "$bin"
 
 mkdir -p "$data" "$run"
 tar -xf "$carry/data.tar" -C "$data"
-stamp "data: $(ls "$data/photos" | wc -l) photos, $(ls "$data/cartoons" | wc -l) cartoons"
+stamp "data: $(ls "$data/photos-train" | wc -l) photos, $(ls "$data/cartoons-train" | wc -l) cartoons, $(ls "$data/photos-val" | wc -l) held-out photos"
 
-# One process per batch size: batch 8 may not fit in GPU memory (candle keeps every
-# intermediate of the six generator passes for the backward pass), and must not take the
-# batch-1 numbers down with it.
-for b in 1 8; do
-    stamp "candle-CUDA training step, batch $b (and CUDA vs CPU generator output)"
-    timeout 150 "$bin" --device cuda bench --train --size "$size" --batch "$b" --runs 3 \
-        --json >>"$OUT/bench_candle_cuda.jsonl" || stamp "candle bench at batch $b failed"
-done
-if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    for b in 1 8; do
-        stamp "PyTorch reference training step, batch $b"
-        timeout 90 python3 tools/reference/p2c_train_step.py --device cuda --size "$size" \
-            --batch "$b" --steps 3 >>"$OUT/bench_torch_cuda.jsonl" || stamp "torch bench failed"
+if [ "${BENCH:-1}" = 1 ]; then
+    stamp "CUDA check: pipeline stages and the generator at batch 1-64"
+    timeout 90 "$bin" --device "$device" bench --photo "$carry/group.jpg" --batch 1 4 16 64 --runs 3 \
+        --json >>"$OUT/bench_cuda.jsonl" || stamp "the pipeline bench failed"
+    # One process per batch size, so that one that runs out of memory keeps the other's numbers.
+    for b in 8 16; do
+        stamp "fast training step at $size px, batch $b (and CUDA vs CPU generator output)"
+        timeout 90 "$bin" --device "$device" bench --train --recipe fast --size "$size" --batch "$b" \
+            --runs 3 --json >>"$OUT/bench_train_cuda.jsonl" || stamp "the training bench at batch $b failed"
     done
-fi
-cat "$OUT"/bench_*.jsonl
-
-resume=()
-if [ -f "$carry/compact.safetensors" ]; then
-    cp "$carry/compact.safetensors" "$run/compact.safetensors"
-    resume=(--resume)
-    stamp "resuming the generators from the carried compact checkpoint (discriminators and Adam restart)"
+    cat "$OUT"/bench_*.jsonl
 fi
 
 # Copies the log, the latest grid and the compact checkpoint to $OUT as they change.
@@ -96,25 +88,26 @@ fi
         [ -f "$run/train.jsonl" ] && cp "$run/train.jsonl" "$OUT/train.jsonl"
         latest=$(ls "$run/samples" 2>/dev/null | tail -n 1)
         [ -n "$latest" ] && cp "$run/samples/$latest" "$OUT/samples.png"
-        [ -f "$run/compact.safetensors" ] && cp "$run/compact.safetensors" "$OUT/p2c-base.safetensors"
+        [ -f "$run/compact.safetensors" ] && cp "$run/compact.safetensors" "$OUT/base-fast-gpu.safetensors"
     done
 ) &
 watcher=$!
 
-# Fit the device command's limit: leave 45 s for the last copies.
-left=$((deadline - ($(date +%s) - started) - 45))
-[ "$left" -lt "$train_seconds" ] && train_seconds=$left
-stamp "training base for ${train_seconds}s at batch $batch"
-timeout -s INT -k 60 $((train_seconds + 120)) "$bin" --device cuda train base \
-    --photos "$data/photos" --cartoons "$data/cartoons" --out "$run" --size "$size" \
-    --batch "$batch" --save-every 250 --sample-every 250 --log-every 10 \
-    --time-limit "$train_seconds" --compact "$run/compact.safetensors" --compact-generators \
-    "${resume[@]}"
+# Fit the device command's limit: leave 45 s for the last save and copies.
+train_seconds=$((deadline - ($(date +%s) - started) - 45))
+[ "$train_seconds" -ge 30 ] || { stamp "no time left to train (DEADLINE=$deadline)"; exit 1; }
+stamp "training the fast recipe for ${train_seconds}s at $size px, batch $batch ${train_flags[*]}"
+timeout -s INT -k 60 $((train_seconds + 60)) "$bin" --device "$device" train base --recipe fast \
+    --photos "$data/photos-train" --cartoons "$data/cartoons-train" \
+    --val-photos "$data/photos-val" --out "$run" --init "${INIT:-models/training/base-fast.safetensors}" \
+    --size "$size" --high-size "$size" --batch "$batch" --steps "$steps" \
+    --save-every 100 --sample-every 100 --log-every 10 --time-limit "$train_seconds" \
+    --compact "$run/compact.safetensors" "${train_flags[@]}"
 stamp "training returned $?"
 kill $watcher 2>/dev/null
 cp "$run/train.jsonl" "$OUT/train.jsonl"
 latest=$(ls "$run/samples" 2>/dev/null | tail -n 1)
 [ -n "$latest" ] && cp "$run/samples/$latest" "$OUT/samples.png"
-cp "$run/compact.safetensors" "$OUT/p2c-base.safetensors"
+cp "$run/compact.safetensors" "$OUT/base-fast-gpu.safetensors"
 ls -la "$run" "$OUT"
 stamp "done"
