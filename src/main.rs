@@ -485,6 +485,10 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             face_id,
             common,
         } => {
+            // The run spec records the folders: absolute, a run resumes from any directory.
+            let [photos, cartoons] =
+                [photos, cartoons].map(|p| std::path::absolute(&p).unwrap_or(p));
+            let val_photos = val_photos.map(|p| std::path::absolute(&p).unwrap_or(p));
             let recipe = recipe.unwrap_or(if device.is_cuda() {
                 Recipe::Photo2cartoon
             } else {

@@ -11,14 +11,37 @@ use toonbot::cartoon::compose::{
 };
 use toonbot::cartoon::styles::StyleError;
 use toonbot::cartoon::{CartoonError, Cartoonizer};
-use toonbot::imageops::load_photo;
+use toonbot::face::ALIGNED_SIZE;
+use toonbot::imageops::{load_photo, rgb_batch};
+use toonbot::nets::generator::normalize;
+use toonbot::train::eval::{square, with_scored};
+use toonbot::train::face_id::FaceIdLoss;
 
 fn toonbot(args: &[&str], styles_dir: &Path, default_style: &str) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_toonbot"))
+    toonbot_command(args, styles_dir, default_style)
+        .output()
+        .unwrap()
+}
+
+fn toonbot_command(args: &[&str], styles_dir: &Path, default_style: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_toonbot"));
+    command
         .args(args)
         .env("TOONBOT_STYLES__DIR", styles_dir)
         .env("TOONBOT_STYLES__DEFAULT", default_style)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    command
+}
+
+/// `toonbot` on a host whose models folder ships no style.
+fn toonbot_without_shipped_styles(
+    args: &[&str],
+    styles_dir: &Path,
+    default_style: &str,
+) -> std::process::Output {
+    let models = common::models_without_styles(styles_dir.parent().unwrap());
+    toonbot_command(args, styles_dir, default_style)
+        .env("TOONBOT_MODELS__DIR", models)
         .output()
         .unwrap()
 }
@@ -122,21 +145,23 @@ fn cartoonize_cli_writes_files_and_json() {
 }
 
 #[test]
-fn without_a_trained_style_cartoonize_says_how_to_get_one() {
+fn without_any_style_cartoonize_says_how_to_get_one() {
     let Some(data) = common::shared_data() else {
         return;
     };
-    let styles = tempfile::tempdir().unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let styles = host.path().join("styles");
+    std::fs::create_dir(&styles).unwrap();
     let out = tempfile::tempdir().unwrap();
     let photo = data.join("photos/celeba/000127.jpg");
-    let run = toonbot(
+    let run = toonbot_without_shipped_styles(
         &[
             "cartoonize",
             photo.to_str().unwrap(),
             "--out",
             out.path().to_str().unwrap(),
         ],
-        styles.path(),
+        &styles,
         "p2c",
     );
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -151,7 +176,7 @@ fn without_a_trained_style_cartoonize_says_how_to_get_one() {
         "nothing written"
     );
 
-    common::install_random_style(styles.path(), "test");
+    common::install_random_style(&styles, "test");
     let run = toonbot(
         &[
             "cartoonize",
@@ -161,13 +186,13 @@ fn without_a_trained_style_cartoonize_says_how_to_get_one() {
             "--style",
             "sketch",
         ],
-        styles.path(),
+        &styles,
         "test",
     );
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(1));
     assert!(
-        stderr.contains("there is no style called \"sketch\"; installed styles: test"),
+        stderr.contains("there is no style called \"sketch\"; installed styles: p2c, test"),
         "{stderr}"
     );
 }
@@ -229,4 +254,78 @@ fn bad_photos_get_clear_errors_and_the_rest_are_still_done() {
         "{stderr}"
     );
     assert!(out.path().join("000127.face1.sticker.png").is_file());
+}
+
+/// Held-out CelebA faces (in no training set): five men, four of them over 50, and two
+/// women with darker skin.
+const HELD_OUT_FACES: [&str; 8] = [
+    "001252", "004150", "009125", "050368", "052723", "015021", "026265", "063129",
+];
+
+#[test]
+fn the_shipped_p2c_draws_held_out_faces_and_keeps_them_recognisable() {
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    let styles = tempfile::tempdir().unwrap();
+    let config = common::config_with_styles(styles.path(), "p2c");
+    let device = candle_core::Device::Cpu;
+    let crops: Vec<image::RgbImage> = HELD_OUT_FACES
+        .iter()
+        .map(|f| {
+            let photo = image::open(data.join(format!("photos/celeba/{f}.jpg"))).unwrap();
+            square(&photo.to_rgb8())
+        })
+        .collect();
+    let face_id = FaceIdLoss::load(&config.models.dir, ALIGNED_SIZE as usize, &device).unwrap();
+    let (identity, change) = with_scored(&config, &device, None, false, |scored| {
+        assert_eq!(scored.name, "p2c", "the default style is the shipped one");
+        let (input, cartoons) = scored.cartoons_on_white(&crops, &device)?;
+        let cartoons = normalize(&rgb_batch(&cartoons, &device)?)?;
+        let distance = face_id.cosine_distance(&input, &cartoons)?;
+        let change = (&input - &cartoons)?.abs()?.mean_all()?;
+        Ok((
+            1.0 - distance.to_scalar::<f32>()?,
+            change.to_scalar::<f32>()?,
+        ))
+    })
+    .unwrap();
+    eprintln!("identity {identity:.3}, mean change {change:.3} (of 2)");
+    assert!(identity >= 0.5, "faces lost their identity: {identity}");
+    assert!(
+        change >= 0.1,
+        "the cartoons are nearly the photos: {change}"
+    );
+}
+
+/// The README's first command, on a fresh clone (nothing but the repo): the shipped sample
+/// group photo, cartoonised in the default style, which is the shipped `p2c`.
+#[test]
+fn the_readme_first_command_cartoonizes_the_sample_photo_in_p2c() {
+    let styles = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "cartoonize",
+        "samples/group.jpg",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--json",
+    ];
+    let run = toonbot_command(&args, styles.path(), "p2c")
+        .env_remove("TOONBOT_STYLES__DEFAULT")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["style"], "p2c");
+    let faces = report["faces"].as_array().unwrap().len();
+    assert!(faces >= 3, "{faces} faces");
+    for i in 1..=faces {
+        let sticker = out.path().join(format!("group.face{i}.sticker.png"));
+        assert!(sticker.is_file(), "{}", sticker.display());
+    }
 }

@@ -1,6 +1,8 @@
 //! `toonbot train ...` and `toonbot eval` end to end: export, fine-tune (at tiny size, from a
 //! checkpoint the library wrote), and the plain errors for a missing base or Inception.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::AtomicBool;
@@ -217,8 +219,8 @@ fn a_fast_checkpoint_exports_as_a_style() {
 #[test]
 fn finetune_without_a_base_style_says_so() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = toonbot(
-        &[
+    let out = Command::new(env!("CARGO_BIN_EXE_toonbot"))
+        .args([
             "train",
             "finetune",
             "--from",
@@ -227,9 +229,15 @@ fn finetune_without_a_base_style_says_so() {
             "x",
             "--name",
             "mine",
-        ],
-        &tmp.path().join("styles"),
-    );
+        ])
+        .env("TOONBOT_STYLES__DIR", tmp.path().join("styles"))
+        .env(
+            "TOONBOT_MODELS__DIR",
+            common::models_without_styles(tmp.path()),
+        )
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no base style is installed"), "{err}");

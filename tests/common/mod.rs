@@ -46,3 +46,18 @@ pub fn install_random_style(styles_dir: &Path, name: &str) {
     )
     .unwrap();
 }
+
+/// A models folder in `dir` with the repo's networks (linked) but no shipped styles, for
+/// what happens on a host where no style is installed.
+pub fn models_without_styles(dir: &Path) -> PathBuf {
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let repo_models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    for entry in std::fs::read_dir(&repo_models).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            std::os::unix::fs::symlink(&path, models.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    models
+}
