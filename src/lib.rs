@@ -25,3 +25,12 @@ pub fn settle_thread_count() {
         std::env::set_var("RAYON_NUM_THREADS", num_cpus::get_physical().to_string());
     }
 }
+
+/// Lowercase hex SHA-256 of `bytes`: the identity of a photo or of a style's weights.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -11,7 +11,7 @@ use support::discord::{FakeDiscord, APP_ID, PERM_ALL_TEXT};
 use toonbot::bot::{self, BotConfig, Token};
 use toonbot::cartoon::compose::STICKER_MAX_BYTES;
 use toonbot::cartoon::Cartoonizer;
-use toonbot::jobs::CartoonRenderer;
+use toonbot::jobs::{CartoonRenderer, JobQueue, OutputKind, QueueConfig, RenderRequest};
 
 const USER: u64 = 7000;
 const EPHEMERAL: u64 = 64;
@@ -129,4 +129,53 @@ async fn a_group_photo_gets_a_sticker_and_avatar_per_face_through_discord() {
         followup.content()
     );
     bot.shutdown().await;
+}
+
+/// A style deleted and published again under the same name (as `/stylepack delete` then a
+/// new pack's publish do) must not be answered from the results of the old one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_style_replaced_under_its_name_is_rendered_again_not_served_from_the_cache() {
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let styles = dir.path().join("styles");
+    common::install_random_style(&styles, "pack");
+    let config = common::config_with_styles(&styles, "pack");
+    let cartoonizer = Cartoonizer::load(&config, &candle_core::Device::Cpu).unwrap();
+    let renderer = CartoonRenderer::new(cartoonizer, config.limits.clone(), "pack".into());
+    let queue = JobQueue::new(Arc::new(renderer), QueueConfig::default());
+    let request = RenderRequest {
+        image: std::fs::read(data.join("photos/celeba/000127.jpg")).unwrap(),
+        style: Some("pack".into()),
+        output: OutputKind::Sticker,
+        outline: false,
+        round_avatar: false,
+    };
+    let render = |request: RenderRequest| {
+        let handle = queue.submit(USER, request).unwrap();
+        async move {
+            let outcome = tokio::time::timeout(RENDER_TIMEOUT, handle.wait())
+                .await
+                .expect("rendered in time")
+                .expect("not cancelled");
+            let output = outcome.result.expect("rendered");
+            (outcome.cached, output.files[0].png.clone())
+        }
+    };
+
+    let (cached, first) = render(request.clone()).await;
+    assert!(!cached);
+    let (cached, again) = render(request.clone()).await;
+    assert!(cached, "the same photo and style is served from the cache");
+    assert_eq!(again, first);
+
+    std::fs::remove_dir_all(styles.join("pack")).unwrap();
+    common::install_random_style(&styles, "pack");
+    let (cached, replaced) = render(request).await;
+    assert!(
+        !cached,
+        "the new style's weights are rendered, not the old results served"
+    );
+    assert_ne!(replaced, first, "the new style's own cartoon");
 }

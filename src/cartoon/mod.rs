@@ -4,6 +4,7 @@ pub mod compose;
 pub mod styles;
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -106,18 +107,42 @@ pub struct CartoonPhoto {
     pub timings: BTreeMap<&'static str, f64>,
 }
 
-/// A style's generator, with its weights file's modification time when loaded (a style
-/// deleted and installed again under the same name is loaded again).
-type LoadedGenerator = (Option<SystemTime>, Arc<Generator>);
+/// What a weights file was when it was last hashed: a file replaced under the same path
+/// (a style deleted and published again under its name) differs in one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode: meta.ino(),
+        })
+    }
+}
 
 /// The face pipeline plus the generators of the styles used so far, kept loaded.
 pub struct Cartoonizer {
     faces: FacePipeline,
     registry: StyleRegistry,
     default_style: String,
-    generators: Mutex<HashMap<String, LoadedGenerator>>,
+    /// Per style name: the version its generator was loaded from, and the generator.
+    generators: Mutex<HashMap<String, (StyleVersion, Arc<Generator>)>>,
+    /// Per weights file: its stamp when hashed, and the hash.
+    versions: Mutex<HashMap<PathBuf, (FileStamp, StyleVersion)>>,
     device: Device,
 }
+
+/// The hex sha256 of a style's weights: what identifies the style's output, whatever its
+/// name.
+pub type StyleVersion = String;
 
 /// The generator of the style in `dir` (its `generator.safetensors`, f16 or f32).
 pub fn load_generator(dir: &std::path::Path, device: &Device) -> anyhow::Result<Generator> {
@@ -132,6 +157,7 @@ impl Cartoonizer {
             registry: StyleRegistry::from_config(config),
             default_style: config.styles.default.clone(),
             generators: Mutex::new(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
             device: device.clone(),
         })
     }
@@ -148,24 +174,48 @@ impl Cartoonizer {
         &self.registry
     }
 
-    /// The named style's generator (or the default style's), loaded once.
+    /// The named style's generator (or the default style's), loaded once per version of its
+    /// weights.
     pub fn generator(
         &self,
         style: Option<&str>,
     ) -> Result<(StyleInfo, Arc<Generator>), CartoonError> {
-        let info = self.registry.find(style.unwrap_or(&self.default_style))?;
-        let modified = std::fs::metadata(info.weights())
-            .and_then(|m| m.modified())
-            .ok();
+        let (info, version) = self.resolve(style)?;
         let mut loaded = self.generators.lock().expect("generator cache lock");
-        if let Some((_, g)) = loaded.get(&info.name).filter(|(at, _)| *at == modified) {
+        if let Some((_, g)) = loaded.get(&info.name).filter(|(v, _)| *v == version) {
             return Ok((info, g.clone()));
         }
         let g = Arc::new(load_generator(&info.dir, &self.device).with_context(|| {
             format!("loading style {:?} from {}", info.name, info.dir.display())
         })?);
-        loaded.insert(info.name.clone(), (modified, g.clone()));
+        loaded.insert(info.name.clone(), (version, g.clone()));
         Ok((info, g))
+    }
+
+    /// The version of the weights the named style (or the default style) resolves to now.
+    /// The weights are hashed again only when their file changed.
+    pub fn style_version(&self, style: Option<&str>) -> Result<StyleVersion, CartoonError> {
+        Ok(self.resolve(style)?.1)
+    }
+
+    fn resolve(&self, style: Option<&str>) -> Result<(StyleInfo, StyleVersion), CartoonError> {
+        let info = self.registry.find(style.unwrap_or(&self.default_style))?;
+        let path = info.weights();
+        let read = |e: std::io::Error| {
+            CartoonError::Internal(anyhow::Error::new(e).context(format!(
+                "reading style {:?}'s weights {}",
+                info.name,
+                path.display()
+            )))
+        };
+        let stamp = FileStamp::of(&path).map_err(read)?;
+        let mut versions = self.versions.lock().expect("style versions lock");
+        if let Some((_, version)) = versions.get(&path).filter(|(s, _)| *s == stamp) {
+            return Ok((info, version.clone()));
+        }
+        let version = crate::sha256_hex(&std::fs::read(&path).map_err(read)?);
+        versions.insert(path, (stamp, version.clone()));
+        Ok((info, version))
     }
 
     /// Decodes photo bytes with the configured limits and cartoonises them.

@@ -129,6 +129,10 @@ impl Renderer for CartoonRenderer {
         })
     }
 
+    fn style_version(&self, style: Option<&str>) -> Option<String> {
+        self.cartoonizer.style_version(style).ok()
+    }
+
     fn styles(&self) -> Vec<StyleInfo> {
         let mut cached = self.styles.lock().expect("styles cache lock");
         match cached.as_ref() {

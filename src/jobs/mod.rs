@@ -177,26 +177,41 @@ pub trait Renderer: Send + Sync + 'static {
 
     /// The installed styles. Called from async code: must be cheap (a snapshot, no I/O).
     fn styles(&self) -> Vec<StyleInfo>;
+
+    /// What identifies the weights `style` (`None`: the default style) resolves to now, such
+    /// as a hash of them: results are shared only between requests with the same version,
+    /// so a style deleted and published again under its name never serves the old style's
+    /// results. `None` when the style resolves to nothing. Called from async code: cheap
+    /// once a version is known (a file's metadata, no hashing).
+    fn style_version(&self, style: Option<&str>) -> Option<String>;
 }
 
 /// Hex SHA-256 of the image bytes (what the jobs table and the cache key use).
 pub fn image_hash(image: &[u8]) -> String {
-    hex(&Sha256::digest(image))
+    crate::sha256_hex(image)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Identifies identical requests: same image bytes, style and output options.
+/// Identifies identical requests: same image bytes, style weights and output options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey([u8; 32]);
 
 impl CacheKey {
-    pub fn of(request: &RenderRequest) -> Self {
+    /// `style_version` is [`Renderer::style_version`] of the request's style: a style
+    /// replaced under the same name gets new keys. Without one (the style resolves to
+    /// nothing) the name stands in.
+    pub fn of(request: &RenderRequest, style_version: Option<&str>) -> Self {
         let mut h = Sha256::new();
         h.update(Sha256::digest(&request.image));
-        h.update(request.style.as_deref().unwrap_or("\0default").as_bytes());
+        match style_version {
+            Some(version) => {
+                h.update([1]);
+                h.update(version.as_bytes());
+            }
+            None => {
+                h.update([0]);
+                h.update(request.style.as_deref().unwrap_or("\0default").as_bytes());
+            }
+        }
         h.update([
             0,
             request.output as u8,
@@ -542,7 +557,8 @@ impl JobQueue {
     /// job already queued or running.
     pub fn submit(&self, user: u64, request: RenderRequest) -> Result<JobHandle, SubmitError> {
         let inner = &self.inner;
-        let key = CacheKey::of(&request);
+        let version = inner.renderer.style_version(request.style.as_deref());
+        let key = CacheKey::of(&request, version.as_deref());
         if let Some(entry) = inner.cache.get(&key) {
             entry.last_used.store(
                 inner.tick.fetch_add(1, Ordering::Relaxed),
@@ -765,8 +781,8 @@ mod tests {
             outline: true,
             round_avatar: false,
         };
-        let key = CacheKey::of(&base);
-        assert_eq!(key, CacheKey::of(&base.clone()));
+        let key = CacheKey::of(&base, None);
+        assert_eq!(key, CacheKey::of(&base.clone(), None));
         let variants = [
             RenderRequest {
                 image: vec![1, 2, 4],
@@ -790,7 +806,33 @@ mod tests {
             },
         ];
         for v in variants {
-            assert_ne!(CacheKey::of(&v), key);
+            assert_ne!(CacheKey::of(&v, None), key);
         }
+    }
+
+    #[test]
+    fn cache_key_follows_the_style_weights_not_the_name() {
+        let default = RenderRequest {
+            image: vec![1, 2, 3],
+            style: None,
+            output: OutputKind::Both,
+            outline: false,
+            round_avatar: false,
+        };
+        let named = RenderRequest {
+            style: Some("p2c".into()),
+            ..default.clone()
+        };
+        assert_eq!(
+            CacheKey::of(&default, Some("v1")),
+            CacheKey::of(&named, Some("v1")),
+            "the default style named or not is the same weights"
+        );
+        assert_ne!(
+            CacheKey::of(&named, Some("v1")),
+            CacheKey::of(&named, Some("v2")),
+            "a style published again under its name"
+        );
+        assert_ne!(CacheKey::of(&named, Some("v1")), CacheKey::of(&named, None));
     }
 }

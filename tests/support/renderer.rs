@@ -286,4 +286,17 @@ impl Renderer for TestRenderer {
             .chain(installed)
             .collect()
     }
+
+    /// A built-in style is its name; an installed one the hash of its weights, as the real
+    /// renderer's.
+    fn style_version(&self, style: Option<&str>) -> Option<String> {
+        let name = style.unwrap_or(STYLES[0]);
+        if STYLES.contains(&name) {
+            return Some(name.to_string());
+        }
+        let info = self.registry.as_ref()?.find(name).ok()?;
+        std::fs::read(info.weights())
+            .ok()
+            .map(|weights| toonbot::sha256_hex(&weights))
+    }
 }
