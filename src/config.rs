@@ -63,7 +63,9 @@ pub struct BotConfig {
     /// Hosts photos may be downloaded from (https only, except loopback hosts used by tests).
     pub allowed_cdn_hosts: Vec<String>,
     /// Largest photo accepted, in bytes: checked on the attachment's declared size and again
-    /// while downloading.
+    /// while downloading. Not a setting of its own: `limits.max_bytes`, copied here when the
+    /// config is read.
+    #[serde(skip)]
     pub max_photo_bytes: u64,
     /// Jobs that may wait in the queue; more are refused ("queue full").
     pub queue_capacity: usize,
@@ -208,9 +210,18 @@ impl Config {
             };
             table.insert(field, parse_env_value(&raw));
         }
+        if let Some(toml::Value::Table(bot)) = value.get("bot") {
+            if bot.contains_key("max_photo_bytes") {
+                bail!(
+                    "bot.max_photo_bytes is no longer a setting: the largest photo is \
+                     limits.max_bytes, for the bot as for the command line"
+                );
+            }
+        }
         let mut config: Config = toml::Value::Table(value)
             .try_into()
             .context("invalid config")?;
+        config.bot.max_photo_bytes = config.limits.max_bytes;
         let bot = &mut config.bot;
         for path in [
             &mut config.models.dir,
@@ -267,6 +278,16 @@ mod tests {
         let c = Config::from_toml(DEFAULT_CONFIG, Path::new("/etc/toonbot"), env).unwrap();
         assert_eq!(c.limits.max_pixels, 1234);
         assert_eq!(c.models.dir, PathBuf::from("/opt/models"));
+    }
+
+    #[test]
+    fn the_bot_takes_its_photo_limit_from_limits() {
+        let env = [("TOONBOT_LIMITS__MAX_BYTES".to_string(), "12345".to_string())];
+        let c = Config::from_toml(DEFAULT_CONFIG, Path::new(""), env).unwrap();
+        assert_eq!(c.bot.max_photo_bytes, 12345);
+        let env = [("TOONBOT_BOT__MAX_PHOTO_BYTES".to_string(), "1".to_string())];
+        let err = Config::from_toml(DEFAULT_CONFIG, Path::new(""), env).unwrap_err();
+        assert!(err.to_string().contains("limits.max_bytes"), "{err}");
     }
 
     #[test]
