@@ -418,6 +418,70 @@ impl Store {
         tx.commit().await?;
         Ok(rows.iter().map(job_record).collect())
     }
+
+    // --- recent stickers (for /sticker add) ----------------------------------------------
+
+    /// Replaces the user's remembered stickers with `stickers` (face 1 first), made in
+    /// `guild_id`. Rows older than `ttl` are dropped, and beyond `max_users` users the
+    /// oldest users' rows.
+    pub async fn remember_stickers(
+        &self,
+        user_id: u64,
+        guild_id: u64,
+        stickers: &[Vec<u8>],
+        ttl: Duration,
+        max_users: usize,
+    ) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM recent_stickers WHERE user_id = ? OR created_at < ?")
+            .bind(id(user_id))
+            .bind(now - ttl.as_millis() as i64)
+            .execute(&mut *tx)
+            .await?;
+        for (i, png) in stickers.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO recent_stickers (user_id, face, guild_id, png, created_at) \
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(id(user_id))
+            .bind(i as i64 + 1)
+            .bind(id(guild_id))
+            .bind(png.as_slice())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "DELETE FROM recent_stickers WHERE user_id NOT IN (SELECT user_id FROM \
+             recent_stickers GROUP BY user_id ORDER BY MAX(created_at) DESC, user_id LIMIT ?)",
+        )
+        .bind(max_users as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The user's remembered stickers made in `guild_id` within `ttl`, face 1 first (empty
+    /// when there are none).
+    pub async fn recent_stickers(
+        &self,
+        user_id: u64,
+        guild_id: u64,
+        ttl: Duration,
+    ) -> Result<Vec<Vec<u8>>> {
+        let rows = sqlx::query(
+            "SELECT png FROM recent_stickers WHERE user_id = ? AND guild_id = ? \
+             AND created_at >= ? ORDER BY face",
+        )
+        .bind(id(user_id))
+        .bind(id(guild_id))
+        .bind(now_ms() - ttl.as_millis() as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| r.get("png")).collect())
+    }
 }
 
 /// Records who did what, and when, in the audit log.

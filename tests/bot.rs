@@ -479,7 +479,7 @@ async fn a_photo_sent_in_dm_gets_the_results() {
 
 #[tokio::test]
 async fn sticker_add_uploads_the_latest_sticker_with_permission_checks() {
-    let h = harness(|_| {}).await;
+    let mut h = harness(|_| {}).await;
     let add = |name: &str| {
         FakeDiscord::sub_command_data(
             "sticker",
@@ -542,6 +542,21 @@ async fn sticker_add_uploads_the_latest_sticker_with_permission_checks() {
         done.content().contains("Added the sticker **me cartoon**"),
         "{}",
         done.content()
+    );
+
+    // The latest result outlives a restart of the bot (it is kept in SQLite).
+    h.stop().await;
+    h.start().await;
+    h.command(USER, can_add, add("after restart"));
+    let upload = h
+        .wait("the sticker upload after a restart", |r| {
+            r.is("POST", &format!("/guilds/{GUILD_ID}/stickers"))
+                && r.fields.get("name").map(String::as_str) == Some("after restart")
+        })
+        .await;
+    assert_eq!(
+        upload.files[0].bytes, result.files[0].bytes,
+        "face 1's sticker, from before the restart"
     );
 
     // The guild's sticker slots are full.

@@ -290,3 +290,76 @@ async fn style_packs_record_runs_and_deleting_one_forgets_it_everywhere() {
         ]
     );
 }
+
+#[tokio::test]
+async fn recent_stickers_are_replaced_expire_and_are_capped_per_user() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = Store::open(&path).await.unwrap();
+    let ttl = Duration::from_secs(1800);
+    let guild = u64::MAX - 7;
+    let (a, b, c) = (u64::MAX - 1, 2, 3);
+    let stickers = vec![vec![1u8, 2, 3], vec![4u8; 100_000]];
+    assert!(store
+        .recent_stickers(a, guild, ttl)
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .remember_stickers(a, guild, &stickers, ttl, 2)
+        .await
+        .unwrap();
+    store.close().await;
+
+    // Kept across a reopening, for the guild it was made in only, face 1 first.
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(
+        store.recent_stickers(a, guild, ttl).await.unwrap(),
+        stickers
+    );
+    assert!(store.recent_stickers(a, 1, ttl).await.unwrap().is_empty());
+
+    // A newer result replaces the older one.
+    store
+        .remember_stickers(a, guild, &stickers[1..], ttl, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.recent_stickers(a, guild, ttl).await.unwrap(),
+        &stickers[1..]
+    );
+
+    // Past the time to live they are gone.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let short = Duration::from_millis(10);
+    assert!(store
+        .recent_stickers(a, guild, short)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Beyond the user cap the user with the oldest result is dropped.
+    store
+        .remember_stickers(b, guild, &stickers, ttl, 2)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    store
+        .remember_stickers(c, guild, &stickers, ttl, 2)
+        .await
+        .unwrap();
+    assert!(store
+        .recent_stickers(a, guild, ttl)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.recent_stickers(b, guild, ttl).await.unwrap(),
+        stickers
+    );
+    assert_eq!(
+        store.recent_stickers(c, guild, ttl).await.unwrap(),
+        stickers
+    );
+}

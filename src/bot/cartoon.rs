@@ -317,7 +317,9 @@ async fn work(
                 &skipped,
             );
             if let (Some(guild), false) = (request.guild_id, stickers.is_empty()) {
-                state.remember_stickers(request.user_id, guild, stickers);
+                state
+                    .remember_stickers(request.user_id, guild, &stickers)
+                    .await;
             }
             if let Err(e) = reply.results(&text, batches).await {
                 tracing::warn!(job = job_id, error = %e, "sending the results failed");

@@ -30,10 +30,9 @@ use std::fmt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use dashmap::DashMap;
 use serenity::all::{ClientBuilder, GatewayIntents, HttpBuilder, ShardManager};
 use tokio::task::JoinHandle;
 
@@ -106,18 +105,11 @@ pub fn token_from(env: Option<String>, file: Option<&Path>) -> Result<Token> {
     Ok(token)
 }
 
-/// Stickers of a user's latest result, for `/sticker add`.
-pub(crate) struct RecentStickers {
-    pub at: Instant,
-    pub guild_id: u64,
-    pub stickers: Vec<Vec<u8>>,
-}
-
-/// Keep the latest stickers of at most this many users, at most this many each, for at most
-/// this long (memory: about 100 KB a sticker).
+/// Keep the latest stickers (for `/sticker add`) of at most this many users, at most this
+/// many each, for at most this long (in SQLite, about 100 KB a sticker).
 const RECENT_USERS: usize = 256;
 const RECENT_STICKERS: usize = 8;
-const RECENT_TTL: Duration = Duration::from_secs(30 * 60);
+pub(crate) const RECENT_TTL: Duration = Duration::from_secs(30 * 60);
 
 /// What the handlers share.
 pub(crate) struct BotState {
@@ -125,7 +117,6 @@ pub(crate) struct BotState {
     pub store: Store,
     pub queue: JobQueue,
     pub downloader: Downloader,
-    pub recent: DashMap<u64, RecentStickers>,
     /// Jobs a previous run left unfinished, to tell their users once connected.
     pub interrupted: Mutex<Vec<JobRecord>>,
     /// `None` when style packs are not set up.
@@ -146,23 +137,16 @@ impl BotState {
         Duration::from_millis(self.config.progress_interval_ms)
     }
 
-    pub fn remember_stickers(&self, user: u64, guild_id: u64, mut stickers: Vec<Vec<u8>>) {
-        stickers.truncate(RECENT_STICKERS);
-        self.recent.retain(|_, r| r.at.elapsed() < RECENT_TTL);
-        if self.recent.len() >= RECENT_USERS {
-            let oldest = self.recent.iter().min_by_key(|r| r.at).map(|r| *r.key());
-            if let Some(user) = oldest {
-                self.recent.remove(&user);
-            }
+    /// Remembers the stickers of a user's latest result, for `/sticker add`.
+    pub async fn remember_stickers(&self, user: u64, guild_id: u64, stickers: &[Vec<u8>]) {
+        let stickers = &stickers[..stickers.len().min(RECENT_STICKERS)];
+        if let Err(e) = self
+            .store
+            .remember_stickers(user, guild_id, stickers, RECENT_TTL, RECENT_USERS)
+            .await
+        {
+            tracing::warn!(user, error = %format!("{e:#}"), "remembering stickers failed");
         }
-        self.recent.insert(
-            user,
-            RecentStickers {
-                at: Instant::now(),
-                guild_id,
-                stickers,
-            },
-        );
     }
 }
 
@@ -248,7 +232,6 @@ pub async fn start(
         store,
         queue,
         downloader,
-        recent: DashMap::new(),
         interrupted: Mutex::new(interrupted),
         stylepacks,
         resumed_run: Mutex::new(resumed_run),

@@ -259,13 +259,11 @@ pub async fn sticker(state: &BotState, http: &Arc<Http>, cmd: &CommandInteractio
         return say(http, cmd, "A sticker name must be 2 to 30 characters long.").await;
     }
     let user = cmd.user.id.get();
-    // Copy out of the map first: no map guard may be held across an await.
-    let stickers: Option<Vec<Vec<u8>>> = state
-        .recent
-        .get(&user)
-        .filter(|r| r.guild_id == guild.get())
-        .map(|r| r.stickers.clone());
-    let Some(stickers) = stickers else {
+    let stickers = state
+        .store
+        .recent_stickers(user, guild.get(), super::RECENT_TTL)
+        .await?;
+    if stickers.is_empty() {
         return say(
             http,
             cmd,
@@ -273,7 +271,7 @@ pub async fn sticker(state: &BotState, http: &Arc<Http>, cmd: &CommandInteractio
              run `/sticker add` again.",
         )
         .await;
-    };
+    }
     let n = stickers.len();
     let Some(png) = stickers.into_iter().nth(face - 1) else {
         return say(
