@@ -135,26 +135,11 @@ impl Handler {
                 _ => {}
             }
         }
-        let request = CartoonRequest {
-            user_id: cmd.user.id.get(),
-            guild_id: cmd.guild_id.map(GuildId::get),
-            channel_id: cmd.channel_id.get(),
-            source: JobSource::Slash,
-            overrides,
-        };
-        let mut reply = Reply::Interaction {
-            http: Arc::clone(&ctx.http),
-            cmd: Box::new(cmd),
-            deferred: false,
-        };
-        match photo {
-            Some(photo) => cartoon::run(&self.state, request, photo, reply).await,
-            None => {
-                let _ = reply.error(texts::NO_PHOTO_IN_MESSAGE).await;
-            }
-        }
+        self.cartoon(ctx, cmd, photo, JobSource::Slash, overrides)
+            .await;
     }
 
+    /// The "Cartoonize" menu: the first image attached to the message it was used on.
     async fn menu_cartoon(&self, ctx: &Context, cmd: CommandInteraction) {
         let photo = cmd
             .data
@@ -167,12 +152,25 @@ impl Handler {
                     .map(PhotoRef::from_attachment)
                     .find(PhotoRef::is_image)
             });
+        self.cartoon(ctx, cmd, photo, JobSource::Menu, Overrides::default())
+            .await;
+    }
+
+    /// Cartoonises `photo` in answer to an interaction, or says that there is none.
+    async fn cartoon(
+        &self,
+        ctx: &Context,
+        cmd: CommandInteraction,
+        photo: Option<PhotoRef>,
+        source: JobSource,
+        overrides: Overrides,
+    ) {
         let request = CartoonRequest {
             user_id: cmd.user.id.get(),
             guild_id: cmd.guild_id.map(GuildId::get),
             channel_id: cmd.channel_id.get(),
-            source: JobSource::Menu,
-            overrides: Overrides::default(),
+            source,
+            overrides,
         };
         let mut reply = Reply::Interaction {
             http: Arc::clone(&ctx.http),
@@ -183,7 +181,7 @@ impl Handler {
             Some(photo) => cartoon::run(&self.state, request, photo, reply).await,
             None => {
                 if let Err(e) = reply.error(texts::NO_PHOTO_IN_MESSAGE).await {
-                    tracing::warn!(error = %e, "answering Cartoonize failed");
+                    tracing::warn!(error = %e, "answering a cartoon request without a photo failed");
                 }
             }
         }
