@@ -1,4 +1,4 @@
-//! Times the fused CPU convolution (`nets::cpu_ops`) against candle's `conv2d` (after a
+//! Times the fused CPU convolution (`kernels::cpu_ops`) against candle's `conv2d` (after a
 //! reflection pad) on the generator's convolution shapes, and checks they agree.
 //!
 //! `cargo run --release --example conv_bench [runs]`
@@ -6,8 +6,9 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use toonbot::nets::cpu_ops::{self, InputTransform, PackedConv, Padding};
-use toonbot::nets::layers::{reflection_pad2d, upsample_nearest2x};
+use toonbot::kernels::cpu_ops::{self, InputTransform, PackedConv, Padding};
+use toonbot::kernels::train_ops::reflection_pad2d;
+use toonbot::nets::layers::upsample_nearest2x;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -1,13 +1,13 @@
 //! Times a training convolution (forward, then backward to its input and weight) on the
 //! shapes of a 128-px photo2cartoon training step: candle's `conv2d` against
-//! `nets::train_ops::conv2d`, and checks they agree.
+//! `kernels::train_ops::conv2d`, and checks they agree.
 //!
 //! `cargo run --release --example conv_grad_bench [runs]`
 
 use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor, Var};
-use toonbot::nets::train_ops::Pad;
+use toonbot::kernels::train_ops::Pad;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -80,7 +80,7 @@ fn main() -> Result<()> {
         let w = Var::randn(0f32, 0.1f32, (cout, cin, k, k), &dev)?;
         let (f0, b0, y0, gx0, gw0) = time(runs, &x, &w, |x, w| x.conv2d(w, pad, stride, 1, 1))?;
         let (f1, b1, y1, gx1, gw1) = time(runs, &x, &w, |x, w| {
-            toonbot::nets::train_ops::conv2d(x, w, Pad::Zeros(pad), stride)
+            toonbot::kernels::train_ops::conv2d(x, w, Pad::Zeros(pad), stride)
         })?;
         let diff = max_diff(&y0, &y1)?
             .max(max_diff(&gx0, &gx1)?)

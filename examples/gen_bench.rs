@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use toonbot::nets::cpu_ops;
+use toonbot::kernels::cpu_ops;
 use toonbot::nets::generator::{Config, Generator};
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -46,7 +46,7 @@ pub struct BenchReport {
 
 #[derive(Debug, Serialize)]
 pub struct StageProfile {
-    /// Whether the default path is the CPU fast path (`nets::cpu_ops`).
+    /// Whether the default path is the CPU fast path (`kernels::cpu_ops`).
     pub cpu_fast_path: bool,
     /// Median times of each stage in forward order, on the default path.
     pub stages: Vec<StageMs>,
@@ -148,9 +148,9 @@ fn profile(generator: &Generator, device: &Device, runs: usize) -> Result<StageP
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         on.push(stage_medians(generator, &input, 1)?);
-        crate::nets::cpu_ops::set_enabled(false);
+        crate::kernels::cpu_ops::set_enabled(false);
         let r = stage_medians(generator, &input, 1);
-        crate::nets::cpu_ops::set_enabled(true);
+        crate::kernels::cpu_ops::set_enabled(true);
         off.push(r?);
     }
     let merge = |runs: Vec<Vec<StageMs>>| -> Vec<StageMs> {

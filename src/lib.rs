@@ -8,6 +8,7 @@ pub mod config;
 pub mod face;
 pub mod imageops;
 pub mod jobs;
+pub mod kernels;
 pub mod metrics;
 pub mod nets;
 pub mod rng;

@@ -79,7 +79,7 @@ fn time_batch_of_8() -> Result<()> {
         return Ok(());
     };
     let batch = Tensor::cat(&[&input; 4], 0)?;
-    let batch = toonbot::nets::tf_ops::resize_bilinear_legacy(&batch, 299, 299)?;
+    let batch = toonbot::kernels::tf_ops::resize_bilinear_legacy(&batch, 299, 299)?;
     model.forward(&batch.narrow(0, 0, 1)?)?;
     let start = Instant::now();
     let out = model.forward(&batch)?;

@@ -18,7 +18,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::train_ops::{self, frozen_depthwise_conv2d, same_padding, Pad, Padding4};
+use crate::kernels::train_ops::{self, frozen_depthwise_conv2d, same_padding, Pad, Padding4};
 
 /// One inverted-residual block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

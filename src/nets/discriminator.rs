@@ -19,7 +19,7 @@ use super::layers::{
     cam_features, conv2d, global_avg_pool, global_max_pool, leaky_relu, torch_default_init,
     SpectralNorm,
 };
-use super::train_ops::{self, Pad};
+use crate::kernels::train_ops::{self, Pad};
 
 const SLOPE: f64 = 0.2;
 

@@ -9,8 +9,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_ops::{self, Act};
-use super::tf_ops::{separable, Conv, ConvConfig};
+use super::tf_layers::{separable, Conv, ConvConfig};
+use crate::kernels::cpu_ops::{self, Act};
 
 /// Network input side in pixels.
 pub const INPUT_SIZE: usize = 192;

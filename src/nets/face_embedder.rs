@@ -8,7 +8,8 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::tf_ops::{prelu, Conv, ConvConfig};
+use super::tf_layers::{Conv, ConvConfig};
+use crate::kernels::tf_ops::prelu;
 
 /// Input height and width.
 pub const INPUT_SIZE: usize = 112;

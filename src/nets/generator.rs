@@ -20,13 +20,13 @@ use std::time::Instant;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Init, Linear, VarBuilder, VarMap};
 
-use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
 use super::layers::{
     avg_pool2x, cam_features, conv2d, global_avg_pool, global_max_pool, instance_layer_norm,
     instance_layer_norm_affine, instance_norm, instance_norm_affine, instance_norm_relu, linear,
     upsample_nearest2x, ReflConv2d,
 };
-use super::train_ops;
+use crate::kernels::cpu_ops::{self, InputTransform, PackedConv, Padding};
+use crate::kernels::train_ops;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {

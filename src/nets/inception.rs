@@ -15,7 +15,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::tf_ops::{global_avg_pool, resize_bilinear_legacy};
+use crate::kernels::tf_ops::{global_avg_pool, resize_bilinear_legacy};
 
 /// Side of the square image the network sees.
 pub const INPUT_SIZE: usize = 299;

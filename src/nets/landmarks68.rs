@@ -9,8 +9,9 @@
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::cpu_ops::Act;
-use super::tf_ops::{resize_bilinear_legacy, separable, Conv, ConvConfig};
+use super::tf_layers::{separable, Conv, ConvConfig};
+use crate::kernels::cpu_ops::Act;
+use crate::kernels::tf_ops::resize_bilinear_legacy;
 
 /// Side of the square network input.
 pub const INPUT_SIZE: usize = 112;

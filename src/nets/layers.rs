@@ -15,8 +15,8 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 
-use super::cpu_ops::{self, InputTransform, PackedConv, Padding};
-use super::train_ops;
+use crate::kernels::cpu_ops::{self, InputTransform, PackedConv, Padding};
+use crate::kernels::train_ops;
 
 /// `eps` of every normalisation in these networks (PyTorch's default).
 pub const NORM_EPS: f64 = 1e-5;
@@ -64,34 +64,6 @@ pub fn linear(cin: usize, cout: usize, bias: bool, vb: VarBuilder) -> Result<Lin
         None
     };
     Ok(Linear::new(weight, bias))
-}
-
-/// `nn.ReflectionPad2d(pad)` on NCHW: mirrors without repeating the edge; needs `pad < H, W`.
-pub fn reflection_pad2d(x: &Tensor, pad: usize) -> Result<Tensor> {
-    if pad == 0 {
-        return Ok(x.clone());
-    }
-    let (_, _, h, w) = x.dims4()?;
-    if pad >= h || pad >= w {
-        candle_core::bail!("reflection pad {pad} needs an input larger than {h}x{w}")
-    }
-    reflect_dim(&reflect_dim(x, 3, pad)?, 2, pad)
-}
-
-/// Concatenates `x[pad..=1]`, `x`, `x[n-2..=n-1-pad]` along `dim`. Built from narrow, a small
-/// index_select and one contiguous cat: much faster on CPU than an index_select of the whole
-/// tensor along the last dim.
-fn reflect_dim(x: &Tensor, dim: usize, pad: usize) -> Result<Tensor> {
-    let n = x.dim(dim)?;
-    let edge = |start: usize| -> Result<Tensor> {
-        let e = x.narrow(dim, start, pad)?.contiguous()?;
-        if pad == 1 {
-            return Ok(e);
-        }
-        let rev: Vec<u32> = (0..pad as u32).rev().collect();
-        e.index_select(&Tensor::from_vec(rev, pad, x.device())?, dim)
-    };
-    Tensor::cat(&[&edge(1)?, x, &edge(n - 1 - pad)?], dim)
 }
 
 /// `nn.Upsample(scale_factor=2)` / `F.upsample(x, scale_factor=2)` (nearest) on NCHW.
@@ -418,6 +390,7 @@ impl SpectralNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::train_ops::reflection_pad2d;
     use candle_core::{DType, Device, Var};
 
     fn to_f64_vec(t: &Tensor) -> Result<Vec<f64>> {

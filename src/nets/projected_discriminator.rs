@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 
 use super::backbone::Backbone;
 use super::layers::{leaky_relu, torch_default_init, SpectralNorm};
-use super::train_ops::{self, Pad};
+use crate::kernels::train_ops::{self, Pad};
 
 const SLOPE: f64 = 0.2;
 

@@ -13,8 +13,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::ops::sigmoid;
 use candle_nn::VarBuilder;
 
-use super::cpu_ops::Act;
-use super::tf_ops::{global_avg_pool, Conv, ConvConfig};
+use super::tf_layers::{Conv, ConvConfig};
+use crate::kernels::cpu_ops::Act;
+use crate::kernels::tf_ops::global_avg_pool;
 
 /// Input height and width.
 pub const INPUT_SIZE: usize = 256;

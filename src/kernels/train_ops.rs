@@ -13,7 +13,6 @@ use candle_nn::{Conv2d, Module};
 use gemm::Parallelism;
 
 use super::cpu_ops::{self, f32_slice};
-use super::layers::reflection_pad2d;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -896,6 +895,34 @@ pub fn frozen_depthwise_conv2d(
         pad,
     };
     x.contiguous()?.apply_op1(op)
+}
+
+/// `nn.ReflectionPad2d(pad)` on NCHW: mirrors without repeating the edge; needs `pad < H, W`.
+pub fn reflection_pad2d(x: &Tensor, pad: usize) -> Result<Tensor> {
+    if pad == 0 {
+        return Ok(x.clone());
+    }
+    let (_, _, h, w) = x.dims4()?;
+    if pad >= h || pad >= w {
+        candle_core::bail!("reflection pad {pad} needs an input larger than {h}x{w}")
+    }
+    reflect_dim(&reflect_dim(x, 3, pad)?, 2, pad)
+}
+
+/// Concatenates `x[pad..=1]`, `x`, `x[n-2..=n-1-pad]` along `dim`. Built from narrow, a small
+/// index_select and one contiguous cat: much faster on CPU than an index_select of the whole
+/// tensor along the last dim.
+fn reflect_dim(x: &Tensor, dim: usize, pad: usize) -> Result<Tensor> {
+    let n = x.dim(dim)?;
+    let edge = |start: usize| -> Result<Tensor> {
+        let e = x.narrow(dim, start, pad)?.contiguous()?;
+        if pad == 1 {
+            return Ok(e);
+        }
+        let rev: Vec<u32> = (0..pad as u32).rev().collect();
+        e.index_select(&Tensor::from_vec(rev, pad, x.device())?, dim)
+    };
+    Tensor::cat(&[&edge(1)?, x, &edge(n - 1 - pad)?], dim)
 }
 
 #[cfg(test)]

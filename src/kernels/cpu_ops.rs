@@ -1625,7 +1625,8 @@ pub fn cat_residual(x: &Tensor, parts: &[Tensor]) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nets::layers::{reflection_pad2d, upsample_nearest2x};
+    use crate::kernels::train_ops::reflection_pad2d;
+    use crate::nets::layers::upsample_nearest2x;
     use candle_core::{Device, Module, Var, D};
 
     fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
