@@ -17,11 +17,16 @@ use crate::face::Face;
 use crate::imageops;
 use crate::nets::generator::{self, Generator};
 
+/// What `toonbot bench` measured; printed as JSON with `--json`, else as [`BenchReport::table`].
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// The device the networks ran on, as candle prints it.
     pub device: String,
+    /// The photo timed.
     pub photo: String,
+    /// Faces found in the photo (the per-face times divide by it).
     pub faces: usize,
+    /// Timed runs behind each median (after one warm-up run).
     pub runs: usize,
     /// Where the generator's weights came from (timings do not depend on their values).
     pub generator_weights: String,
@@ -44,6 +49,7 @@ pub struct BenchReport {
     pub profile: Option<StageProfile>,
 }
 
+/// `--profile`: the generator's time per stage at batch 1, with and without the CPU fast path.
 #[derive(Debug, Serialize)]
 pub struct StageProfile {
     /// Whether the default path is the CPU fast path (`kernels::cpu_ops`).
@@ -54,17 +60,24 @@ pub struct StageProfile {
     pub candle_stages: Option<Vec<StageMs>>,
 }
 
+/// One generator stage's median time.
 #[derive(Debug, Serialize)]
 pub struct StageMs {
+    /// The stage's name, as the generator's profiled forward pass reports it.
     pub stage: String,
+    /// Wall-clock milliseconds.
     pub wall_ms: f64,
     /// CPU time of all threads (steadier than wall time on a shared machine).
     pub cpu_ms: f64,
 }
 
+/// The PyTorch reference generator's CPU times, as `tools/reference/p2c_reference.py
+/// --bench-json` prints them.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ReferenceTiming {
+    /// What ran it, e.g. `pytorch-2.3.1-cpu-2t` (version, device, threads).
     pub runtime: String,
+    /// Median milliseconds per image, by batch size.
     pub ms_per_image: BTreeMap<usize, f64>,
 }
 

@@ -23,11 +23,14 @@ use crate::train::bench::BenchRecipe;
 /// `--device`: where the networks run.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum DeviceArg {
+    /// Run on the CPU.
     Cpu,
+    /// Run on CUDA device 0 (needs a build with `--features cuda`).
     Cuda,
 }
 
 impl DeviceArg {
+    /// The candle device to run on; fails on CUDA when the build has no CUDA support.
     pub fn open(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
@@ -40,19 +43,29 @@ impl DeviceArg {
 /// One line of `faces --json`.
 #[derive(Debug, Serialize)]
 pub struct PhotoReport {
+    /// The photo's path, as given.
     pub input: PathBuf,
+    /// Photo width in pixels.
     pub width: u32,
+    /// Photo height in pixels.
     pub height: u32,
+    /// Every face found, largest first.
     pub faces: Vec<FaceReport>,
+    /// Milliseconds per stage (`decode`, `detect`, `landmarks`, `align`, `segment`).
     pub timings_ms: BTreeMap<&'static str, f64>,
 }
 
+/// One face in a [`PhotoReport`], in photo pixel coordinates.
 #[derive(Debug, Serialize)]
 pub struct FaceReport {
+    /// Detector confidence, in [0, 1].
     pub score: f32,
+    /// The detector's box `[x, y, width, height]`, written as `box`.
     #[serde(rename = "box")]
     pub bbox: [f32; 4],
+    /// The 68 landmarks `[x, y]`, in iBUG order.
     pub landmarks: Vec<[f32; 2]>,
+    /// Tilt of the eye line, in degrees (what the alignment rotates away).
     pub roll_degrees: f32,
 }
 
@@ -180,18 +193,27 @@ pub fn prepare(config: &Config, device: &Device, photos: &Path, out: &Path) -> R
 /// One line of `cartoonize --json`.
 #[derive(Debug, Serialize)]
 pub struct CartoonReport {
+    /// The photo's path, as given.
     pub input: PathBuf,
+    /// Name of the style used.
     pub style: String,
+    /// Every face, largest first, with the files written for it.
     pub faces: Vec<CartoonFaceReport>,
+    /// Where the photo with every face replaced was written.
     pub photo: PathBuf,
+    /// Milliseconds per stage, decoding, face stages, generator and composition.
     pub timings_ms: BTreeMap<&'static str, f64>,
 }
 
+/// One face in a [`CartoonReport`].
 #[derive(Debug, Serialize)]
 pub struct CartoonFaceReport {
+    /// The detector's box `[x, y, width, height]` in photo pixels, written as `box`.
     #[serde(rename = "box")]
     pub bbox: [f32; 4],
+    /// Where the 320x320 sticker was written.
     pub sticker: PathBuf,
+    /// Where the 512x512 avatar was written.
     pub avatar: PathBuf,
 }
 
@@ -414,16 +436,28 @@ fn file_stem(path: &Path) -> String {
 /// Settings shared by `train base` and `train finetune`.
 #[derive(Debug, Clone)]
 pub struct TrainArgs {
+    /// Training image side, in pixels.
     pub size: usize,
+    /// Images per domain and step.
     pub batch: usize,
+    /// Total steps (the fast recipe: its adversarial steps).
     pub steps: u64,
+    /// Seed of the weight initialisation, data order and augmentation.
     pub seed: u64,
+    /// Adam learning rate (the fast recipe: of the generator and the discriminators).
     pub lr: f64,
+    /// Write the checkpoint every this many steps.
     pub save_every: u64,
+    /// Write a sample grid every this many steps.
     pub sample_every: u64,
+    /// Append mean losses to `train.jsonl` every this many steps.
     pub log_every: u64,
+    /// Stop with a checkpoint after this many seconds.
     pub time_limit_s: Option<u64>,
+    /// Also keep a compact checkpoint (f16, no optimiser state) at this path.
     pub compact: Option<PathBuf>,
+    /// The compact checkpoint holds the generators alone (a run resumed from it starts its
+    /// discriminators afresh).
     pub compact_generators: bool,
 }
 
@@ -545,6 +579,7 @@ fn run_with_progress(trainer: &mut train::run::Trainer) -> Result<train::run::Fi
 
 /// How `train base --recipe fast` starts.
 pub struct FastStartArgs {
+    /// Continue the run in the output folder (its checkpoint, else the `--compact` one).
     pub resume: bool,
     /// A fast checkpoint whose generator has done the reconstruction phase.
     pub init: Option<PathBuf>,
@@ -640,14 +675,17 @@ pub fn train_base(
 pub struct FinetuneArgs {
     /// The base style.
     pub from: String,
+    /// Folder of the cartoon faces to fine-tune on.
     pub cartoons: PathBuf,
     /// The new style's name.
     pub name: String,
     /// Default: the photos the base was trained on.
     pub photos: Option<PathBuf>,
+    /// Which generator parts train.
     pub freeze: train::params::Freeze,
     /// Run directory (default `<styles.dir>/../runs/<name>`).
     pub out: Option<PathBuf>,
+    /// Precision of the installed generator's weights.
     pub dtype: train::style::WeightsDtype,
     /// Continue the run in the run directory.
     pub resume: bool,

@@ -8,15 +8,22 @@ use serde::Deserialize;
 const DEFAULT_CONFIG: &str = include_str!("../config.toml");
 const ENV_PREFIX: &str = "TOONBOT_";
 
+/// All of toonbot's settings, one field per section of `config.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[limits]`: photo size limits.
     pub limits: Limits,
+    /// `[models]`: where the network weights are.
     pub models: Models,
+    /// `[faces]`: face detection settings.
     pub faces: Faces,
+    /// `[styles]`: where trained styles go and the default style.
     pub styles: Styles,
+    /// `[bot]`: the Discord bot (optional; defaults apply).
     #[serde(default)]
     pub bot: BotConfig,
+    /// `[stylepacks]`: uploaded style packs (optional; defaults apply).
     #[serde(default)]
     pub stylepacks: StylePackConfig,
 }
@@ -25,28 +32,41 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
+    /// Largest photo file, in bytes (command line files and the bot's downloads).
     pub max_bytes: u64,
+    /// Largest photo, in pixels (width x height), checked before decoding.
     pub max_pixels: u64,
 }
 
+/// Where the imported network weights are kept.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Models {
+    /// Folder of the network weights (see `models/README.md`); shipped styles are in its
+    /// `styles` subfolder.
     pub dir: PathBuf,
 }
 
+/// Which detected faces are processed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faces {
+    /// Most faces processed per photo, largest first.
     pub max_faces: usize,
+    /// Detector confidence below which a candidate face is dropped.
     pub min_score: f32,
+    /// Faces whose detected box is narrower than this, in photo pixels, are dropped.
     pub min_face_px: f32,
 }
 
+/// Installed styles.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Styles {
+    /// Folder where styles trained on this host are installed (shipped ones are in
+    /// `<models.dir>/styles`).
     pub dir: PathBuf,
+    /// The style used when a request names none.
     pub default: String,
 }
 
@@ -131,6 +151,7 @@ pub struct StylePackConfig {
     pub max_image_pixels: u64,
     /// Fewest and most images a pack may have.
     pub min_images: usize,
+    /// Most images a pack may have.
     pub max_images: usize,
     /// Share of the images (in percent, at least two images) kept out of training for the
     /// evaluation.

@@ -12,21 +12,36 @@ use crate::config::Limits;
 /// Why an input could not be turned into an image.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
+    /// The encoded input is over `limits.max_bytes`.
     #[error("file is {bytes} bytes, over the limit of {limit} bytes")]
-    TooManyBytes { bytes: u64, limit: u64 },
-    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels")]
-    TooManyPixels {
-        width: u32,
-        height: u32,
-        pixels: u64,
+    TooManyBytes {
+        /// Size of the input, in bytes.
+        bytes: u64,
+        /// `limits.max_bytes`.
         limit: u64,
     },
+    /// The image's declared size is over `limits.max_pixels` (found before decoding).
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels")]
+    TooManyPixels {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// `width * height`.
+        pixels: u64,
+        /// `limits.max_pixels`.
+        limit: u64,
+    },
+    /// The bytes are in no image format the decoder recognises.
     #[error("not a PNG, JPEG or WebP image")]
     NotAnImage,
+    /// An image, but not PNG, JPEG or WebP.
     #[error("unsupported image format {0:?}: send a PNG, JPEG or WebP")]
     UnsupportedFormat(ImageFormat),
+    /// The decoder failed: bad or truncated data.
     #[error("the image data is corrupt or truncated: {0}")]
     Corrupt(String),
+    /// The file could not be read.
     #[error("cannot read the file: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -86,15 +101,22 @@ pub fn decode_photo(bytes: &[u8], limits: &Limits) -> Result<RgbImage, DecodeErr
 /// coordinates (pixel `i` covers `[i, i + 1)`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Affine {
+    /// Coefficient of `x` in the output `x`.
     pub a: f32,
+    /// Coefficient of `y` in the output `x`.
     pub b: f32,
+    /// Translation of the output `x`.
     pub c: f32,
+    /// Coefficient of `x` in the output `y`.
     pub d: f32,
+    /// Coefficient of `y` in the output `y`.
     pub e: f32,
+    /// Translation of the output `y`.
     pub f: f32,
 }
 
 impl Affine {
+    /// The map that leaves every point where it is.
     pub const IDENTITY: Self = Self {
         a: 1.0,
         b: 0.0,
@@ -104,6 +126,7 @@ impl Affine {
         f: 0.0,
     };
 
+    /// Moves every point by `(dx, dy)` pixels.
     pub fn translation(dx: f32, dy: f32) -> Self {
         Self {
             c: dx,
@@ -112,6 +135,7 @@ impl Affine {
         }
     }
 
+    /// Scales about the origin by `s` in both directions.
     pub fn scale(s: f32) -> Self {
         Self {
             a: s,
@@ -149,6 +173,7 @@ impl Affine {
         }
     }
 
+    /// The image of the point `[x, y]`.
     pub fn apply(&self, [x, y]: [f32; 2]) -> [f32; 2] {
         [
             self.a * x + self.b * y + self.c,
@@ -156,6 +181,8 @@ impl Affine {
         ]
     }
 
+    /// The map that undoes this one (e.g. crop -> photo from photo -> crop); the map must be
+    /// invertible.
     pub fn inverse(&self) -> Self {
         let det = self.a * self.e - self.b * self.d;
         let (a, b, d, e) = (self.e / det, -self.b / det, -self.d / det, self.a / det);

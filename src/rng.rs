@@ -1,6 +1,7 @@
 //! SplitMix64 (Steele et al. 2014): a tiny, seedable generator, for everything that must be
 //! reproducible from a seed (KID subsets, weight initialisation, data order, augmentation).
 
+/// A SplitMix64 generator; the field is its state, advanced by every draw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplitMix64(pub u64);
 
@@ -15,6 +16,7 @@ impl SplitMix64 {
         Self(mixer.next_u64())
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

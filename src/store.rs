@@ -27,9 +27,13 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// A user's defaults. `output` is one of `sticker`, `avatar`, `both`, `photo` (the bot checks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Preset {
+    /// The style to use; `None`: the guild's default, else the bot's.
     pub style: Option<String>,
+    /// Which files to make (an [`OutputKind`](crate::jobs::OutputKind) name).
     pub output: String,
+    /// Draw a white outline around stickers.
     pub outline: bool,
+    /// Crop avatars to a circle.
     pub round_avatar: bool,
 }
 
@@ -54,12 +58,16 @@ impl Default for GuildSettings {
 /// Where a job came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobSource {
+    /// The `/cartoon` slash command.
     Slash,
+    /// The "Cartoonize" message context menu.
     Menu,
+    /// A photo sent to the bot in a direct message.
     Dm,
 }
 
 impl JobSource {
+    /// The name stored in the jobs table's `source` column.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Slash => "slash",
@@ -73,21 +81,37 @@ impl JobSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplyRef {
     /// An interaction's original response (its token lasts 15 minutes).
-    Interaction { application_id: u64, token: String },
+    Interaction {
+        /// The bot's application id.
+        application_id: u64,
+        /// The interaction token, which the response is edited with.
+        token: String,
+    },
     /// A message the bot posted (a DM progress message).
-    Message { message_id: u64 },
+    Message {
+        /// The message's id (in the job's channel).
+        message_id: u64,
+    },
 }
 
 /// A job as first recorded.
 #[derive(Debug, Clone)]
 pub struct NewJob {
+    /// Who asked.
     pub user_id: u64,
+    /// The guild it was asked in; `None` in direct messages.
     pub guild_id: Option<u64>,
+    /// The channel it was asked in.
     pub channel_id: u64,
+    /// Which command or message started it.
     pub source: JobSource,
+    /// Hex SHA-256 of the photo's bytes.
     pub image_sha256: Option<String>,
+    /// The style asked for (`None`: the default).
     pub style: Option<String>,
+    /// Which files were asked for (an [`OutputKind`](crate::jobs::OutputKind) name).
     pub output: String,
+    /// Where to tell the user should the bot restart before the job ends.
     pub reply: Option<ReplyRef>,
 }
 
@@ -96,12 +120,17 @@ pub struct NewJob {
 pub struct JobEnd {
     /// `done` or `failed`.
     pub status: String,
+    /// Served from the result cache or shared with an identical job.
     pub cached: bool,
+    /// Faces rendered.
     pub faces: Option<u32>,
     /// An error code (`RenderError::code`, `queue_full`, `download`...).
     pub error: Option<String>,
+    /// Milliseconds waiting for a worker.
     pub queue_ms: Option<f64>,
+    /// Milliseconds the renderer took (0 when cached).
     pub render_ms: Option<f64>,
+    /// Milliseconds from the request to the result.
     pub total_ms: Option<f64>,
     /// The style actually used.
     pub style: Option<String>,
@@ -110,24 +139,43 @@ pub struct JobEnd {
 /// A row of the jobs table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRecord {
+    /// The job's id (SQLite rowid).
     pub id: i64,
+    /// Who asked.
     pub user_id: u64,
+    /// The guild it was asked in; `None` in direct messages.
     pub guild_id: Option<u64>,
+    /// The channel it was asked in.
     pub channel_id: u64,
+    /// `slash`, `menu` or `dm` ([`JobSource::as_str`]).
     pub source: String,
+    /// Hex SHA-256 of the photo's bytes.
     pub image_sha256: Option<String>,
+    /// The style asked for, replaced by the one used once the job ended.
     pub style: Option<String>,
+    /// Which files were asked for (an [`OutputKind`](crate::jobs::OutputKind) name).
     pub output: String,
+    /// `queued`, `running`, `done`, `failed` or `interrupted`.
     pub status: String,
+    /// Served from the result cache or shared with an identical job.
     pub cached: bool,
+    /// Faces rendered, once done.
     pub faces: Option<u32>,
+    /// Error code of a failed or interrupted job.
     pub error: Option<String>,
+    /// When it was recorded, in Unix milliseconds.
     pub created_at: i64,
+    /// When a worker took it, in Unix milliseconds.
     pub started_at: Option<i64>,
+    /// When it ended, in Unix milliseconds.
     pub finished_at: Option<i64>,
+    /// Milliseconds waiting for a worker.
     pub queue_ms: Option<f64>,
+    /// Milliseconds the renderer took (0 when cached).
     pub render_ms: Option<f64>,
+    /// Milliseconds from the request to the result.
     pub total_ms: Option<f64>,
+    /// Where to reach the user; cleared once the job ends.
     pub reply: Option<ReplyRef>,
 }
 
@@ -172,6 +220,7 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// The connection pool, for queries this type has no method for.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
@@ -190,6 +239,7 @@ impl Store {
 
     // --- presets -------------------------------------------------------------------------
 
+    /// The user's saved defaults, if any.
     pub async fn preset(&self, user_id: u64) -> Result<Option<Preset>> {
         let row = sqlx::query(
             "SELECT style, output, outline, round_avatar FROM presets WHERE user_id = ?",
@@ -205,6 +255,7 @@ impl Store {
         }))
     }
 
+    /// Saves (or replaces) the user's defaults.
     pub async fn set_preset(&self, user_id: u64, preset: &Preset) -> Result<()> {
         sqlx::query(
             "INSERT INTO presets (user_id, style, output, outline, round_avatar, updated_at) \
@@ -370,6 +421,7 @@ impl Store {
         Ok(())
     }
 
+    /// The job with this id, if any.
     pub async fn job(&self, job_id: i64) -> Result<Option<JobRecord>> {
         let row = sqlx::query(concat!(
             "SELECT ",

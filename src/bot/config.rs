@@ -4,6 +4,7 @@ pub use crate::config::BotConfig;
 use crate::jobs::QueueConfig;
 
 impl BotConfig {
+    /// The job queue's settings: capacity, per-user limit, workers and cache size.
     pub fn queue_config(&self) -> QueueConfig {
         QueueConfig {
             capacity: self.queue_capacity,

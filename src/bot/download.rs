@@ -9,14 +9,18 @@ use reqwest::Url;
 /// An attachment as Discord describes it (before downloading).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PhotoRef {
+    /// Where Discord serves the file.
     pub url: String,
+    /// The file's name as uploaded.
     pub filename: String,
     /// Declared size in bytes.
     pub size: u64,
+    /// MIME type Discord declared, if any.
     pub content_type: Option<String>,
 }
 
 impl PhotoRef {
+    /// The reference to a message attachment.
     pub fn from_attachment(a: &serenity::all::Attachment) -> Self {
         Self {
             url: a.url.clone(),
@@ -62,17 +66,28 @@ impl PhotoRef {
 /// Why a photo could not be fetched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PhotoError {
+    /// The declared type (or the file name) is not PNG, JPEG or WebP; holds what was declared.
     #[error("not a supported image type ({0})")]
     NotAnImage(String),
+    /// The file is over the byte limit.
     #[error("the photo is {size} bytes, over the {max} byte limit")]
-    TooLarge { size: u64, max: u64 },
+    TooLarge {
+        /// The declared size, or the bytes received when the download went past `max`.
+        size: u64,
+        /// The byte limit.
+        max: u64,
+    },
+    /// The URL is not https on an allowed host; holds the host (or the URL when it did not
+    /// parse).
     #[error("downloads from {0} are not allowed")]
     HostNotAllowed(String),
+    /// The request failed or the server answered with an error status.
     #[error("download failed: {0}")]
     Download(String),
 }
 
 impl PhotoError {
+    /// A short stable code for logs and the jobs table.
     pub fn code(&self) -> &'static str {
         match self {
             Self::NotAnImage(_) => "not_an_image",
@@ -92,6 +107,8 @@ pub struct Downloader {
 }
 
 impl Downloader {
+    /// A client that follows no redirects, downloads only from `allowed_hosts` (compared
+    /// case-insensitively) and gives up after `timeout`; `max_bytes` bounds photos.
     pub fn new(
         allowed_hosts: &[String],
         max_bytes: u64,

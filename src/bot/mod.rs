@@ -53,6 +53,7 @@ pub const LOG_DIRECTIVES: [&str; 2] = ["tungstenite=info", "tokio_tungstenite=in
 pub struct Token(String);
 
 impl Token {
+    /// The token with surrounding whitespace (such as a file's trailing newline) removed.
     pub fn new(token: impl Into<String>) -> Self {
         Self(token.into().trim().to_string())
     }
@@ -158,10 +159,12 @@ pub struct RunningBot {
 }
 
 impl RunningBot {
+    /// The bot's render queue, e.g. for its counters.
     pub fn queue(&self) -> &JobQueue {
         &self.state.queue
     }
 
+    /// The bot's database (jobs, presets, guild settings).
     pub fn store(&self) -> &Store {
         &self.state.store
     }

@@ -10,7 +10,9 @@ use crate::imageops::{to_u8, Affine};
 
 /// Discord's sticker size and file limit.
 pub const STICKER_SIZE: u32 = 320;
+/// Largest sticker file Discord accepts, in bytes (512 KiB).
 pub const STICKER_MAX_BYTES: usize = 512 * 1024;
+/// Side of an avatar, in pixels.
 pub const AVATAR_SIZE: u32 = 512;
 /// Width of the optional white sticker outline, in sticker pixels.
 const OUTLINE_PX: u32 = 6;
@@ -24,7 +26,9 @@ const SUBJECT_ALPHA: u8 = 16;
 /// Options for [`sticker`] and [`avatar`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ComposeOptions {
+    /// Draw a white outline around the sticker's subject.
     pub outline: bool,
+    /// Cut the avatar to a disc with transparent corners.
     pub round_avatar: bool,
 }
 

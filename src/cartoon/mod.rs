@@ -22,12 +22,16 @@ use styles::{StyleError, StyleInfo, StyleRegistry};
 /// Why a photo could not be cartoonised, in words a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum CartoonError {
+    /// The photo could not be decoded or is over the size limits.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The requested style is not installed or its name is invalid.
     #[error(transparent)]
     Style(#[from] StyleError),
+    /// The face detector found no face in the photo.
     #[error("no face found in the photo: use a photo where a face is clearly visible")]
     NoFace,
+    /// Anything else: reading weights, a model error.
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -41,10 +45,13 @@ impl From<candle_core::Error> for CartoonError {
 /// One face, cartoonised and composed.
 #[derive(Debug, Clone)]
 pub struct CartoonFace {
+    /// The detected face, its alignment and its aligned crop and mask.
     pub face: Face,
     /// The generator's output on white, 256x256.
     pub cartoon: RgbImage,
+    /// The 320x320 RGBA sticker.
     pub sticker: RgbaImage,
+    /// The 512x512 avatar (round with transparent corners when asked).
     pub avatar: RgbaImage,
 }
 
@@ -100,8 +107,11 @@ fn compose_faces(
 /// Every face of a photo, largest first, and the photo with the faces replaced.
 #[derive(Debug, Clone)]
 pub struct CartoonPhoto {
+    /// Name of the style used.
     pub style: String,
+    /// The faces, largest first.
     pub faces: Vec<CartoonFace>,
+    /// The photo with every face replaced by its cartoon.
     pub photo: RgbImage,
     /// Milliseconds per stage.
     pub timings: BTreeMap<&'static str, f64>,
@@ -151,6 +161,8 @@ pub fn load_generator(dir: &std::path::Path, device: &Device) -> anyhow::Result<
 }
 
 impl Cartoonizer {
+    /// Loads the face networks from `models.dir` and finds the styles; generators are loaded on
+    /// first use.
     pub fn load(config: &Config, device: &Device) -> anyhow::Result<Self> {
         Ok(Self {
             faces: FacePipeline::load(config, device)?,
@@ -162,14 +174,17 @@ impl Cartoonizer {
         })
     }
 
+    /// The installed styles, sorted by name.
     pub fn styles(&self) -> Vec<StyleInfo> {
         self.registry.list()
     }
 
+    /// The face pipeline (detection, landmarks, alignment, segmentation).
     pub fn faces(&self) -> &FacePipeline {
         &self.faces
     }
 
+    /// Where the styles are looked up.
     pub fn registry(&self) -> &StyleRegistry {
         &self.registry
     }

@@ -6,41 +6,59 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// The generator's weights in a style directory (required).
 pub const WEIGHTS_FILE: &str = "generator.safetensors";
+/// The style's [`StyleManifest`] in a style directory (optional).
 pub const MANIFEST_FILE: &str = "style.toml";
+/// A small image showing the style, in a style directory (optional).
 pub const PREVIEW_FILE: &str = "preview.png";
 
+/// An installed style, as found in its directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StyleInfo {
+    /// The directory's name, which requests use to pick the style.
     pub name: String,
+    /// From `style.toml`; empty when it has none.
     pub description: String,
+    /// The style directory.
     pub dir: PathBuf,
     /// Shipped with toonbot (as opposed to trained on this host).
     pub shipped: bool,
 }
 
 impl StyleInfo {
+    /// Path of the generator's weights.
     pub fn weights(&self) -> PathBuf {
         self.dir.join(WEIGHTS_FILE)
     }
 
+    /// Path of the preview image, if the style has one.
     pub fn preview(&self) -> Option<PathBuf> {
         Some(self.dir.join(PREVIEW_FILE)).filter(|p| p.is_file())
     }
 }
 
+/// Why a style could not be found; the messages are shown to users.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StyleError {
+    /// No style directory with weights exists yet.
     #[error(
         "no cartoon style is installed yet: train one with `toonbot train base` (or install a \
          style directory with a generator.safetensors under {dirs})"
     )]
-    NoneInstalled { dirs: String },
+    NoneInstalled {
+        /// The directories searched, for the message.
+        dirs: String,
+    },
+    /// No installed style has that name.
     #[error("there is no style called {name:?}; installed styles: {}", available.join(", "))]
     NotFound {
+        /// The name asked for.
         name: String,
+        /// The installed styles' names.
         available: Vec<String>,
     },
+    /// The name is not 1-32 lowercase letters, digits, `-` or `_`.
     #[error("{0:?} is not a valid style name: use 1-32 lowercase letters, digits, '-' or '_'")]
     InvalidName(String),
 }
@@ -49,6 +67,7 @@ pub enum StyleError {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StyleManifest {
+    /// One line about the style, shown in style lists.
     #[serde(default)]
     pub description: String,
     /// The style this one was fine-tuned from.
@@ -75,6 +94,7 @@ pub fn is_valid_name(name: &str) -> bool {
 }
 
 impl StyleRegistry {
+    /// Shipped styles in `shipped`, styles trained on this host in `trained`.
     pub fn new(shipped: impl Into<PathBuf>, trained: impl Into<PathBuf>) -> Self {
         Self {
             shipped: shipped.into(),
@@ -109,6 +129,7 @@ impl StyleRegistry {
         styles
     }
 
+    /// The style called `name`, shipped ones first; errors say what is installed.
     pub fn find(&self, name: &str) -> Result<StyleInfo, StyleError> {
         if !is_valid_name(name) {
             return Err(StyleError::InvalidName(name.to_string()));

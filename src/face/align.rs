@@ -13,6 +13,7 @@ pub const OUTER_EYE_CORNER_LEFT: usize = 36;
 pub const OUTER_EYE_CORNER_RIGHT: usize = 45;
 
 impl Landmarks {
+    /// The landmarks moved by `m`, e.g. from photo to crop coordinates.
     pub fn map(&self, m: &Affine) -> Self {
         Self(self.0.map(|p| m.apply(p)))
     }

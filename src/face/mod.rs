@@ -34,6 +34,7 @@ const DETECTION_CROP_SCALE: f32 = 1.5;
 /// A face found by the detector, in photo pixel coordinates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DetectedFace {
+    /// Detector confidence, in [0, 1].
     pub score: f32,
     /// `[x, y, width, height]`.
     pub bbox: [f32; 4],
@@ -50,9 +51,11 @@ impl DetectedFace {
 /// A face carried through the whole pipeline.
 #[derive(Debug, Clone)]
 pub struct Face {
+    /// The detector's box and keypoints.
     pub detection: DetectedFace,
     /// In photo pixel coordinates.
     pub landmarks: Landmarks,
+    /// How the aligned crop was cut from the photo.
     pub alignment: Alignment,
     /// The aligned crop before whitening.
     pub crop: RgbImage,
@@ -65,13 +68,18 @@ pub struct Face {
 /// Milliseconds spent in each stage for one photo.
 #[derive(Debug, Clone, Default)]
 pub struct StageTimings {
+    /// Face detection over every window.
     pub detect: f64,
+    /// The 68-landmark net.
     pub landmarks: f64,
+    /// Alignment transforms and the warped crops.
     pub align: f64,
+    /// The segmenter's portrait masks of the crops.
     pub segment: f64,
 }
 
 impl StageTimings {
+    /// The timings by stage name, for reports.
     pub fn as_map(&self) -> BTreeMap<&'static str, f64> {
         BTreeMap::from([
             ("detect", self.detect),
@@ -85,9 +93,13 @@ impl StageTimings {
 /// Every face of one photo, largest first.
 #[derive(Debug, Clone)]
 pub struct PhotoFaces {
+    /// Photo width in pixels.
     pub width: u32,
+    /// Photo height in pixels.
     pub height: u32,
+    /// The faces, largest first, at most `faces.max_faces`.
     pub faces: Vec<Face>,
+    /// Time spent in each stage.
     pub timings: StageTimings,
 }
 
@@ -114,6 +126,7 @@ pub fn load_weights(dir: &Path, name: &str, device: &Device) -> Result<VarBuilde
 }
 
 impl FacePipeline {
+    /// Loads the detector, landmark and segmenter weights from `models.dir`.
     pub fn load(config: &Config, device: &Device) -> Result<Self> {
         let dir = &config.models.dir;
         Ok(Self {

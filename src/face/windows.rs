@@ -18,8 +18,11 @@ const EDGE_MARGIN: f32 = 0.02;
 /// to the detector's input.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
+    /// Left edge, in photo pixels (negative when the window starts left of the photo).
     pub left: f32,
+    /// Top edge, in photo pixels (negative when the window starts above the photo).
     pub top: f32,
+    /// Side, in photo pixels.
     pub side: f32,
     /// Whether each edge (left, top, right, bottom) lies inside the photo, where a face
     /// can be cut in two.

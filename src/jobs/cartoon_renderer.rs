@@ -17,6 +17,8 @@ use crate::imageops::DecodeError;
 /// How long a snapshot of the installed styles is reused (`styles` is called from async code).
 const STYLES_TTL: Duration = Duration::from_secs(10);
 
+/// Runs render requests through a [`Cartoonizer`] and encodes the results as PNG files; caches
+/// the style list for 10 seconds.
 pub struct CartoonRenderer {
     cartoonizer: Cartoonizer,
     limits: Limits,
@@ -25,6 +27,7 @@ pub struct CartoonRenderer {
 }
 
 impl CartoonRenderer {
+    /// `limits` bounds the photos it decodes; `default_style` is used when a request names none.
     pub fn new(cartoonizer: Cartoonizer, limits: Limits, default_style: String) -> Self {
         Self {
             cartoonizer,

@@ -50,8 +50,11 @@ pub enum OutputKind {
 }
 
 impl OutputKind {
+    /// Every kind, in the order the `/cartoon` command offers them as choices.
     pub const ALL: [OutputKind; 4] = [Self::Sticker, Self::Avatar, Self::Both, Self::Photo];
 
+    /// The lowercase name used in commands, presets and the jobs table (`sticker`, `avatar`,
+    /// `both`, `photo`); [`FromStr`] parses it back.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sticker => "sticker",
@@ -82,9 +85,11 @@ impl FromStr for OutputKind {
 /// the renderer decodes it with its pixel limit) and the options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderRequest {
+    /// The photo as sent: encoded PNG, JPEG or WebP bytes.
     pub image: Vec<u8>,
     /// A style name from [`Renderer::styles`]; `None` means the renderer's default style.
     pub style: Option<String>,
+    /// Which files to produce.
     pub output: OutputKind,
     /// Draw a white outline around stickers.
     pub outline: bool,
@@ -97,8 +102,11 @@ pub struct RenderRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FileKind {
+    /// A 320x320 RGBA sticker of one face.
     Sticker,
+    /// A 512x512 avatar of one face.
     Avatar,
+    /// The whole photo with every face cartoonised.
     Photo,
 }
 
@@ -107,6 +115,7 @@ pub enum FileKind {
 pub struct RenderedFile {
     /// File name shown to the user, e.g. `face1-sticker.png`, `face1-avatar.png`, `photo.png`.
     pub name: String,
+    /// What the file is: sticker, avatar or photo.
     pub kind: FileKind,
     /// PNG bytes: stickers 320x320 RGBA (at most 512 KiB), avatars 512x512.
     pub png: Vec<u8>,
@@ -115,6 +124,7 @@ pub struct RenderedFile {
 /// The result of a render: files in face order (largest face first), sticker before avatar.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RenderOutput {
+    /// The output files, in the order shown to the user.
     pub files: Vec<RenderedFile>,
     /// Faces found and rendered.
     pub faces: usize,
@@ -127,19 +137,28 @@ pub struct RenderOutput {
 /// Why a render failed. Every variant except `Internal` is the user's to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RenderError {
+    /// The bytes do not decode as a PNG, JPEG or WebP image.
     #[error("the file is not an image that can be read (PNG, JPEG or WebP expected)")]
     NotAnImage,
+    /// The photo is over the byte or pixel limit; the message says which.
     #[error("the image is too large: {0}")]
     TooLarge(String),
+    /// The face detector found no face in the photo.
     #[error("no face was found in the photo")]
     NoFace,
+    /// The requested style is not installed, or its name is not a valid style name.
     #[error("there is no style named `{name}`")]
     StyleMissing {
+        /// The style asked for.
         name: String,
+        /// The installed styles' names, to suggest instead.
         available: Vec<String>,
     },
+    /// No style at all is installed, so even the default one cannot be used.
     #[error("no cartoon style is installed")]
     NoStyleInstalled,
+    /// Anything else (I/O, a model failure, a renderer panic): a bug or a broken install, not the
+    /// user's doing.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -161,7 +180,9 @@ impl RenderError {
 /// An installed style.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StyleInfo {
+    /// The name requests use to pick the style.
     pub name: String,
+    /// One line about the style, shown in the style list.
     pub description: String,
     /// Whether `render` uses this style when the request names none.
     pub is_default: bool,
@@ -254,9 +275,18 @@ impl Default for QueueConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
     #[error("the queue is full ({capacity} jobs waiting)")]
-    QueueFull { capacity: usize },
+    /// Already `capacity` jobs are waiting.
+    QueueFull {
+        /// The queue's capacity ([`QueueConfig::capacity`]).
+        capacity: usize,
+    },
     #[error("you already have {limit} jobs in progress")]
-    UserLimit { limit: usize },
+    /// The user already has `limit` jobs queued or running.
+    UserLimit {
+        /// Jobs one user may have in flight ([`QueueConfig::per_user_limit`]).
+        limit: usize,
+    },
+    /// [`JobQueue::shutdown`] was called: no more jobs are taken.
     #[error("the queue is shutting down")]
     ShuttingDown,
 }
@@ -266,10 +296,14 @@ pub enum SubmitError {
 pub enum JobStatus {
     /// Waiting. `position` 1 means next to run; `waiting` is the number of jobs waiting.
     Queued {
+        /// Place in the dispatch order, from 1.
         position: usize,
+        /// Jobs waiting in the whole queue, this one included.
         waiting: usize,
     },
+    /// A worker is rendering it.
     Running,
+    /// Finished, successfully or not.
     Done(JobOutcome),
     /// Cancelled before it ran, or dropped by a shutdown.
     Cancelled,
@@ -278,6 +312,7 @@ pub enum JobStatus {
 /// How a job ended.
 #[derive(Debug, Clone)]
 pub struct JobOutcome {
+    /// The render's output (shared with the cache and coalesced jobs), or why it failed.
     pub result: Result<Arc<RenderOutput>, RenderError>,
     /// Served from the cache or shared with an identical job: no render of its own.
     pub cached: bool,
@@ -290,11 +325,17 @@ pub struct JobOutcome {
 /// Counters, for logs and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueStats {
+    /// Jobs waiting for a worker.
     pub waiting: usize,
+    /// Jobs being rendered now.
     pub running: usize,
+    /// Renderer calls since start, failed ones included.
     pub renders: u64,
+    /// Requests answered from the result cache.
     pub cache_hits: u64,
+    /// Requests attached to an identical job that was queued or running.
     pub coalesced: u64,
+    /// Renders that ended in an error or a panic.
     pub failed: u64,
 }
 
@@ -537,10 +578,12 @@ impl JobQueue {
         Self { inner }
     }
 
+    /// The settings the queue was started with.
     pub fn config(&self) -> QueueConfig {
         self.inner.config
     }
 
+    /// The renderer behind the queue, e.g. for its style list.
     pub fn renderer(&self) -> &Arc<dyn Renderer> {
         &self.inner.renderer
     }
@@ -622,6 +665,7 @@ impl JobQueue {
         })
     }
 
+    /// A snapshot of the counters.
     pub fn stats(&self) -> QueueStats {
         let inner = &self.inner;
         QueueStats {

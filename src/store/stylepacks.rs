@@ -26,6 +26,7 @@ pub enum StyleStatus {
 }
 
 impl StyleStatus {
+    /// The name stored in the `status` column.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Training => "training",
@@ -62,13 +63,18 @@ impl FromStr for StyleStatus {
 /// How a training run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunStatus {
+    /// Training, or waiting to resume after a restart.
     Running,
+    /// Trained to its last step (the evaluation may still have failed).
     Done,
+    /// Stopped by an admin.
     Cancelled,
+    /// Stopped by an error, named in the run's `error`.
     Failed,
 }
 
 impl RunStatus {
+    /// The name stored in the `status` column.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
@@ -92,28 +98,44 @@ impl FromStr for RunStatus {
 /// A pack as first recorded (status `training`).
 #[derive(Debug, Clone)]
 pub struct NewGuildStyle {
+    /// The style's name, unique across guilds.
     pub name: String,
+    /// The guild that owns the pack.
     pub guild_id: u64,
+    /// The style it is fine-tuned from.
     pub base: String,
+    /// Images trained on.
     pub images: u32,
+    /// Images kept out of training for the evaluation.
     pub held_out: u32,
+    /// The admin who uploaded it.
     pub created_by: u64,
 }
 
 /// A row of `guild_styles`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuildStyle {
+    /// The style's name, unique across guilds.
     pub name: String,
+    /// The guild that owns the pack.
     pub guild_id: u64,
+    /// The style it is fine-tuned from.
     pub base: String,
+    /// Where it stands: training, draft, published...
     pub status: StyleStatus,
+    /// Images trained on.
     pub images: u32,
+    /// Images kept out of training for the evaluation.
     pub held_out: u32,
     /// Images aligned on a detected face (the others were centre-cropped), once prepared.
     pub faces_found: Option<u32>,
+    /// The admin who uploaded it.
     pub created_by: u64,
+    /// Upload time, in Unix milliseconds.
     pub created_at: i64,
+    /// When it was published, in Unix milliseconds.
     pub published_at: Option<i64>,
+    /// The evaluation, once trained and evaluated.
     pub eval: Option<StyleEval>,
     /// Why the evaluation failed, when it did (the style is still a draft).
     pub eval_error: Option<String>,
@@ -122,58 +144,93 @@ pub struct GuildStyle {
 /// The evaluation numbers of a trained style.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StyleEval {
+    /// KID x100 of the style's cartoons against the held-out images, mean over subsets (lower
+    /// is closer).
     pub kid_x100_mean: f64,
+    /// Standard deviation of the KID x100 over subsets.
     pub kid_x100_std: f64,
+    /// Mean cosine similarity of the face embeddings of each photo and its cartoon (higher keeps
+    /// the person more recognisable).
     pub identity_cosine: f64,
 }
 
 /// A training run as first recorded (status `running`).
 #[derive(Debug, Clone)]
 pub struct NewRun {
+    /// The admin who started it.
     pub user_id: u64,
+    /// Channel where its progress is posted.
     pub channel_id: u64,
+    /// Fine-tune steps it will run.
     pub total_steps: u32,
 }
 
 /// A row of `training_runs`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainingRun {
+    /// The run's id (SQLite rowid).
     pub id: i64,
+    /// Name of the guild style it trains.
     pub style: String,
+    /// The admin who started it.
     pub user_id: u64,
+    /// Channel where its progress is posted.
     pub channel_id: u64,
+    /// The progress message the bot edits, once posted.
     pub message_id: Option<u64>,
+    /// Running, done, cancelled or failed.
     pub status: RunStatus,
+    /// Steps done.
     pub step: u32,
+    /// Fine-tune steps it will run.
     pub total_steps: u32,
+    /// The latest losses reported, by name.
     pub losses: Vec<(String, f32)>,
+    /// Latest training speed, in images per second.
     pub images_per_sec: Option<f64>,
+    /// Why it failed, when it did.
     pub error: Option<String>,
+    /// Start time, in Unix milliseconds.
     pub created_at: i64,
+    /// Time of the latest progress record, in Unix milliseconds.
     pub updated_at: i64,
+    /// End time, in Unix milliseconds.
     pub finished_at: Option<i64>,
+    /// Milliseconds spent training so far, summed over resumes.
     pub train_ms: f64,
+    /// Milliseconds the evaluation took, once done.
     pub eval_ms: Option<f64>,
 }
 
 /// Where a run is, as recorded while it trains.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunProgressRecord {
+    /// Steps done.
     pub step: u32,
+    /// The latest losses reported, by name.
     pub losses: Vec<(String, f32)>,
+    /// Latest training speed, in images per second.
     pub images_per_sec: Option<f64>,
+    /// Milliseconds spent training so far, summed over resumes.
     pub train_ms: f64,
 }
 
 /// How a run ended, and what it makes of its style.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunFinish {
+    /// How the run ended.
     pub status: RunStatus,
+    /// Why it failed, when it did.
     pub error: Option<String>,
+    /// Where it stopped.
     pub progress: RunProgressRecord,
+    /// Milliseconds the evaluation took, when there was one.
     pub eval_ms: Option<f64>,
+    /// The style's status from now on (draft when trained, else cancelled or failed).
     pub style_status: StyleStatus,
+    /// The evaluation, when it succeeded.
     pub eval: Option<StyleEval>,
+    /// Why the evaluation failed, when it did.
     pub eval_error: Option<String>,
 }
 
@@ -249,6 +306,7 @@ impl Store {
         Ok(run_id)
     }
 
+    /// The pack called `name`, whichever guild owns it.
     pub async fn guild_style(&self, name: &str) -> Result<Option<GuildStyle>> {
         let row = sqlx::query(concat!(
             "SELECT ",
@@ -349,6 +407,7 @@ impl Store {
         insert_audit(&mut conn, Some(guild_id), user_id, action, detail).await
     }
 
+    /// The run with this id, if any.
     pub async fn training_run(&self, run_id: i64) -> Result<Option<TrainingRun>> {
         let row = sqlx::query(concat!(
             "SELECT ",
@@ -406,6 +465,7 @@ impl Store {
         Ok(())
     }
 
+    /// Saves a running run's step, losses, speed and training time.
     pub async fn record_run_progress(
         &self,
         run_id: i64,

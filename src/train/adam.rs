@@ -7,11 +7,16 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, Var};
 
+/// Adam's hyperparameters (the learning rate is given to each step).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
+    /// Decay rate of the first moment (mean) estimate.
     pub beta1: f64,
+    /// Decay rate of the second moment (uncentred variance) estimate.
     pub beta2: f64,
+    /// Added to the denominator for numerical stability.
     pub eps: f64,
+    /// L2 penalty added to the gradient as `weight_decay * param` (0 for none).
     pub weight_decay: f64,
 }
 
@@ -35,6 +40,7 @@ struct Slot {
     v: Tensor,
 }
 
+/// An Adam optimiser over a fixed set of variables, updating them in place.
 pub struct Adam {
     cfg: AdamConfig,
     slots: Vec<Slot>,
@@ -64,6 +70,7 @@ impl Adam {
         })
     }
 
+    /// Updates taken so far (PyTorch's `state['step']`), which the bias corrections use.
     pub fn step_count(&self) -> u64 {
         self.step
     }

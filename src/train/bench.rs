@@ -31,7 +31,9 @@ use crate::rng::SplitMix64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BenchRecipe {
+    /// photo2cartoon's full step: both generators and all four discriminators.
     Photo2cartoon,
+    /// The fast recipe's adversarial step: generator A->B and its two discriminators.
     Fast,
 }
 
@@ -45,6 +47,7 @@ impl BenchRecipe {
     }
 }
 
+/// One recipe's step times over the batch sizes timed.
 #[derive(Debug, Serialize)]
 pub struct RecipeTimes {
     /// Median milliseconds per training step, by batch size.
@@ -55,10 +58,14 @@ pub struct RecipeTimes {
     pub best_batch: usize,
 }
 
+/// What `toonbot bench --train` measured; printed as JSON with `--json`.
 #[derive(Debug, Serialize)]
 pub struct TrainBenchReport {
+    /// The device the steps ran on, as candle prints it.
     pub device: String,
+    /// Training image side, in pixels.
     pub size: usize,
+    /// Each timed recipe's step times.
     pub recipes: BTreeMap<BenchRecipe, RecipeTimes>,
     /// With both recipes: the median over the runs of the fast recipe's seconds per image
     /// (at its best batch) over photo2cartoon's (at its best batch) in the same run.
@@ -74,7 +81,9 @@ pub struct TrainBenchReport {
 /// The PyTorch reference's training step times.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub struct ReferenceStep {
+    /// What ran it, e.g. `pytorch-2.3.1-cpu-2t` (version, device, threads).
     pub runtime: String,
+    /// Median milliseconds per training step, by batch size.
     pub ms_per_step: BTreeMap<usize, f64>,
 }
 

@@ -30,11 +30,15 @@ const METADATA_KEY: &str = "toonbot_training";
 const G_OPTIM: &str = "adam_g.";
 const D_OPTIM: &str = "adam_d.";
 
+/// Which form a checkpoint takes (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
+    /// f32 weights, buffers and Adam moments: resumes exactly.
     Full,
+    /// f16 weights, f32 buffers, no moments (72 MB).
     Compact,
+    /// The compact form of the two generators alone (15 MB).
     Generators,
 }
 
@@ -51,15 +55,20 @@ impl Kind {
 /// What a checkpoint's header says about the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    /// Which form the file takes.
     pub kind: Kind,
     /// Completed training steps; the next batch is batch `step` of the data order.
     pub step: u64,
+    /// The run's settings.
     pub spec: RunSpec,
 }
 
 /// A checkpoint read back: its state, the weights and (full ones) the optimiser moments.
 pub struct Loaded {
+    /// The run's state from the header.
     pub state: State,
+    /// Every tensor in the file by name: weights, buffers and (full checkpoints) moments with their
+    /// `adam_g.` / `adam_d.` prefixes.
     pub tensors: HashMap<String, Tensor>,
 }
 

@@ -23,11 +23,14 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 /// The images of a folder, sorted by file name.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
+    /// The folder.
     pub dir: PathBuf,
+    /// Its PNG, JPEG and WebP files, sorted; never empty.
     pub paths: Vec<PathBuf>,
 }
 
 impl ImageFolder {
+    /// Lists the images of `dir` (by extension); fails when it has none.
     pub fn open(dir: &Path) -> Result<Self> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .with_context(|| format!("reading image folder {}", dir.display()))?
@@ -50,10 +53,12 @@ impl ImageFolder {
         })
     }
 
+    /// Number of images.
     pub fn len(&self) -> usize {
         self.paths.len()
     }
 
+    /// Whether the folder has no images (never, once opened).
     pub fn is_empty(&self) -> bool {
         self.paths.is_empty()
     }
@@ -77,8 +82,11 @@ pub fn resized_side(size: usize) -> usize {
 /// One sample's augmentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Augmentation {
+    /// Mirror the image left to right first.
     pub flip: bool,
+    /// Left edge of the crop in the resized image, in pixels.
     pub x: u32,
+    /// Top edge of the crop in the resized image, in pixels.
     pub y: u32,
 }
 
@@ -109,10 +117,15 @@ impl Augmentation {
 /// The two domains and the sampling settings.
 #[derive(Debug, Clone)]
 pub struct TrainData {
+    /// Domain A: aligned photos.
     pub photos: ImageFolder,
+    /// Domain B: cartoons.
     pub cartoons: ImageFolder,
+    /// Side of the training images, in pixels.
     pub size: usize,
+    /// Images per domain and step.
     pub batch: usize,
+    /// Seed of the data order and the augmentation.
     pub seed: u64,
 }
 

@@ -32,13 +32,20 @@ use crate::nets::inception::InceptionV3;
 /// Images per network batch.
 const BATCH: usize = 8;
 
+/// A style's scores on a photo set (`toonbot eval`); printed as JSON with `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// The style scored, or [`BASELINE_NAME`].
     pub style: String,
+    /// Photos cartoonised.
     pub photos: usize,
+    /// Images in the reference cartoon set.
     pub cartoons: usize,
+    /// KID x100 of the cartoons against the cartoon set, mean over subsets (lower is closer).
     pub kid_x100: f64,
+    /// Standard deviation of the KID x100 over subsets.
     pub kid_std_x100: f64,
+    /// Images per KID subset (capped at the smaller set's size).
     pub kid_subset_size: usize,
     /// Mean cosine similarity of the face embeddings of each photo and its cartoon.
     pub identity_cosine: f64,
@@ -119,8 +126,11 @@ pub fn evaluate(
 /// A generator to score (none: the do-nothing baseline), with the face pipeline that
 /// segments its inputs.
 pub struct Scored<'a> {
+    /// The style's name, or [`BASELINE_NAME`].
     pub name: &'a str,
+    /// The style's generator; `None` for the baseline.
     pub generator: Option<&'a Generator>,
+    /// Segments the crops before they go through the generator.
     pub faces: &'a FacePipeline,
 }
 

@@ -18,12 +18,16 @@ use crate::nets::face_embedder::{self, cosine_similarity, FaceEmbedder};
 /// The face crop of an `h x w` image, in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaceCrop {
+    /// First row of the crop.
     pub top: usize,
+    /// First column of the crop.
     pub left: usize,
+    /// Side of the square crop.
     pub size: usize,
 }
 
 impl FaceCrop {
+    /// The reference's crop of an `h x w` image (see the module documentation).
     pub fn of(h: usize, w: usize) -> Self {
         let hf = h as f64;
         // Python's int() truncates; every value here is positive.
@@ -75,6 +79,7 @@ impl FaceIdLoss {
         )?)
     }
 
+    /// The loss with an already loaded `embedder`, for square images of side `image_size`.
     pub fn new(embedder: FaceEmbedder, image_size: usize, device: &Device) -> Result<Self> {
         let crop = FaceCrop::of(image_size, image_size);
         let out = face_embedder::INPUT_SIZE;

@@ -18,10 +18,13 @@ use crate::cartoon::styles::StyleManifest;
 pub struct Finetune {
     /// The base style's name and directory.
     pub base_name: String,
+    /// The base style's directory, whose networks the run starts from.
     pub base_dir: PathBuf,
     /// Aligned photos; `None`: those the base was trained on.
     pub photos: Option<PathBuf>,
+    /// The cartoons to fine-tune on (domain B).
     pub cartoons: PathBuf,
+    /// Which generator parameters train.
     pub freeze: Freeze,
 }
 

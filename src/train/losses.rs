@@ -7,10 +7,15 @@ use candle_core::{Result, Tensor};
 /// photo2cartoon's loss weights (`train.py` defaults).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossWeights {
+    /// The LSGAN adversarial terms, of generators and discriminators (1).
     pub adv: f64,
+    /// Cycle L1, `G_BA(G_AB(a))` against `a` (50).
     pub cycle: f64,
+    /// Identity L1, a generator on its own output domain against its input (10).
     pub identity: f64,
+    /// The generators' CAM BCE: translations towards 1, identities towards 0 (1000).
     pub cam: f64,
+    /// Face-ID `1 - cos` between an image and its translation (1; 0 skips the embedder).
     pub face_id: f64,
 }
 

@@ -39,14 +39,19 @@ pub struct RunSpec {
     pub cartoons: PathBuf,
     /// Training image side (256).
     pub size: usize,
+    /// Images per domain and step (1).
     pub batch: usize,
     /// Total steps; the learning rate decays linearly to 0 over the second half.
     pub steps: u64,
+    /// Seed of the weight initialisation, the data order and the augmentation (0).
     pub seed: u64,
     /// Initial learning rate (1e-4).
     pub lr: f64,
+    /// Shapes of the generators and discriminators.
     pub net: NetConfig,
+    /// Which generator parameters train ([`Freeze::None`]: all of them, as in a base run).
     pub freeze: Freeze,
+    /// Weights of the loss terms.
     pub weights: LossWeights,
     /// The style a fine-tune started from.
     pub base: Option<String>,

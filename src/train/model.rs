@@ -28,6 +28,7 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
+    /// photo2cartoon's networks: widths 32, 4 residual blocks, discriminators of 7 and 5 layers.
     pub fn photo2cartoon() -> Self {
         Self {
             ngf: 32,
@@ -38,6 +39,7 @@ impl NetConfig {
         }
     }
 
+    /// The generators' configuration: photo2cartoon's light generator at these width and depth.
     pub fn generator(&self) -> generator::Config {
         generator::Config {
             ngf: self.ngf,
@@ -47,6 +49,8 @@ impl NetConfig {
         }
     }
 
+    /// The configuration of a discriminator of `n_layers` layers on RGB images (global or
+    /// local).
     pub fn discriminator(&self, n_layers: usize) -> discriminator::Config {
         discriminator::Config {
             input_nc: 3,
@@ -72,13 +76,21 @@ pub const NETWORKS: [&str; 6] = ["genA2B", "genB2A", "disGA", "disGB", "disLA", 
 
 /// The networks on one device, with one `VarMap` each.
 pub struct Ugatit {
+    /// Widths and depths of the networks.
     pub cfg: NetConfig,
+    /// Which generator parameters train.
     pub freeze: Freeze,
+    /// Generator photo -> cartoon (`genA2B`): the one installed as a style.
     pub gen_a2b: Generator,
+    /// Generator cartoon -> photo (`genB2A`), for the cycle loss.
     pub gen_b2a: Generator,
+    /// Global discriminator of photos (`disGA`).
     pub dis_ga: Discriminator,
+    /// Global discriminator of cartoons (`disGB`).
     pub dis_gb: Discriminator,
+    /// Local discriminator of photos (`disLA`).
     pub dis_la: Discriminator,
+    /// Local discriminator of cartoons (`disLB`).
     pub dis_lb: Discriminator,
     /// In [`NETWORKS`] order.
     vars: [VarMap; 6],

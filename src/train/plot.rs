@@ -20,16 +20,22 @@ const FONT: &str = "sans-serif";
 /// One evaluation, as the results file holds it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct EvalRow {
+    /// The run it belongs to, or `init` / `baseline`.
     pub variant: String,
+    /// CPU-seconds (user + sys) the run had used when evaluated.
     pub cpu_s: f64,
+    /// KID x100 against the held-out cartoons (lower is closer).
     pub kid_x100: f64,
+    /// Standard deviation of the KID x100 over subsets.
     pub kid_std_x100: f64,
+    /// Mean photo/cartoon face-embedding cosine.
     pub identity_cosine: f64,
 }
 
 /// A run's evaluations in CPU order, starting from the shared init when there is one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Curve {
+    /// The run's variant name, shown in the legend.
     pub name: String,
     /// (CPU-hours, KID x100, its std, identity cosine).
     pub points: Vec<(f64, f64, f64, f64)>,

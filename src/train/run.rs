@@ -39,8 +39,11 @@ pub struct RunOptions {
     pub compact: Option<PathBuf>,
     /// The compact checkpoint holds the generators alone ([`checkpoint::Kind::Generators`]).
     pub compact_generators_only: bool,
+    /// Write the checkpoint every this many steps.
     pub save_every: u64,
+    /// Write a sample grid every this many steps.
     pub sample_every: u64,
+    /// Append the mean losses to the log every this many steps.
     pub log_every: u64,
     /// Stop (with a checkpoint) once this much time has passed.
     pub time_limit: Option<Duration>,
@@ -75,7 +78,9 @@ pub enum Start {
     Fresh,
     /// The named networks from these tensors (keys `genA2B.<param>`, ...), the others fresh.
     Weights {
+        /// Weights by `network.param` name.
         tensors: HashMap<String, Tensor>,
+        /// The networks to take from `tensors` (names from [`NETWORKS`](super::model::NETWORKS)).
         networks: Vec<&'static str>,
     },
     /// Continue from a checkpoint file.
@@ -87,8 +92,11 @@ pub enum Start {
 pub struct Progress {
     /// Completed steps.
     pub step: u64,
+    /// Steps the run will take in all.
     pub steps: u64,
+    /// The learning rate of this step.
     pub lr: f64,
+    /// This step's losses by name.
     pub losses: Losses,
     /// Training pairs per second since this process started training.
     pub images_per_s: f64,
@@ -97,15 +105,21 @@ pub struct Progress {
 /// Why a run returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
+    /// The last step is done.
     Completed,
+    /// The stop flag was set (Ctrl-C, SIGTERM, a cancel).
     Interrupted,
+    /// The time limit passed.
     TimeLimit,
 }
 
 /// A prepared run.
 pub struct Trainer {
+    /// The run's settings (a resumed run's own).
     pub spec: RunSpec,
+    /// Where and how often it writes checkpoints, logs and samples.
     pub options: RunOptions,
+    /// The six networks being trained.
     pub model: Ugatit,
     face_id: FaceIdLoss,
     data: TrainData,
@@ -172,6 +186,7 @@ impl Trainer {
         self.step
     }
 
+    /// Where the run's full checkpoint is written: `checkpoint.safetensors` in the output folder.
     pub fn checkpoint_path(&self) -> PathBuf {
         self.options.out.join(CHECKPOINT_FILE)
     }

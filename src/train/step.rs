@@ -101,8 +101,11 @@ fn generator_adv_terms(
 
 /// The optimisers and fixed parts of a training step.
 pub struct Step<'a> {
+    /// The six networks being trained.
     pub model: &'a Ugatit,
+    /// The face-ID loss set up for the run's image size.
     pub face_id: &'a FaceIdLoss,
+    /// Weights of the loss terms.
     pub weights: LossWeights,
 }
 

@@ -19,7 +19,9 @@ pub const TRAINING_FILE: &str = "training.safetensors";
 /// Precision of an installed generator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightsDtype {
+    /// 32-bit floats, as trained.
     F32,
+    /// 16-bit floats: half the file size.
     F16,
 }
 
@@ -87,6 +89,7 @@ fn write_manifest(dir: &Path, manifest: &StyleManifest) -> Result<()> {
 
 /// Where a fine-tune starts: the base style's networks and the spec it was trained with.
 pub struct Base {
+    /// Weights by `network.param` name.
     pub tensors: HashMap<String, Tensor>,
     /// The networks present in `tensors`.
     pub networks: Vec<&'static str>,

@@ -124,10 +124,13 @@ pub fn diff_augment(x: &Tensor, p: f64, seed: u64, key: &str) -> Result<Tensor> 
 /// `sign(E[sign(D(real))] - target)` times `images / speed_images`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveProbability {
+    /// Probability, in [0, 1], that each transform is applied to a sample; starts at 0.
     pub p: f64,
+    /// The `mean(sign(D(real)))` the controller steers towards: above it, `p` rises.
     pub target: f64,
     /// Images over which `p` can go from 0 to 1.
     pub speed_images: f64,
+    /// Discriminator steps between two adjustments of `p` (4).
     pub interval: u64,
     /// Sum of `mean(sign(D(real)))` and steps since the last adjustment.
     sum: f64,
@@ -135,6 +138,7 @@ pub struct AdaptiveProbability {
 }
 
 impl AdaptiveProbability {
+    /// A controller at `p = 0` adjusting every 4 steps.
     pub fn new(target: f64, speed_images: f64) -> Self {
         Self {
             p: 0.0,

@@ -23,11 +23,13 @@ use model::Discriminators;
 pub struct FastWeights {
     /// Reconstruction: L1 on pixels and on the backbone's low-level features.
     pub recon_pixel: f64,
+    /// Reconstruction L1 on the backbone's low-level features.
     pub recon_feature: f64,
     /// Adversarial: the whole-image discriminator (projected, hinge; or photo2cartoon's
     /// global, LSGAN) and the local one (LSGAN on logits and CAM logits).
     #[serde(alias = "adv_projected")]
     pub adv_global: f64,
+    /// The local discriminator's adversarial weight.
     pub adv_local: f64,
     /// Adversarial steps over which the adversarial weights ramp up from 0.
     pub adv_ramp_steps: u64,
@@ -36,6 +38,7 @@ pub struct FastWeights {
     /// Content: L1 of the luminance averaged over 8x8 blocks, and of the backbone's
     /// low-level features, photo against cartoon.
     pub content_luma: f64,
+    /// Content L1 of the backbone's low-level features, photo against cartoon.
     pub content_feature: f64,
     /// Content: L1 of the colour (all three channels) averaged over 8x8 blocks, which
     /// also keeps skin tones and hair colours (absent from runs before it existed: 0).
@@ -43,6 +46,7 @@ pub struct FastWeights {
     pub content_colour: f64,
     /// Identity L1 on cartoons (`G(B) = B`), every `identity_every`-th step.
     pub identity: f64,
+    /// The identity term is computed on every this-many-th adversarial step (0: never).
     pub identity_every: u64,
     /// CAM BCE (photo2cartoon's 1000): translation CAM towards 1, identity CAM towards 0.
     pub cam: f64,
@@ -95,10 +99,13 @@ impl Default for ReconTarget {
 /// Everything that defines a fast run's results; stored in its checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FastSpec {
+    /// Aligned photos (domain A), e.g. made by `toonbot prepare`.
     pub photos: PathBuf,
+    /// Cartoons (domain B).
     pub cartoons: PathBuf,
     /// Held-out aligned photos: the reconstruction check and the sample grids.
     pub val_photos: PathBuf,
+    /// Seed of the weight initialisation, data order and augmentation draws.
     pub seed: u64,
     /// The generator's and discriminators' widths (photo2cartoon's; smaller in tests).
     pub net: NetConfig,
@@ -109,24 +116,33 @@ pub struct FastSpec {
     pub batch: usize,
     /// Side of most steps (128) and of the last `high_fraction` of them (256).
     pub low_size: usize,
+    /// Side of the last `high_fraction` of the adversarial steps, in pixels (256).
     pub high_size: usize,
+    /// Share of the adversarial steps trained at `high_size` (0.15).
     pub high_fraction: f64,
     /// Adversarial steps (after the reconstruction phase).
     pub steps: u64,
+    /// Adam learning rate of the generator in the adversarial phase.
     pub lr_g: f64,
+    /// Adam learning rate of the discriminators.
     pub lr_d: f64,
     /// Learning rate of the reconstruction phase.
     pub lr_recon: f64,
+    /// When the reconstruction phase ends.
     pub recon: ReconTarget,
+    /// The loss weights.
     pub weights: FastWeights,
     /// ADA's target for `E[sign(D(real))]` and the images over which p may go 0 -> 1.
     pub ada_target: f64,
+    /// Images over which ADA's `p` may go from 0 to 1.
     pub ada_speed_images: f64,
     /// Sobel magnitude above which a cartoon pixel counts as an edge (edge smoothing).
     pub edge_threshold: f64,
 }
 
 impl FastSpec {
+    /// The recipe's defaults for the given folders and `steps` adversarial steps: batch 4,
+    /// 128 px then 256 px for the last 15 %, learning rates 1e-4 (2e-4 reconstructing).
     pub fn new(photos: PathBuf, cartoons: PathBuf, val_photos: PathBuf, steps: u64) -> Self {
         Self {
             photos,

@@ -36,14 +36,21 @@ pub enum Discriminators {
 
 /// The discriminator that judges whole images.
 pub enum GlobalDiscriminator {
+    /// The projected discriminator on the backbone's features (`disP`).
     Projected(ProjectedDiscriminator),
+    /// photo2cartoon's global discriminator (`disGB`).
     Photo2cartoon(Discriminator),
 }
 
+/// The networks a fast run trains, plus the frozen backbone, with their variables.
 pub struct FastNets {
+    /// Generator A->B, photo to cartoon (`genA2B`).
     pub gen: Generator,
+    /// The discriminator of whole cartoons.
     pub global: GlobalDiscriminator,
+    /// photo2cartoon's local discriminator for cartoons (`disLB`).
     pub local: Discriminator,
+    /// The frozen EfficientNet-Lite0, for the projected discriminator and the feature losses.
     pub backbone: Backbone,
     /// In [`NETWORKS`] order.
     vars: [VarMap; 4],
@@ -83,6 +90,7 @@ impl FastNets {
         })
     }
 
+    /// The generator's variables, `genA2B.param`, sorted: what its optimiser updates.
     pub fn generator_vars(&self) -> Vec<(String, Var)> {
         trainable_vars(&self.vars[0], NETWORKS[0], Freeze::None)
     }
@@ -111,6 +119,8 @@ impl FastNets {
         params::load_named(params::select(&NETWORKS, &self.vars, networks), tensors)
     }
 
+    /// Clamps the generator's `rho`, `w_gamma` and `w_beta` to [0, 1], as photo2cartoon does
+    /// after every generator step.
     pub fn clip_rho_w(&self) -> Result<()> {
         clip_rho_w(&self.vars[0])
     }

@@ -44,13 +44,17 @@ pub const MIN_IMAGES: usize = 8;
 /// Where a run stands; stored in its checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FastState {
+    /// The run's settings.
     pub spec: FastSpec,
     /// Whether the checkpoint holds the optimisers' moments.
     pub full: bool,
+    /// Reconstruction steps done.
     pub recon_steps: u64,
     /// Set once the reconstruction phase is over.
     pub recon_done: bool,
+    /// Adversarial steps done.
     pub adv_steps: u64,
+    /// ADA's controller of the augmentation probability, with its running sums.
     pub ada: AdaptiveProbability,
     /// The last held-out reconstruction check: (PSNR dB, identity).
     pub last_check: Option<(f64, f64)>,
@@ -58,6 +62,7 @@ pub struct FastState {
 
 /// How a fast run starts.
 pub enum FastStart {
+    /// New networks drawn from the spec's seed.
     Fresh,
     /// Continue the run of this checkpoint; its spec must equal the requested one.
     Resume(PathBuf),
@@ -98,7 +103,9 @@ fn parse_checkpoint(bytes: &[u8], path: &Path, device: &Device) -> Result<Option
 /// A fast checkpoint's generator A->B (keys as in a style's `generator.safetensors`) and
 /// where its run stood.
 pub struct TrainedGenerator {
+    /// The generator's weights by name, without the `genA2B.` prefix.
     pub tensors: HashMap<String, Tensor>,
+    /// The run's state from the checkpoint's header.
     pub state: FastState,
 }
 
@@ -150,10 +157,16 @@ fn fixed_images(folder: &ImageFolder, n: usize, size: usize, device: &Device) ->
     )?)?)
 }
 
+/// A fast run in progress: its networks, optimisers and state, ready to step, log and
+/// checkpoint.
 pub struct FastTrainer {
+    /// The run's settings.
     pub spec: FastSpec,
+    /// Where and how often it writes checkpoints, logs and samples.
     pub options: RunOptions,
+    /// The networks being trained.
     pub nets: FastNets,
+    /// Where the run stands (saved in each checkpoint).
     pub state: FastState,
     g_optim: Adam,
     d_optim: Adam,
@@ -164,6 +177,8 @@ pub struct FastTrainer {
 }
 
 impl FastTrainer {
+    /// Checks the folders and sizes, builds the networks and optimisers, and restores them as
+    /// `start` says (a resumed run's spec must equal `spec`).
     pub fn new(
         spec: FastSpec,
         options: RunOptions,
@@ -278,6 +293,7 @@ impl FastTrainer {
         })
     }
 
+    /// Where the run's full checkpoint is written: `checkpoint.safetensors` in the output folder.
     pub fn checkpoint_path(&self) -> PathBuf {
         self.options.out.join(CHECKPOINT_FILE)
     }

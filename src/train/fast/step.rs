@@ -40,15 +40,21 @@ fn lsgan_g(d: &Discriminator, fake: &Tensor) -> Result<Tensor> {
 
 /// The fixed parts of a step.
 pub struct FastStep<'a> {
+    /// The networks being trained.
     pub nets: &'a FastNets,
+    /// The face-ID loss set up for this step's image size.
     pub face_id: &'a FaceIdLoss,
+    /// The run's settings (loss weights, schedule, seed).
     pub spec: &'a FastSpec,
 }
 
 /// An adversarial step's inputs: photos, cartoons, and the cartoons edge-smoothed.
 pub struct AdversarialBatch<'a> {
+    /// Photos `(N, 3, size, size)` in [-1, 1].
     pub photos: &'a Tensor,
+    /// Cartoons `(N, 3, size, size)` in [-1, 1].
     pub cartoons: &'a Tensor,
+    /// The same cartoons with their edges blurred, shown to the discriminators as fakes.
     pub smoothed: &'a Tensor,
 }
 
