@@ -1,5 +1,7 @@
 //! toonbot: photos in, cartoon stickers and avatars out.
 
+#![deny(missing_docs)]
+
 pub mod bench;
 pub mod bot;
 pub mod cartoon;

@@ -33,7 +33,10 @@ use rayon::prelude::*;
 /// The SIMD instruction set the kernels run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512F: 16 floats a vector, register tiles of 8 output channels.
     Avx512,
+    /// AVX2 with FMA: 8 floats a vector, register tiles of 4 output channels (also what
+    /// `TOONBOT_CPU_OPS=avx2` picks on an AVX-512 CPU).
     Avx2,
 }
 
@@ -245,6 +248,7 @@ impl PackedConv {
         })
     }
 
+    /// Output channels of the convolution.
     pub fn cout(&self) -> usize {
         self.cout
     }
@@ -427,8 +431,10 @@ struct Micro {
 /// The activation a fused op applies last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Act {
+    /// No activation: the value as it is.
     #[default]
     None,
+    /// `max(x, 0)`.
     Relu,
     /// `x * relu6(x + 3) / 6`.
     HardSwish,
@@ -1064,6 +1070,8 @@ impl std::fmt::Debug for PackedDepthwise {
 }
 
 impl PackedDepthwise {
+    /// Packs a `(C, 1, k, k)` depthwise weight (k 3 or 5; stride 1 or 2) and its bias for a
+    /// convolution with `padding`; fails for other shapes.
     pub fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,
@@ -1372,8 +1380,11 @@ pub fn instance_norm_affine(
 /// `relu?(x * scale + shift)` per `(N, C)` plane, plus `residual`: CustomOp1 on `x` or
 /// CustomOp2 on `(x, residual)`.
 pub struct AffineOp<'a> {
+    /// Per-`(sample, channel)` factors, `N * C` of them, sample-major.
     pub scale: &'a [f32],
+    /// Per-`(sample, channel)` offsets added after the factor, `N * C` of them, sample-major.
     pub shift: &'a [f32],
+    /// Whether ReLU follows the affine (before any residual is added).
     pub relu: bool,
 }
 
@@ -1468,7 +1479,9 @@ pub fn channel_affine(
 /// `F.max_pool2d(x, 2)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pool2x {
+    /// 2x2 average (`F.avg_pool2d(x, 2)`).
     Avg,
+    /// 2x2 maximum (`F.max_pool2d(x, 2)`).
     Max,
 }
 
@@ -1510,10 +1523,14 @@ impl CustomOp1 for Pool2x {
     }
 }
 
+/// `F.avg_pool2d(x, 2)` on an NCHW `f32` tensor with even H and W, giving
+/// `(N, C, H / 2, W / 2)`; inference only (no gradient).
 pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Pool2x::Avg)
 }
 
+/// `F.max_pool2d(x, 2)` on an NCHW `f32` tensor with even H and W, giving
+/// `(N, C, H / 2, W / 2)`; inference only (no gradient).
 pub fn max_pool2x(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Pool2x::Max)
 }
@@ -1558,6 +1575,8 @@ impl CustomOp2 for AddUpsampled {
     }
 }
 
+/// `skip + upsample_nearest2x(low)` in one pass, `skip` being `(N, C, H, W)` and `low`
+/// `(N, C, H / 2, W / 2)`: the hourglass's upward merge, inference only (no gradient).
 pub fn add_upsampled(skip: &Tensor, low: &Tensor) -> Result<Tensor> {
     skip.contiguous()?
         .apply_op2_no_bwd(&low.contiguous()?, &AddUpsampled)
@@ -1566,6 +1585,8 @@ pub fn add_upsampled(skip: &Tensor, low: &Tensor) -> Result<Tensor> {
 /// `x + cat(parts, dim 1)`: CustomOp1 on `x`, reading the parts (contiguous, same N, H, W,
 /// channels adding up to x's).
 pub struct CatResidual<'a> {
+    /// The tensors concatenated along the channels, in order: same N, H and W as `x`,
+    /// channels adding up to `x`'s.
     pub parts: &'a [Tensor],
 }
 
@@ -1613,6 +1634,8 @@ impl CustomOp1 for CatResidual<'_> {
     }
 }
 
+/// `x + cat(parts, dim 1)` in one pass, without building the concatenation; inference only
+/// (no gradient).
 pub fn cat_residual(x: &Tensor, parts: &[Tensor]) -> Result<Tensor> {
     let parts = parts
         .iter()
@@ -1626,7 +1649,6 @@ pub fn cat_residual(x: &Tensor, parts: &[Tensor]) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::kernels::train_ops::reflection_pad2d;
-    use crate::nets::layers::upsample_nearest2x;
     use candle_core::{Device, Module, Var, D};
 
     fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -1642,6 +1664,12 @@ mod tests {
             })
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// candle's nearest 2x upsample (its forward; only its backward is wrong for training).
+    fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        x.upsample_nearest2d(2 * h, 2 * w)
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -1909,7 +1937,10 @@ mod tests {
 
         // The instance norm as an affine, applied with and without ReLU and residual.
         let (scale, shift) = instance_norm_affine(&stats, 240, 1e-5)?;
-        let want = crate::nets::layers::instance_norm(&x)?;
+        // Instance norm in candle ops: (x - mean) / sqrt(var + eps), biased variance.
+        let want = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&((sum_sq / 240.0)? + 1e-5)?.sqrt()?)?;
         let residual = rand(x.dims(), 8)?;
         for (relu, res) in [
             (false, None),

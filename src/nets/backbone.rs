@@ -23,17 +23,24 @@ use crate::kernels::train_ops::{self, frozen_depthwise_conv2d, same_padding, Pad
 /// One inverted-residual block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockConfig {
+    /// Channels of the block's input.
     pub in_channels: usize,
+    /// Channels of the block's output (of its 1x1 project convolution).
     pub out_channels: usize,
     /// Expansion ratio of the 1x1 expand convolution (1: none).
     pub expand: usize,
+    /// Side of the depthwise convolution's kernel (3 or 5).
     pub kernel: usize,
+    /// Stride of the depthwise convolution (1 or 2).
     pub stride: usize,
 }
 
+/// The backbone's shape: stem width, the blocks in order, and the blocks it taps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
+    /// Output channels of the 3x3 stride-2 stem convolution (`_conv_stem`, 32).
     pub stem_channels: usize,
+    /// The inverted-residual blocks, in order (`_blocks.{i}`).
     pub blocks: Vec<BlockConfig>,
     /// Blocks whose outputs [`Backbone::features`] returns.
     pub taps: [usize; 4],
@@ -187,6 +194,7 @@ impl Block {
     }
 }
 
+/// The frozen EfficientNet-Lite0 feature extractor, up to its last tapped block.
 #[derive(Debug, Clone)]
 pub struct Backbone {
     cfg: Config,
@@ -195,6 +203,8 @@ pub struct Backbone {
 }
 
 impl Backbone {
+    /// Builds the network from `vb` under the package's `state_dict` names (`_conv_stem.*`,
+    /// `_blocks.{i}.*`), keeping the blocks up to the last tap; the weights are detached.
     pub fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
         let stem = FrozenConv::new(cfg.stem_channels, 3, 3, vb.pp("_conv_stem"))?;
         let last = cfg.taps[3];
@@ -206,6 +216,7 @@ impl Backbone {
         Ok(Self { cfg, stem, blocks })
     }
 
+    /// The configuration the network was built with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }

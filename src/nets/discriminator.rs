@@ -23,9 +23,13 @@ use crate::kernels::train_ops::{self, Pad};
 
 const SLOPE: f64 = 0.2;
 
+/// The discriminator's shape: input channels, base width and depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
+    /// Channels of the input image (3, RGB).
     pub input_nc: usize,
+    /// Output channels of the first convolution (32); each further convolution of `model`
+    /// doubles them.
     pub ndf: usize,
     /// Number of 4x4 convolutions in `model` plus one; `n_layers - 2` of them have stride 2.
     pub n_layers: usize,
@@ -99,6 +103,8 @@ impl SnLinear {
     }
 }
 
+/// photo2cartoon's `Discriminator`: tells real images of a domain from generated ones, per
+/// patch and through its CAM logits.
 #[derive(Debug, Clone)]
 pub struct Discriminator {
     cfg: Config,
@@ -110,6 +116,9 @@ pub struct Discriminator {
 }
 
 impl Discriminator {
+    /// Builds the discriminator from `vb` under photo2cartoon's `state_dict` names
+    /// (`model.{3i+1}.*`, `gap_fc.*`, `gmp_fc.*`, `conv1x1.*`, `conv.*`); fails when
+    /// `n_layers` is under 3.
     pub fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
         if cfg.n_layers < 3 {
             candle_core::bail!("discriminator needs n_layers >= 3, got {}", cfg.n_layers)
@@ -136,6 +145,7 @@ impl Discriminator {
         })
     }
 
+    /// The configuration the discriminator was built with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }

@@ -16,6 +16,7 @@ use crate::kernels::cpu_ops::{self, Act};
 pub const INPUT_SIZE: usize = 192;
 /// `input = pixel * INPUT_SCALE + INPUT_OFFSET` maps 0..=255 to [-1, 1].
 pub const INPUT_SCALE: f64 = 2.0 / 255.0;
+/// Added after scaling by [`INPUT_SCALE`], so that pixel 0 maps to -1.
 pub const INPUT_OFFSET: f64 = -1.0;
 /// Number of keypoints per detection.
 pub const NUM_KEYPOINTS: usize = 6;
@@ -27,17 +28,24 @@ pub const DEFAULT_MIN_SCORE: f32 = 0.5;
 /// Keypoint indices, in MediaPipe's order. "Right"/"left" are the subject's: in an unmirrored
 /// photo the right eye and right ear lie on the image's left.
 pub mod keypoint {
+    /// The subject's right eye.
     pub const RIGHT_EYE: usize = 0;
+    /// The subject's left eye.
     pub const LEFT_EYE: usize = 1;
+    /// The tip of the nose.
     pub const NOSE_TIP: usize = 2;
+    /// The centre of the mouth.
     pub const MOUTH: usize = 3;
+    /// The tragion (the notch in front of the ear) of the subject's right ear.
     pub const RIGHT_EAR_TRAGION: usize = 4;
+    /// The tragion of the subject's left ear.
     pub const LEFT_EAR_TRAGION: usize = 5;
 }
 
 /// Shape and post-processing options of the shipped model.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Side of the square network input in pixels (192).
     pub input_size: usize,
     /// Input pixels per anchor cell.
     pub anchor_stride: usize,
@@ -59,6 +67,8 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Number of anchors: one per `anchor_stride`-pixel cell of the input (48x48 = 2304 for
+    /// the shipped model).
     pub fn num_anchors(&self) -> usize {
         let side = self.input_size.div_ceil(self.anchor_stride);
         side * side
@@ -235,6 +245,7 @@ const PYRAMID: [(usize, usize, usize, usize, usize); 3] = [
     (64, 64, 48, 24, 1),
 ];
 
+/// The BlazeFace full-range network, with its anchors and post-processing options.
 #[derive(Debug, Clone)]
 pub struct FaceDetector {
     stem: Conv,
@@ -247,6 +258,8 @@ pub struct FaceDetector {
 }
 
 impl FaceDetector {
+    /// Builds the network from `vb` under the TFLite graph's layer names (`conv2d`,
+    /// `conv2d_1`, ..., `depthwise_conv2d_*`, `classifier_face_4`, `regressor_face_4`).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let mut names = Names {
             conv: 0,

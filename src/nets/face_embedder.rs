@@ -15,6 +15,7 @@ use crate::kernels::tf_ops::prelu;
 pub const INPUT_SIZE: usize = 112;
 /// `(x - MEAN) / STD` on 0..255 RGB values.
 pub const MEAN: f64 = 127.5;
+/// Divisor of the normalisation (see [`MEAN`]).
 pub const STD: f64 = 128.0;
 
 /// Maps 0..255 RGB (any shape) to the network's input range, about [-1, 1].
@@ -32,21 +33,29 @@ pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// One group of inverted-residual blocks (TF scope `Conv2d_<k>`).
 #[derive(Debug, Clone, Copy)]
 pub struct StageConfig {
+    /// Number of inverted-residual blocks in the group.
     pub blocks: usize,
     /// Stride of the group's first block.
     pub stride: usize,
+    /// Channels after each block's 1x1 expand convolution: the width of its depthwise
+    /// convolution.
     pub expanded_channels: usize,
+    /// Channels out of each block's 1x1 project convolution.
     pub out_channels: usize,
 }
 
+/// The embedder's shape: stem width, block groups, head width and embedding length.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Output channels of the 3x3 stride-2 stem convolution (`Conv2d_0`, 64).
     pub stem_channels: usize,
     /// Stages named `Conv2d_2`, `Conv2d_3`, ... in order.
     pub stages: Vec<StageConfig>,
+    /// Channels of the 1x1 head convolution after the last group (512).
     pub head_channels: usize,
     /// Spatial size reaching the global depthwise conv.
     pub final_size: usize,
+    /// Length of the output embedding (192).
     pub embedding_dim: usize,
 }
 
@@ -139,6 +148,8 @@ impl Module for InvResBlock {
     }
 }
 
+/// The MobileFaceNet network: a 112x112 face crop to its identity embedding, for the face-ID
+/// loss and the identity cosine.
 #[derive(Debug, Clone)]
 pub struct FaceEmbedder {
     stem: ConvPrelu,
@@ -152,6 +163,8 @@ pub struct FaceEmbedder {
 }
 
 impl FaceEmbedder {
+    /// Builds the network from `vb` under the TFLite graph's scope names (`Conv2d_0`,
+    /// `Conv2d_<k>_InvResBlock_<j>`, `Logits/...`).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let c = cfg.stem_channels;
         let stem = ConvPrelu::new(ConvConfig::same(3, c, 3, 2), vb.pp("Conv2d_0"))?;

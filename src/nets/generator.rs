@@ -28,6 +28,7 @@ use super::layers::{
 use crate::kernels::cpu_ops::{self, InputTransform, PackedConv, Padding};
 use crate::kernels::train_ops;
 
+/// The generator's shape: base width, image size, light or full style MLP, residual blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// Base width (photo2cartoon `--ch`, 32).
@@ -595,6 +596,8 @@ pub struct Generator {
 /// One stage of a [`Generator::forward_profiled`] pass.
 #[derive(Debug, Clone)]
 pub struct StageTime {
+    /// The stage's name: its module's checkpoint name (`ConvBlock1`, `EncodeBlock1`, ...,
+    /// `ConvBlock2`), or `CAM+FC` for the attention and the style MLP.
     pub stage: String,
     /// Wall time, ms.
     pub wall_ms: f64,
@@ -603,6 +606,7 @@ pub struct StageTime {
     pub cpu_ms: f64,
 }
 
+/// The stages of one profiled pass, in order.
 pub type StageTimes = Vec<StageTime>;
 
 /// CPU time used so far by all threads of this process, in ms (Linux schedstat).
@@ -655,6 +659,8 @@ fn linear_params(l: &Linear) -> impl Iterator<Item = &Tensor> {
 }
 
 impl Generator {
+    /// Builds the generator from `vb` under photo2cartoon's `state_dict` names (loaded from a
+    /// checkpoint, or created in a `VarMap` for training).
     pub fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
         let ngf = cfg.ngf;
         let c = ngf * 4;
@@ -779,6 +785,7 @@ impl Generator {
         }
     }
 
+    /// The configuration the generator was built with.
     pub fn config(&self) -> &Config {
         &self.cfg
     }

@@ -23,6 +23,7 @@ pub const INPUT_SIZE: usize = 299;
 pub const FEATURES: usize = 2048;
 /// Network input = (pixel - INPUT_MEAN) / INPUT_SCALE, pixel in 0..=255.
 pub const INPUT_MEAN: f64 = 128.0;
+/// Divisor of the input normalisation (see [`INPUT_MEAN`]).
 pub const INPUT_SCALE: f64 = 128.0;
 
 /// Shape of the shipped network.

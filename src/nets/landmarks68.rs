@@ -17,14 +17,19 @@ use crate::kernels::tf_ops::resize_bilinear_legacy;
 pub const INPUT_SIZE: usize = 112;
 /// Per-channel RGB mean subtracted from 0..255 pixels before dividing by [`PIXEL_SCALE`].
 pub const MEAN_RGB: [f32; 3] = [122.782, 117.001, 104.298];
+/// Divisor applied after subtracting [`MEAN_RGB`].
 pub const PIXEL_SCALE: f32 = 255.0;
+/// Number of landmarks the network predicts (iBUG 300-W's 68).
 pub const NUM_LANDMARKS: usize = 68;
 
+/// The network's shape: input channels, dense-block widths and landmark count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// Channels of the input image (3, RGB).
     pub in_channels: usize,
     /// Output channels of the four dense blocks.
     pub channels: [usize; 4],
+    /// Number of landmarks; the final dense layer outputs two values per landmark.
     pub num_landmarks: usize,
 }
 
@@ -126,6 +131,8 @@ impl Module for DenseBlock {
     }
 }
 
+/// face-api's FaceLandmark68Net: the 68 landmarks of a 112x112 face crop, used to align
+/// detected faces.
 #[derive(Debug, Clone)]
 pub struct FaceLandmark68Net {
     blocks: Vec<DenseBlock>,
@@ -133,6 +140,7 @@ pub struct FaceLandmark68Net {
 }
 
 impl FaceLandmark68Net {
+    /// Builds the network from `vb` under the imported names (`dense{i}.conv{j}.*`, `fc.*`).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let mut in_c = cfg.in_channels;
         let mut blocks = Vec::with_capacity(cfg.channels.len());

@@ -264,6 +264,8 @@ pub struct ReflConv2d {
 }
 
 impl ReflConv2d {
+    /// Wraps `conv` (built with `padding=0`) to reflect-pad its input by `pad` pixels on each
+    /// side first.
     pub fn new(pad: usize, conv: Conv2d) -> Self {
         Self {
             pad,
@@ -272,6 +274,7 @@ impl ReflConv2d {
         }
     }
 
+    /// The wrapped convolution, for its weights and configuration.
     pub fn conv(&self) -> &Conv2d {
         &self.conv
     }
@@ -348,6 +351,9 @@ fn normalize(x: &Tensor) -> Result<Tensor> {
 }
 
 impl SpectralNorm {
+    /// Takes `weight_orig` of `shape` (PyTorch's default init) and the buffers `weight_u`,
+    /// `weight_v` from `vb`, the buffers initialised to random vectors of unit length on
+    /// average.
     pub fn new(shape: &[usize], vb: VarBuilder) -> Result<Self> {
         let out = shape[0];
         let fan_in: usize = shape[1..].iter().product();

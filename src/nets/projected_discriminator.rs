@@ -21,6 +21,8 @@ use crate::kernels::train_ops::{self, Pad};
 
 const SLOPE: f64 = 0.2;
 
+/// The discriminator's shape: the backbone's feature widths, their mixed widths and the
+/// heads' output size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
     /// Channels of the backbone's four features.
@@ -32,6 +34,8 @@ pub struct Config {
 }
 
 impl Config {
+    /// The fast recipe's discriminator on EfficientNet-Lite0's four features (24, 40, 112 and
+    /// 320 channels), mixed to 64-512 channels, heads down to 8x8.
     pub fn lite0() -> Self {
         Self {
             feature_channels: [24, 40, 112, 320],
@@ -141,6 +145,8 @@ const MAX_DOWN: [usize; 4] = [3, 2, 1, 0];
 /// The largest image side the heads take.
 pub const MAX_SIZE: usize = 256;
 
+/// The fast recipe's discriminator: the fixed random mixings and the trainable heads on top
+/// of a frozen [`Backbone`] (passed to each forward).
 #[derive(Debug, Clone)]
 pub struct ProjectedDiscriminator {
     cfg: Config,
@@ -149,6 +155,9 @@ pub struct ProjectedDiscriminator {
 }
 
 impl ProjectedDiscriminator {
+    /// Builds the mixings (`scratch.layer{i}_ccm.*`) and heads (`heads.{i}.down.{j}.*`,
+    /// `heads.{i}.out.*`) from `vb`, each head with enough stride-2 layers for [`MAX_SIZE`]
+    /// images.
     pub fn new(cfg: Config, vb: VarBuilder) -> Result<Self> {
         let mut mixing = Vec::new();
         let mut heads = Vec::new();

@@ -28,9 +28,12 @@ pub fn normalize(rgb_0_255: &Tensor) -> Result<Tensor> {
     rgb_0_255.affine(INPUT_SCALE, 0.0)
 }
 
+/// The activation of a block's expand and depthwise convolutions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// ReLU, in the shipped model's first three blocks.
     Relu,
+    /// Hard swish, `x * relu6(x + 3) / 6`, in its later blocks.
     HardSwish,
 }
 
@@ -47,24 +50,36 @@ impl Activation {
 /// One inverted-residual block: 1x1 expand, depthwise, optional squeeze-excite, 1x1 project.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockConfig {
+    /// Channels after the 1x1 expand convolution: the width of the depthwise convolution.
     pub expanded_channels: usize,
+    /// Channels out of the 1x1 project convolution.
     pub out_channels: usize,
+    /// Side of the depthwise convolution's kernel (3 or 5).
     pub kernel: usize,
+    /// Stride of the depthwise convolution (1 or 2); a stride-2 block's input is also a skip
+    /// connection of the decoder.
     pub stride: usize,
+    /// Activation after the expand and depthwise convolutions.
     pub activation: Activation,
     /// Bottleneck width of the squeeze-excite gate, if the block has one.
     pub squeeze_channels: Option<usize>,
 }
 
+/// The segmenter's shape: input and stem widths, encoder blocks, head width and output layer.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Channels of the input image (3, RGB).
     pub in_channels: usize,
     /// 3x3 stride-2 stem, hard-swish.
     pub stem_channels: usize,
+    /// The encoder's inverted-residual blocks, in order.
     pub blocks: Vec<BlockConfig>,
+    /// Channels of the head's gated features at 1/16 resolution, where the decoder starts
+    /// (128).
     pub head_channels: usize,
     /// Transposed-convolution kernel and stride of the output layer.
     pub output_kernel: usize,
+    /// Stride of the output transposed convolution (2: from 1/2 to full resolution).
     pub output_stride: usize,
 }
 
@@ -266,6 +281,8 @@ pub struct SelfieSegmenter {
 }
 
 impl SelfieSegmenter {
+    /// Builds the network from `vb` under the Keras layer names (`conv2d`, `conv2d_1`, ...,
+    /// `depthwise_conv2d_*`, and `segment` for the output layer).
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let mut names = LayerNames::default();
         let stem_cfg = ConvConfig::same(cfg.in_channels, cfg.stem_channels, 3, 2);

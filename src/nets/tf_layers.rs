@@ -18,6 +18,7 @@ use crate::kernels::tf_ops::{depthwise_conv, hard_swish, pad_channels, pad_same}
 pub enum Padding {
     /// Output size `ceil(in / stride)`; the odd extra row/column goes to the bottom/right.
     Same,
+    /// No padding: output size `ceil((in - kernel + 1) / stride)`.
     Valid,
 }
 
@@ -55,12 +56,19 @@ fn activate(x: Tensor, act: Act) -> Result<Tensor> {
 /// Shape and options of a [`Conv`].
 #[derive(Debug, Clone, Copy)]
 pub struct ConvConfig {
+    /// Channels of the input.
     pub in_channels: usize,
+    /// Channels of the output.
     pub out_channels: usize,
+    /// Side of the square kernel.
     pub kernel: usize,
+    /// Stride in both directions.
     pub stride: usize,
+    /// Channel groups: 1 for a regular convolution, the channel count for a depthwise one.
     pub groups: usize,
+    /// Whether the layer has a `bias` weight.
     pub bias: bool,
+    /// How the input is padded.
     pub padding: Padding,
 }
 
@@ -86,6 +94,7 @@ impl ConvConfig {
         }
     }
 
+    /// The same convolution without a `bias` weight.
     pub fn without_bias(self) -> Self {
         Self {
             bias: false,
@@ -93,6 +102,7 @@ impl ConvConfig {
         }
     }
 
+    /// The same convolution with `VALID` padding (none).
     pub fn valid(self) -> Self {
         Self {
             padding: Padding::Valid,

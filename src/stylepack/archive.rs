@@ -18,6 +18,7 @@ use crate::imageops::{self, DecodeError};
 pub struct PackImage {
     /// The entry's name in the archive.
     pub entry: String,
+    /// The entry's bytes as decompressed (the encoded PNG, JPEG or WebP file).
     pub bytes: Vec<u8>,
 }
 
@@ -31,7 +32,14 @@ pub enum SkipReason {
     /// Not a PNG, JPEG or WebP image.
     NotAnImage,
     /// An image, but over the pixel limit.
-    TooManyPixels { width: u32, height: u32, limit: u64 },
+    TooManyPixels {
+        /// The image's width in pixels.
+        width: u32,
+        /// The image's height in pixels.
+        height: u32,
+        /// The most pixels an image may have (`max_image_pixels`).
+        limit: u64,
+    },
     /// Damaged: the image data or the archive entry cannot be read.
     Unreadable(String),
 }
@@ -39,44 +47,85 @@ pub enum SkipReason {
 /// An entry that was left out, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
+    /// The entry's name in the archive.
     pub entry: String,
+    /// Why the entry was left out.
     pub reason: SkipReason,
 }
 
 /// The usable images of an archive, sorted by entry name, and what was skipped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackArchive {
+    /// The images that decode within the limits, sorted by entry name.
     pub images: Vec<PackImage>,
+    /// The entries left out, each with its reason, shown to the uploader.
     pub skipped: Vec<Skipped>,
 }
 
 /// Why an archive was refused as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArchiveError {
+    /// The upload is over `max_zip_bytes`; checked before anything is parsed.
     #[error("the archive is {bytes} bytes, over the {max} byte limit")]
-    TooLarge { bytes: u64, max: u64 },
+    TooLarge {
+        /// The upload's size in bytes.
+        bytes: u64,
+        /// The `max_zip_bytes` limit.
+        max: u64,
+    },
+    /// No zip end-of-central-directory record was found, or the zip crate does not take it
+    /// for an archive.
     #[error("not a zip archive")]
     NotAZip,
+    /// The central directory or an entry's header cannot be read; holds the zip crate's message.
     #[error("the zip archive is damaged: {0}")]
     Corrupt(String),
+    /// The archive declares or holds more entries than `max_entries`.
     #[error("the archive has {count} entries, over the limit of {max}")]
-    TooManyEntries { count: u64, max: usize },
+    TooManyEntries {
+        /// The entry count the archive declares, or the one the zip crate found.
+        count: u64,
+        /// The `max_entries` limit.
+        max: usize,
+    },
+    /// Two or more entries have the same name.
     #[error("the archive has several entries with the same name")]
     DuplicateNames,
+    /// An entry's name could escape its folder (absolute path, `..`, backslash, drive letter
+    /// or NUL); holds the name.
     #[error("the entry {0:?} has a path that could escape its folder")]
     UnsafePath(String),
+    /// An entry is encrypted; holds its name.
     #[error("the entry {0:?} is encrypted")]
     Encrypted(String),
+    /// One entry decompresses to more than `max_entry_bytes`.
     #[error("the entry {entry:?} expands to more than {max} bytes")]
-    EntryExpandsTooMuch { entry: String, max: u64 },
+    EntryExpandsTooMuch {
+        /// The entry's name in the archive.
+        entry: String,
+        /// The `max_entry_bytes` limit.
+        max: u64,
+    },
+    /// The entries together decompress to more than `max_total_bytes`.
     #[error("the archive expands to more than {max} bytes")]
-    ArchiveExpandsTooMuch { max: u64 },
+    ArchiveExpandsTooMuch {
+        /// The `max_total_bytes` limit.
+        max: u64,
+    },
+    /// More than `max_images` entries decode as images.
     #[error("the archive has more than {max} images")]
-    TooManyImages { max: usize },
+    TooManyImages {
+        /// The `max_images` limit.
+        max: usize,
+    },
+    /// Fewer than `min_images` usable images remain once the skipped entries are left out.
     #[error("the archive has {found} usable images, fewer than {min}")]
     TooFewImages {
+        /// The number of usable images found.
         found: usize,
+        /// The `min_images` limit.
         min: usize,
+        /// The entries left out, so that the uploader can see why so few images were usable.
         skipped: Vec<Skipped>,
     },
 }

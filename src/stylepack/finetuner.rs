@@ -38,6 +38,8 @@ pub struct CandleTrainer {
 }
 
 impl CandleTrainer {
+    /// The trainer of `toonbot serve`: `[stylepacks]` photos and size and the models folder
+    /// from `config`, the shared face pipeline, training on `device`.
     pub fn new(config: &Config, faces: Arc<FacePipeline>, device: &Device) -> Self {
         Self {
             config: config.clone(),

@@ -60,16 +60,22 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(60);
 /// What the style-pack service is made of.
 #[derive(Clone)]
 pub struct PackSetup {
+    /// The `[stylepacks]` settings: archive limits, folders, steps, preview interval.
     pub config: StylePackConfig,
+    /// The installed styles: the bases to train from, and where a published pack is
+    /// installed.
     pub registry: StyleRegistry,
     /// The base style when an upload names none.
     pub default_base: String,
+    /// The face pipeline that aligns the pack's images while they are prepared.
     pub faces: Arc<FacePipeline>,
     /// `None` where this host cannot train: uploads are refused, the rest works.
     pub trainer: Option<Arc<dyn StyleTrainer>>,
 }
 
 impl PackSetup {
+    /// Builds the setup from the configuration: `[stylepacks]`, the style registry, and
+    /// `styles.default` as the default base.
     pub fn new(
         config: &Config,
         faces: Arc<FacePipeline>,
@@ -88,28 +94,50 @@ impl PackSetup {
 /// Why a style-pack action was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
+    /// This host has no [`StyleTrainer`]: uploads and resumes are refused.
     #[error("this host has no trainer")]
     NoTrainer,
+    /// The name is not 1 to 32 lowercase letters, digits, `-` or `_`; holds the name.
     #[error("{0:?} is not a valid style name")]
     InvalidName(String),
+    /// An installed style or another pack already has the name; holds it.
     #[error("a style called {0:?} already exists")]
     NameTaken(String),
+    /// The base style asked for is not installed, or is another guild's pack.
     #[error("there is no base style called {name:?}")]
     BaseMissing {
+        /// The base style asked for.
         name: String,
+        /// The base styles this guild may train from.
         available: Vec<String>,
     },
     /// Another pack is being prepared or trained (`guild_id` owns it).
     #[error("the pack {name:?} is training")]
-    Busy { guild_id: u64, name: String },
+    Busy {
+        /// The guild whose pack holds the training slot.
+        guild_id: u64,
+        /// The name of the pack that holds the training slot.
+        name: String,
+    },
+    /// The uploaded archive was refused.
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    /// The guild has no pack of that name; holds the name.
     #[error("this server has no style pack called {0:?}")]
     NotFound(String),
+    /// The action does not fit the pack's status: publishing a pack that is not a draft,
+    /// resuming one that is not cancelled or failed, deleting one that is training.
     #[error("the pack {name:?} is {status}")]
-    WrongStatus { name: String, status: StyleStatus },
+    WrongStatus {
+        /// The pack's name.
+        name: String,
+        /// The pack's present status.
+        status: StyleStatus,
+    },
+    /// A cancel found no run of this guild training.
     #[error("nothing is training on this server")]
     NothingTraining,
+    /// The database, the file system or a background task failed.
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -117,7 +145,9 @@ pub enum PackError {
 /// Who starts a training (an upload or a resume), and where the bot talks about it.
 #[derive(Debug, Clone, Copy)]
 pub struct Requester {
+    /// The Discord user who asked; recorded on the run (and as a new pack's creator).
     pub user_id: u64,
+    /// The Discord channel where the bot reports the run's progress and end.
     pub channel_id: u64,
 }
 
@@ -166,11 +196,14 @@ pub struct Accepted {
     run_id: i64,
     /// Images to train on, and kept aside for the evaluation.
     pub train: usize,
+    /// Images kept aside for the evaluation.
     pub held_out: usize,
+    /// The archive's entries that were left out, and why, for the reply to the uploader.
     pub skipped: Vec<Skipped>,
 }
 
 impl StylePacks {
+    /// The service, from its setup and the database; nothing trains until a start or resume.
     pub fn new(setup: PackSetup, store: Store) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -182,6 +215,7 @@ impl StylePacks {
         }
     }
 
+    /// The `[stylepacks]` settings.
     pub fn config(&self) -> &StylePackConfig {
         &self.inner.setup.config
     }

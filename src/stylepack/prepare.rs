@@ -29,7 +29,9 @@ const MIN_FIGURE_SHARE: f32 = 0.2;
 /// What preparing a pack did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PreparedPack {
+    /// Images written to `train/`, to fine-tune on.
     pub train: usize,
+    /// Images written to `held_out/`, kept for the evaluation.
     pub held_out: usize,
     /// Images where a face was found and aligned (the others were centre-cropped).
     pub faces_found: usize,

@@ -31,13 +31,20 @@ pub enum TrainEvent {
     Step(TrainProgress),
     /// Every `preview_every` steps: a PNG grid of a few fixed photos through the new style as it
     /// is now.
-    Preview { step: u32, png: Vec<u8> },
+    Preview {
+        /// The step the preview was made at.
+        step: u32,
+        /// The encoded PNG grid.
+        png: Vec<u8>,
+    },
 }
 
+/// How far a fine-tune is: reported after every step as [`TrainEvent::Step`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainProgress {
     /// Steps done so far (1-based), out of `total`.
     pub step: u32,
+    /// Steps in all (the job's `steps`).
     pub total: u32,
     /// The latest losses by name, e.g. `[("g_adv", 0.9), ("cycle", 0.3), ...]`.
     pub losses: Vec<(String, f32)>,
@@ -49,9 +56,15 @@ pub struct TrainProgress {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinetuneOutcome {
     /// All steps done; `out_dir` holds the new style.
-    Completed { steps: u32 },
+    Completed {
+        /// Steps done in all.
+        steps: u32,
+    },
     /// Stopped by the cancel flag after `step` steps; the last checkpoint is in `work_dir`.
-    Cancelled { step: u32 },
+    Cancelled {
+        /// The step it stopped at.
+        step: u32,
+    },
 }
 
 /// The new style measured on the pack's held-out images.
@@ -60,16 +73,20 @@ pub struct EvalReport {
     /// KID x100 (as U-GAT-IT reports it) between the style's cartoons of the evaluation photos
     /// and the held-out pack images: mean and standard deviation over the subsets.
     pub kid_x100_mean: f64,
+    /// Standard deviation of KID x100 over the subsets.
     pub kid_x100_std: f64,
     /// Mean cosine similarity between each photo's face embedding and its cartoon's.
     pub identity_cosine: f64,
 }
 
+/// Why a fine-tune or an evaluation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TrainError {
     /// The base style cannot be fine-tuned (missing or incompatible weights).
     #[error("the base style can't be fine-tuned: {0}")]
     Base(String),
+    /// Anything else that failed while training or evaluating (files, data, candle); holds
+    /// the error chain.
     #[error("training failed: {0}")]
     Internal(String),
 }
