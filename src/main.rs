@@ -172,8 +172,9 @@ enum TrainCommand {
         /// Held-out aligned photos (fast recipe): the reconstruction check and the samples.
         #[arg(long)]
         val_photos: Option<PathBuf>,
-        /// Start the adversarial phase from this fast checkpoint's generator, whose
-        /// reconstruction phase is done (fast recipe).
+        /// Start the adversarial phase from this fast checkpoint, whose reconstruction phase
+        /// is done: its generator, and its discriminators when it has trained adversarially
+        /// (a new schedule after a finished run; fast recipe).
         #[arg(long, conflicts_with = "resume")]
         init: Option<PathBuf>,
         /// Side of the last 15% of the steps, at most 256 (fast recipe; --size is the side of
@@ -202,6 +203,10 @@ enum TrainCommand {
         /// Weight of the face-ID term, photo against cartoon (fast recipe; default 1).
         #[arg(long)]
         face_id: Option<f64>,
+        /// Adversarial steps over which the adversarial terms ramp up from 0 (fast recipe;
+        /// default 200; 0 when --init brings trained discriminators).
+        #[arg(long)]
+        adv_ramp: Option<u64>,
         #[command(flatten)]
         common: TrainFlags,
     },
@@ -483,6 +488,7 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             content_colour,
             adv_global,
             face_id,
+            adv_ramp,
             common,
         } => {
             // The run spec records the folders: absolute, a run resumes from any directory.
@@ -521,6 +527,7 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                 content_colour: content_colour.unwrap_or(defaults.content_colour),
                 adv_global: adv_global.unwrap_or(defaults.adv_global),
                 face_id: face_id.unwrap_or(defaults.face_id),
+                adv_ramp_steps: adv_ramp.unwrap_or(defaults.adv_ramp_steps),
                 ..defaults
             };
             let spec = toonbot::train::fast::FastSpec {

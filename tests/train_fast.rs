@@ -286,6 +286,43 @@ fn an_interrupted_run_resumes_exactly() {
 }
 
 #[test]
+fn a_new_schedule_continues_a_finished_run_with_its_discriminators() {
+    let s = setup(2);
+    let finished = s.root.join("finished");
+    let mut t = trainer(&s.spec, &finished, FastStart::Fresh).unwrap();
+    run(&mut t, None);
+    let (trained, ada_p) = (tensors(&t), t.state.ada.p);
+    drop(t);
+
+    // All at the larger size, no ramp: the networks and ADA's p carry over, the step count
+    // and the optimisers start afresh.
+    let mut spec = s.spec.clone();
+    spec.low_size = 160;
+    spec.weights.adv_ramp_steps = 0;
+    let next = s.root.join("next");
+    let init = FastStart::FromReconstruction(finished.join(CHECKPOINT_FILE));
+    let mut t = trainer(&spec, &next, init).unwrap();
+    assert!(t.state.recon_done && t.state.adv_steps == 0);
+    assert_eq!(t.state.ada.p, ada_p);
+    assert!(
+        tensors(&t) == trained,
+        "every network as the finished run left it"
+    );
+    let (finish, losses) = run(&mut t, None);
+    assert_eq!(finish, Finish::Completed);
+    assert!(losses.iter().all(|l| l.contains_key("G_projected")));
+
+    // Networks of other shapes cannot carry over.
+    let mut other = spec.clone();
+    other.net.ndf *= 2;
+    let init = FastStart::FromReconstruction(finished.join(CHECKPOINT_FILE));
+    let err = trainer(&other, &s.root.join("other"), init)
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("other shapes"), "{err:#}");
+}
+
+#[test]
 fn bad_training_folders_get_clear_errors() {
     let s = setup(1);
     let out = s.root.join("run");

@@ -66,7 +66,9 @@ pub enum FastStart {
     Fresh,
     /// Continue the run of this checkpoint; its spec must equal the requested one.
     Resume(PathBuf),
-    /// The generator of this (fast) checkpoint, its reconstruction phase counted as done.
+    /// The networks of this (fast) checkpoint, its reconstruction phase counted as done: its
+    /// generator, and when it has trained adversarially also its discriminators and ADA's
+    /// probability (a new schedule continuing a finished run). Optimisers start afresh.
     FromReconstruction(PathBuf),
 }
 
@@ -270,11 +272,32 @@ impl FastTrainer {
                     "{} has no reconstruction steps",
                     path.display()
                 );
-                nets.load(&c.tensors, &NETWORKS[..1])?;
+                let adversarial = c.state.adv_steps > 0;
+                if adversarial {
+                    anyhow::ensure!(
+                        c.state.spec.net == spec.net
+                            && c.state.spec.discriminators == spec.discriminators,
+                        "{}'s networks have other shapes than this run's",
+                        path.display()
+                    );
+                }
+                nets.load(
+                    &c.tensors,
+                    if adversarial {
+                        &NETWORKS
+                    } else {
+                        &NETWORKS[..1]
+                    },
+                )?;
+                let mut ada = fresh_state.ada.clone();
+                if adversarial {
+                    ada.p = c.state.ada.p;
+                }
                 FastState {
                     recon_steps: c.state.recon_steps,
                     recon_done: true,
                     last_check: c.state.last_check,
+                    ada,
                     ..fresh_state
                 }
             }
