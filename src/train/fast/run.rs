@@ -289,7 +289,7 @@ impl FastTrainer {
                         &NETWORKS[..1]
                     },
                 )?;
-                let mut ada = fresh_state.ada.clone();
+                let mut ada = fresh_state.ada;
                 if adversarial {
                     ada.p = c.state.ada.p;
                 }
