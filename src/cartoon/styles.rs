@@ -134,20 +134,24 @@ impl StyleRegistry {
         if !is_valid_name(name) {
             return Err(StyleError::InvalidName(name.to_string()));
         }
+        // The style's own folder, shipped first: no listing of every style (this runs for
+        // every request); the list only for the error.
+        let found = [(&self.shipped, true), (&self.trained, false)]
+            .into_iter()
+            .find_map(|(root, shipped)| style_at(root.join(name), name.to_string(), shipped));
+        if let Some(style) = found {
+            return Ok(style);
+        }
         let styles = self.list();
         if styles.is_empty() {
             return Err(StyleError::NoneInstalled {
                 dirs: format!("{} or {}", self.shipped.display(), self.trained.display()),
             });
         }
-        styles
-            .iter()
-            .find(|s| s.name == name)
-            .cloned()
-            .ok_or_else(|| StyleError::NotFound {
-                name: name.to_string(),
-                available: styles.into_iter().map(|s| s.name).collect(),
-            })
+        Err(StyleError::NotFound {
+            name: name.to_string(),
+            available: styles.into_iter().map(|s| s.name).collect(),
+        })
     }
 }
 
@@ -159,22 +163,26 @@ fn scan(root: &Path, shipped: bool) -> Vec<StyleInfo> {
         .filter_map(|e| e.ok())
         .filter_map(|entry| {
             let name = entry.file_name().to_str()?.to_string();
-            let dir = entry.path();
-            if !is_valid_name(&name) || !dir.join(WEIGHTS_FILE).is_file() {
-                return None;
-            }
-            let manifest: StyleManifest = std::fs::read_to_string(dir.join(MANIFEST_FILE))
-                .ok()
-                .and_then(|text| toml::from_str(&text).ok())
-                .unwrap_or_default();
-            Some(StyleInfo {
-                name,
-                description: manifest.description,
-                dir,
-                shipped,
-            })
+            style_at(entry.path(), name, shipped)
         })
         .collect()
+}
+
+/// The style in `dir` called `name`, when the name is valid and the folder holds weights.
+fn style_at(dir: PathBuf, name: String, shipped: bool) -> Option<StyleInfo> {
+    if !is_valid_name(&name) || !dir.join(WEIGHTS_FILE).is_file() {
+        return None;
+    }
+    let manifest: StyleManifest = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+        .ok()
+        .and_then(|text| toml::from_str(&text).ok())
+        .unwrap_or_default();
+    Some(StyleInfo {
+        name,
+        description: manifest.description,
+        dir,
+        shipped,
+    })
 }
 
 #[cfg(test)]
