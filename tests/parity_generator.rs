@@ -425,6 +425,31 @@ fn tiny_generator_outputs_and_gradients_match_pytorch() -> Result<()> {
     );
     check_triplet("tiny generator via safetensors", &again, &want, "gen", 2e-5)?;
 
+    // The encoder and decoder sides run apart give the same image, also when the fast
+    // path encodes and the trainable network decodes (the pack recipe's cache).
+    let encoded = again_gen.encode(&x)?;
+    check(
+        "tiny generator encode + decode",
+        &again_gen.decode(&encoded)?,
+        &again.0,
+        0.0,
+        0.0,
+    )?;
+    check(
+        "tiny fast-path encoding, trainable decode",
+        &gen.decode(&encoded)?,
+        &got.0,
+        2e-5,
+        0.0,
+    )?;
+    check(
+        "tiny encoding's CAM logits",
+        &encoded.cam_logit,
+        &again.1,
+        0.0,
+        0.0,
+    )?;
+
     // Gradients, in f64 on both sides: this tiny network's input gradient is ill-conditioned
     // (PyTorch's own f32 and f64 results differ by 0.7 %).
     let (gen, vm) = tiny_on_varmap("genA2B", DType::F64, |vb| Generator::new(TINY_GEN, vb))?;

@@ -627,7 +627,16 @@ struct Stages<'a> {
     out: Option<&'a mut StageTimes>,
 }
 
-impl Stages<'_> {
+impl<'a> Stages<'a> {
+    fn new(out: Option<&'a mut StageTimes>) -> Self {
+        let mut st = Self {
+            last: (Instant::now(), 0.0),
+            out,
+        };
+        st.last = st.now();
+        st
+    }
+
     fn now(&self) -> (Instant, f64) {
         match self.out {
             Some(_) => (Instant::now(), process_cpu_ms()),
@@ -802,21 +811,37 @@ impl Generator {
         Ok((out, times))
     }
 
+    /// The encoder side alone (ConvBlock1 up to the CAM and the style MLP): what
+    /// [`Generator::decode`] turns into the image.
+    pub fn encode(&self, x: &Tensor) -> Result<Encoded> {
+        let mut st = Stages::new(None);
+        self.encode_impl(x, &mut st)
+    }
+
+    /// The decoder side alone (DecodeBlocks to ConvBlock2): the image `(N, 3, H, W)` in
+    /// [-1, 1] of what [`Generator::encode`] returned.
+    pub fn decode(&self, encoded: &Encoded) -> Result<Tensor> {
+        let mut st = Stages::new(None);
+        self.decode_impl(encoded, &mut st)
+    }
+
     fn forward_impl(
         &self,
         x: &Tensor,
         times: Option<&mut StageTimes>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut st = Stages::new(times);
+        let encoded = self.encode_impl(x, &mut st)?;
+        let image = self.decode_impl(&encoded, &mut st)?;
+        Ok((image, encoded.cam_logit, encoded.heatmap))
+    }
+
+    fn encode_impl(&self, x: &Tensor, st: &mut Stages) -> Result<Encoded> {
         let (_, _, h, w) = x.dims4()?;
         if h % 16 != 0 || w % 16 != 0 || h < 32 || w < 32 {
             candle_core::bail!("generator input must be a multiple of 16, at least 32; got {h}x{w}")
         }
         let fast = self.uses_cpu_fast_path(x);
-        let mut st = Stages {
-            last: (Instant::now(), 0.0),
-            out: times,
-        };
-        st.last = st.now();
         let conv_in_relu = |m: &ConvInRelu, x: &Tensor| {
             if fast {
                 m.forward_fast(x)
@@ -825,13 +850,6 @@ impl Generator {
             }
         };
         let hourglass = |m: &HourGlass, x: &Tensor| {
-            if fast {
-                m.forward_fast(x)
-            } else {
-                m.forward(x)
-            }
-        };
-        let up_block = |m: &UpBlock, x: &Tensor| {
             if fast {
                 m.forward_fast(x)
             } else {
@@ -863,7 +881,7 @@ impl Generator {
 
         let gap_logit = self.gap_fc.forward(&global_avg_pool(&x)?)?;
         let gmp_logit = self.gmp_fc.forward(&global_max_pool(&x)?)?;
-        let (cam_logit, mut x) = if fast {
+        let (cam_logit, x) = if fast {
             let cam_logit = Tensor::cat(&[&gap_logit, &gmp_logit], 1)?;
             let input = InputTransform::default();
             let x = cpu_ops::conv2d(&x, self.cam_conv()?, &input, None, true)?;
@@ -891,17 +909,40 @@ impl Generator {
         let style = self.fc.0.forward(&style_in)?.relu()?;
         let style = self.fc.1.forward(&style)?.relu()?;
         st.mark("CAM+FC");
+        content.reverse();
+        Ok(Encoded {
+            features: x,
+            content,
+            style,
+            cam_logit,
+            heatmap,
+        })
+    }
 
-        for (i, (block, content)) in self
-            .decode_blocks
-            .iter()
-            .zip(content.iter().rev())
-            .enumerate()
-        {
-            x = if fast {
-                block.forward_fast(&x, content, &style)?
+    fn decode_impl(&self, encoded: &Encoded, st: &mut Stages) -> Result<Tensor> {
+        let fast = self.uses_cpu_fast_path(&encoded.features)
+            && cpu_ops::usable(&[&encoded.style])
+            && encoded.content.iter().all(|c| cpu_ops::usable(&[c]));
+        let up_block = |m: &UpBlock, x: &Tensor| {
+            if fast {
+                m.forward_fast(x)
             } else {
-                block.forward(&x, content, &style)?
+                m.forward(x)
+            }
+        };
+        let hourglass = |m: &HourGlass, x: &Tensor| {
+            if fast {
+                m.forward_fast(x)
+            } else {
+                m.forward(x)
+            }
+        };
+        let (mut x, style) = (encoded.features.clone(), &encoded.style);
+        for (i, (block, content)) in self.decode_blocks.iter().zip(&encoded.content).enumerate() {
+            x = if fast {
+                block.forward_fast(&x, content, style)?
+            } else {
+                block.forward(&x, content, style)?
             };
             st.mark(&format!("DecodeBlock{}", i + 1));
         }
@@ -922,7 +963,52 @@ impl Generator {
         };
         let image = image.tanh()?;
         st.mark("ConvBlock2");
-        Ok((image, cam_logit, heatmap))
+        Ok(image)
+    }
+}
+
+/// What the generator's encoder side hands its decoder side: the input of the first
+/// DecodeBlock and what its Soft-AdaLIN layers mix.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The CAM-weighted features `(N, 4 ngf, H/4, W/4)`.
+    pub features: Tensor,
+    /// The EncodeBlocks' pooled outputs `(N, 4 ngf)`, last block first: the content
+    /// statistics each DecodeBlock's Soft-AdaLIN takes, in DecodeBlock order.
+    pub content: Vec<Tensor>,
+    /// The style MLP's output `(N, 4 ngf)`.
+    pub style: Tensor,
+    /// The CAM logits `(N, 2)`.
+    pub cam_logit: Tensor,
+    /// The CAM heatmap `(N, 1, H/4, W/4)`.
+    pub heatmap: Tensor,
+}
+
+impl Encoded {
+    /// The samples of several encodings stacked along the batch axis, converted to `dtype`.
+    pub fn cat(parts: &[&Encoded], dtype: candle_core::DType) -> Result<Self> {
+        let stack = |f: &dyn Fn(&Encoded) -> &Tensor| -> Result<Tensor> {
+            let ts = parts
+                .iter()
+                .map(|e| f(e).to_dtype(dtype))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&ts, 0)
+        };
+        let blocks = parts.first().map_or(0, |e| e.content.len());
+        Ok(Self {
+            features: stack(&|e| &e.features)?,
+            content: (0..blocks)
+                .map(|i| stack(&|e: &Encoded| &e.content[i]))
+                .collect::<Result<_>>()?,
+            style: stack(&|e| &e.style)?,
+            cam_logit: stack(&|e| &e.cam_logit)?,
+            heatmap: stack(&|e| &e.heatmap)?,
+        })
+    }
+
+    /// The same encoding with every tensor converted to `dtype` (a cache keeps `f16`).
+    pub fn to_dtype(&self, dtype: candle_core::DType) -> Result<Self> {
+        Self::cat(&[self], dtype)
     }
 }
 

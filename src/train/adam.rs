@@ -122,6 +122,30 @@ impl Adam {
             .collect()
     }
 
+    /// [`Adam::state`] with every name prefixed by `prefix` (`adam_g.`), as checkpoints
+    /// keep it beside the networks.
+    pub fn prefixed_state(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.state()
+            .into_iter()
+            .map(|(k, t)| (format!("{prefix}{k}"), t))
+            .collect()
+    }
+
+    /// [`Adam::load_state`] from the tensors of a checkpoint whose names start with
+    /// `prefix`.
+    pub fn load_prefixed(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+        step: u64,
+    ) -> Result<()> {
+        let moments: HashMap<String, Tensor> = tensors
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+            .collect();
+        self.load_state(&moments, step)
+    }
+
     /// Restores the moments saved by [`Adam::state`] and the step count.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for slot in &mut self.slots {

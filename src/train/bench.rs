@@ -191,7 +191,7 @@ impl Trainer {
                 let nets = FastNets::new(
                     net,
                     Discriminators::Projected,
-                    0,
+                    (0, Freeze::None),
                     load_backbone(models_dir, device)?,
                     device,
                 )?;

@@ -124,6 +124,27 @@ pub fn to_safetensors(
     Ok(safetensors::serialize(tensors, metadata)?)
 }
 
+/// The tensors of the safetensors file in `bytes` (read from `path`) and the JSON state
+/// stored under metadata `key`; `None` when its header has no such key (another kind of
+/// checkpoint).
+pub fn parse_with_state<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    key: &str,
+    device: &Device,
+) -> Result<Option<(T, HashMap<String, Tensor>)>> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let Some(json) = header.metadata().as_ref().and_then(|m| m.get(key)) else {
+        return Ok(None);
+    };
+    let state: T = serde_json::from_str(json)
+        .with_context(|| format!("reading the training state of {}", path.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)
+        .with_context(|| format!("loading tensors from {}", path.display()))?;
+    Ok(Some((state, tensors)))
+}
+
 /// Saves the networks at `step`: a full checkpoint with the generator and discriminator
 /// optimisers (`kind` [`Kind::Full`] needs them), else a compact one of `kind`'s networks.
 pub fn save(

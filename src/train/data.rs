@@ -177,6 +177,15 @@ impl TrainData {
         ))
     }
 
+    /// The cartoons (domain B) of training step `step` (0-based) alone, as in
+    /// [`TrainData::batch`].
+    pub fn cartoon_batch(&self, step: u64, device: &Device) -> Result<Tensor> {
+        let images = self.domain_batch("B", &self.cartoons, step)?;
+        Ok(generator::normalize(&imageops::rgb_batch(
+            &images, device,
+        )?)?)
+    }
+
     /// The first `n` photos, resized to `size` without augmentation, in [-1, 1]: the
     /// fixed inputs of the sample grids.
     pub fn preview_photos(&self, n: usize, device: &Device) -> Result<Tensor> {

@@ -112,6 +112,13 @@ impl FaceIdLoss {
         self.embedder.forward(&x)
     }
 
+    /// Mean over the batch of `1 - cos(real, embed(fake))` for embeddings `real` computed
+    /// beforehand (e.g. with [`FaceIdLoss::embed`] once per photo).
+    pub fn distance_to(&self, real: &Tensor, fake: &Tensor) -> Result<Tensor> {
+        let cos = cosine_similarity(&real.detach(), &self.embed(fake)?)?;
+        cos.affine(-1.0, 1.0)?.mean_all()
+    }
+
     /// Mean over the batch of `1 - cos(embed(real), embed(fake))`; `real` is not
     /// differentiated. Both batches go through the embedder together.
     pub fn cosine_distance(&self, real: &Tensor, fake: &Tensor) -> Result<Tensor> {

@@ -34,19 +34,26 @@ pub fn sample_grid(model: &Ugatit, photos: &Tensor) -> Result<RgbImage> {
         to_rgb_images(&cartoons)?,
         to_rgb_images(&cycle)?,
     ];
-    let (_, _, s, _) = photos.dims4()?;
-    let s = s as u32;
-    let rows = columns[0].len() as u32;
-    let mut grid = RgbImage::new(3 * s, rows * s);
+    Ok(columns_grid(&columns))
+}
+
+/// Images side by side in columns, one row per index: every image the size of the first.
+pub fn columns_grid(columns: &[Vec<RgbImage>]) -> RgbImage {
+    let (w, h) = columns
+        .first()
+        .and_then(|c| c.first())
+        .map_or((0, 0), |i| i.dimensions());
+    let rows = columns.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let mut grid = RgbImage::new(columns.len() as u32 * w, rows * h);
     for (col, images) in columns.iter().enumerate() {
         for (row, img) in images.iter().enumerate() {
             image::imageops::replace(
                 &mut grid,
                 img,
-                (col as u32 * s).into(),
-                (row as u32 * s).into(),
+                (col as u32 * w).into(),
+                (row as u32 * h).into(),
             );
         }
     }
-    Ok(grid)
+    grid
 }

@@ -26,10 +26,22 @@ pub enum Freeze {
     /// HourGlass1, HourGlass4 + ConvBlock2: the group-specific parts of few-shot
     /// face2cartoon); the shared middle stays as the base model has it.
     Branches,
+    /// The decoder side trains (the DecodeBlocks with their Soft-AdaLIN MLPs, UpBlocks,
+    /// HourGlass3, HourGlass4, ConvBlock2); the encoder side (ConvBlock1 to the CAM and the
+    /// style MLP `FC`) stays as the base model has it, so its outputs can be cached.
+    Decoder,
 }
 
 /// Generator parameter prefixes that train under [`Freeze::Branches`].
 const BRANCHES: [&str; 4] = ["ConvBlock1.", "HourGlass1.", "HourGlass4.", "ConvBlock2."];
+/// Generator parameter prefixes that train under [`Freeze::Decoder`].
+const DECODER: [&str; 5] = [
+    "DecodeBlock",
+    "UpBlock",
+    "HourGlass3.",
+    "HourGlass4.",
+    "ConvBlock2.",
+];
 
 impl Freeze {
     /// Whether the generator parameter `name` (without the network prefix) trains.
@@ -37,6 +49,7 @@ impl Freeze {
         match self {
             Self::None => true,
             Self::Branches => BRANCHES.iter().any(|p| name.starts_with(p)),
+            Self::Decoder => DECODER.iter().any(|p| name.starts_with(p)),
         }
     }
 }
@@ -246,5 +259,28 @@ mod tests {
         assert!(!f.trains_generator_param("HourGlass2.Conv1.weight"));
         assert!(!f.trains_generator_param("DecodeBlock1.norm1.rho"));
         assert!(Freeze::None.trains_generator_param("DecodeBlock1.norm1.rho"));
+        let d = Freeze::Decoder;
+        for trained in [
+            "DecodeBlock1.norm1.c_gamma.0.weight",
+            "DecodeBlock4.conv2.weight",
+            "UpBlock2.3.rho",
+            "HourGlass3.HG.0.Conv1.weight",
+            "HourGlass4.Conv1.weight",
+            "ConvBlock2.1.weight",
+        ] {
+            assert!(d.trains_generator_param(trained), "{trained}");
+        }
+        for frozen in [
+            "ConvBlock1.1.weight",
+            "HourGlass1.Conv1.weight",
+            "HourGlass2.Conv1.weight",
+            "DownBlock2.1.weight",
+            "EncodeBlock4.conv_block.1.weight",
+            "gap_fc.weight",
+            "conv1x1.weight",
+            "FC.2.weight",
+        ] {
+            assert!(!d.trains_generator_param(frozen), "{frozen}");
+        }
     }
 }

@@ -100,6 +100,9 @@ pub struct Progress {
     pub losses: Losses,
     /// Training pairs per second since this process started training.
     pub images_per_s: f64,
+    /// Seconds left of a run with a time budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seconds_left: Option<f64>,
 }
 
 /// Why a run returned.
@@ -212,6 +215,7 @@ impl Trainer {
                 lr: self.spec.learning_rate(self.step),
                 images_per_s: ((self.step - first_step) * self.spec.batch as u64) as f64 / elapsed,
                 losses,
+                seconds_left: None,
             };
             log.add(&progress);
             if self.step.is_multiple_of(self.options.log_every) {
@@ -357,6 +361,7 @@ mod tests {
             lr: 1e-4,
             losses: losses.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
             images_per_s: 1.0,
+            seconds_left: None,
         };
         log.add(&progress(1, &[("L", 1.0)]));
         log.add(&progress(2, &[("L", 2.0), ("psnr", 22.0)]));

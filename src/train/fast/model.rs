@@ -54,6 +54,8 @@ pub struct FastNets {
     pub backbone: Backbone,
     /// In [`NETWORKS`] order.
     vars: [VarMap; 4],
+    /// Which generator parameters train.
+    freeze: Freeze,
 }
 
 /// The frozen backbone from `models_dir/efficientnet_lite0.safetensors`.
@@ -63,16 +65,20 @@ pub fn load_backbone(models_dir: &Path, device: &Device) -> anyhow::Result<Backb
 }
 
 impl FastNets {
-    /// Fresh networks drawn from `seed` (photo2cartoon's generator and discriminators).
+    /// Fresh networks drawn from `seed` (photo2cartoon's generator and discriminators); the
+    /// generator's parameters that `freeze` holds fixed are detached and not trained.
     pub fn new(
         net: NetConfig,
         discriminators: Discriminators,
-        seed: u64,
+        (seed, freeze): (u64, Freeze),
         backbone: Backbone,
         device: &Device,
     ) -> Result<Self> {
         let vars: [VarMap; 4] = std::array::from_fn(|_| VarMap::new());
-        let vb = |i: usize| var_builder(&vars[i], NETWORKS[i], seed, Freeze::None, device);
+        let vb = |i: usize| {
+            let freeze = if i == 0 { freeze } else { Freeze::None };
+            var_builder(&vars[i], NETWORKS[i], seed, freeze, device)
+        };
         let global = match discriminators {
             Discriminators::Projected => GlobalDiscriminator::Projected(
                 ProjectedDiscriminator::new(projected_discriminator::Config::lite0(), vb(1))?,
@@ -87,12 +93,13 @@ impl FastNets {
             local: Discriminator::new(net.discriminator(net.local_layers), vb(2))?,
             backbone,
             vars,
+            freeze,
         })
     }
 
-    /// The generator's variables, `genA2B.param`, sorted: what its optimiser updates.
+    /// The generator's trained variables, `genA2B.param`, sorted: what its optimiser updates.
     pub fn generator_vars(&self) -> Vec<(String, Var)> {
-        trainable_vars(&self.vars[0], NETWORKS[0], Freeze::None)
+        trainable_vars(&self.vars[0], NETWORKS[0], self.freeze)
     }
 
     /// Both discriminators' trained variables (not the fixed mixing, not the spectral-norm

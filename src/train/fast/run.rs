@@ -25,10 +25,11 @@ use crate::nets::generator;
 use crate::nets::layers::is_buffer;
 use crate::nets::projected_discriminator::{ProjectedDiscriminator, MAX_SIZE};
 use crate::train::adam::{Adam, AdamConfig};
-use crate::train::checkpoint::{to_safetensors, write_atomically};
+use crate::train::checkpoint::{self, to_safetensors, write_atomically};
 use crate::train::data::{ImageFolder, TrainData};
 use crate::train::face_id::FaceIdLoss;
-use crate::train::grid::to_rgb_images;
+use crate::train::grid::{columns_grid, to_rgb_images};
+use crate::train::params::Freeze;
 use crate::train::run::{
     sample_path, Finish, LossLog, Progress, RunOptions, CHECKPOINT_FILE, LOG_FILE,
 };
@@ -91,15 +92,8 @@ fn load_checkpoint(path: &Path, device: &Device) -> Result<Loaded> {
 /// The checkpoint in `bytes` (read from `path`); `None` when it is a safetensors file
 /// without a fast run's state.
 fn parse_checkpoint(bytes: &[u8], path: &Path, device: &Device) -> Result<Option<Loaded>> {
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let Some(json) = header.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)) else {
-        return Ok(None);
-    };
-    let state: FastState = serde_json::from_str(json)?;
-    let tensors = candle_core::safetensors::load_buffer(bytes, device)
-        .with_context(|| format!("loading tensors from {}", path.display()))?;
-    Ok(Some(Loaded { state, tensors }))
+    let parsed = checkpoint::parse_with_state(bytes, path, METADATA_KEY, device)?;
+    Ok(parsed.map(|(state, tensors)| Loaded { state, tensors }))
 }
 
 /// A fast checkpoint's generator A->B (keys as in a style's `generator.safetensors`) and
@@ -127,7 +121,7 @@ pub fn read_generator(path: &Path, device: &Device) -> Result<Option<TrainedGene
 }
 
 /// Fails unless `folder` holds at least [`MIN_IMAGES`] images that all decode.
-fn check_folder(what: &str, dir: &Path) -> Result<ImageFolder> {
+pub(crate) fn check_folder(what: &str, dir: &Path) -> Result<ImageFolder> {
     let folder = ImageFolder::open(dir).with_context(|| what.to_string())?;
     let bad: Vec<String> = (0..folder.len())
         .filter_map(|i| folder.load(i).err().map(|e| format!("{e:#}")))
@@ -221,7 +215,7 @@ impl FastTrainer {
         let nets = FastNets::new(
             spec.net,
             spec.discriminators,
-            spec.seed,
+            (spec.seed, Freeze::None),
             load_backbone(&options.models_dir, device)?,
             device,
         )?;
@@ -244,21 +238,10 @@ impl FastTrainer {
             (_, Some(c)) => {
                 nets.load(&c.tensors, &NETWORKS)?;
                 if c.state.full {
-                    for (prefix, optim) in [("adam_g.", &mut g_optim), ("adam_d.", &mut d_optim)] {
-                        let moments: HashMap<String, Tensor> = c
-                            .tensors
-                            .iter()
-                            .filter_map(|(k, v)| {
-                                Some((k.strip_prefix(prefix)?.to_string(), v.clone()))
-                            })
-                            .collect();
-                        // The generator's optimiser also took the reconstruction steps.
-                        let steps = match prefix {
-                            "adam_g." => c.state.recon_steps + c.state.adv_steps,
-                            _ => c.state.adv_steps,
-                        };
-                        optim.load_state(&moments, steps)?;
-                    }
+                    // The generator's optimiser also took the reconstruction steps.
+                    let g_steps = c.state.recon_steps + c.state.adv_steps;
+                    g_optim.load_prefixed(&c.tensors, "adam_g.", g_steps)?;
+                    d_optim.load_prefixed(&c.tensors, "adam_d.", c.state.adv_steps)?;
                 }
                 FastState {
                     full: true,
@@ -394,6 +377,7 @@ impl FastTrainer {
                     lr,
                     images_per_s: ((step - first) * self.spec.batch as u64) as f64 / elapsed,
                     losses,
+                    seconds_left: None,
                 };
                 log.add(&progress);
                 let flush = step.is_multiple_of(self.options.log_every)
@@ -485,14 +469,7 @@ impl FastTrainer {
         let size = self.current_size();
         let x = fixed_images(&self.val, GRID_PHOTOS, size, &self.device)?;
         let y = self.nets.gen.forward(&x)?.0.detach();
-        let (photos, cartoons) = (to_rgb_images(&x)?, to_rgb_images(&y)?);
-        let s = size as u32;
-        let mut grid = RgbImage::new(2 * s, photos.len() as u32 * s);
-        for (row, (p, c)) in photos.iter().zip(&cartoons).enumerate() {
-            let top = i64::from(row as u32 * s);
-            image::imageops::replace(&mut grid, p, 0, top);
-            image::imageops::replace(&mut grid, c, i64::from(s), top);
-        }
+        let grid = columns_grid(&[to_rgb_images(&x)?, to_rgb_images(&y)?]);
         let path = sample_path(&self.options.out, self.total_steps());
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
         grid.save(&path)
@@ -531,14 +508,8 @@ impl FastTrainer {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         if full {
-            for (prefix, optim) in [("adam_g.", &self.g_optim), ("adam_d.", &self.d_optim)] {
-                tensors.extend(
-                    optim
-                        .state()
-                        .into_iter()
-                        .map(|(k, t)| (format!("{prefix}{k}"), t)),
-                );
-            }
+            tensors.extend(self.g_optim.prefixed_state("adam_g."));
+            tensors.extend(self.d_optim.prefixed_state("adam_d."));
         }
         let state = FastState {
             full,

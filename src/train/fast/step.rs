@@ -38,6 +38,62 @@ fn lsgan_g(d: &Discriminator, fake: &Tensor) -> Result<Tensor> {
     mse_to(&logit, 1.0)? + mse_to(&cam, 1.0)?
 }
 
+/// The discriminators' update of an adversarial step: the augmented real cartoons against
+/// the augmented translations (detached) and edge-smoothed cartoons; feeds ADA the real
+/// logits' signs. Its losses go to `terms` (`D_projected` or `D_global`, `D_local`,
+/// `D_loss`).
+pub(crate) fn update_discriminators(
+    n: &FastNets,
+    [real, fakes, smoothed]: [&Tensor; 3],
+    ada: &mut AdaptiveProbability,
+    optim: &mut Adam,
+    lr: f64,
+    terms: &mut Terms,
+) -> Result<()> {
+    let mut d_terms = Vec::new();
+    match &n.global {
+        GlobalDiscriminator::Projected(projected) => {
+            let real_logits = projected.forward_t(&n.backbone, real, true)?;
+            let fake_logits = projected.forward_t(&n.backbone, fakes, true)?;
+            ada.observe(sign_mean(&real_logits)?, real.dim(0)?);
+            let hinge = (real_logits.affine(-1.0, 1.0)?.relu()?.mean_all()?
+                + fake_logits.affine(1.0, 1.0)?.relu()?.mean_all()?)?;
+            d_terms.push(terms.push("D_projected", hinge));
+        }
+        GlobalDiscriminator::Photo2cartoon(global) => {
+            let (loss, real_logit) = lsgan_d(global, [real, fakes, smoothed])?;
+            // LSGAN's real target is 1 and fake 0: ADA's sign is taken about 0.5.
+            ada.observe(sign_mean(&real_logit.affine(1.0, -0.5)?)?, real.dim(0)?);
+            d_terms.push(terms.push("D_global", loss));
+        }
+    }
+    let (loss, _) = lsgan_d(&n.local, [real, fakes, smoothed])?;
+    d_terms.push(terms.push("D_local", loss));
+    let (grads, loss) = differentiate(sum(&d_terms)?)?;
+    terms.push("D_loss", loss);
+    optim.step(&[grads], lr)
+}
+
+/// The generator's adversarial losses on its augmented images `fake_aug`: (whole-image
+/// discriminator, local discriminator), also pushed to `terms`.
+pub(crate) fn generator_adversarial(
+    n: &FastNets,
+    fake_aug: &Tensor,
+    terms: &mut Terms,
+) -> Result<(Tensor, Tensor)> {
+    let global = match &n.global {
+        GlobalDiscriminator::Projected(projected) => {
+            let logits = projected.forward_t(&n.backbone, fake_aug, true)?;
+            terms.push("G_projected", logits.mean_all()?.neg()?)
+        }
+        GlobalDiscriminator::Photo2cartoon(global) => {
+            terms.push("G_global", lsgan_g(global, fake_aug)?)
+        }
+    };
+    let local = terms.push("G_local", lsgan_g(&n.local, fake_aug)?);
+    Ok((global, local))
+}
+
 /// The fixed parts of a step.
 pub struct FastStep<'a> {
     /// The networks being trained.
@@ -108,41 +164,18 @@ impl FastStep<'_> {
         let real = aug(batch.cartoons, "real")?;
         let fakes = aug(&fake.detach(), "fake")?;
         let smoothed = aug(batch.smoothed, "smoothed")?;
-        let mut d_terms = Vec::new();
-        match &n.global {
-            GlobalDiscriminator::Projected(projected) => {
-                let real_logits = projected.forward_t(&n.backbone, &real, true)?;
-                let fake_logits = projected.forward_t(&n.backbone, &fakes, true)?;
-                ada.observe(sign_mean(&real_logits)?, real.dim(0)?);
-                let hinge = (real_logits.affine(-1.0, 1.0)?.relu()?.mean_all()?
-                    + fake_logits.affine(1.0, 1.0)?.relu()?.mean_all()?)?;
-                d_terms.push(terms.push("D_projected", hinge));
-            }
-            GlobalDiscriminator::Photo2cartoon(global) => {
-                let (loss, real_logit) = lsgan_d(global, [&real, &fakes, &smoothed])?;
-                // LSGAN's real target is 1 and fake 0: ADA's sign is taken about 0.5.
-                ada.observe(sign_mean(&real_logit.affine(1.0, -0.5)?)?, real.dim(0)?);
-                d_terms.push(terms.push("D_global", loss));
-            }
-        }
-        let (loss, _) = lsgan_d(&n.local, [&real, &fakes, &smoothed])?;
-        d_terms.push(terms.push("D_local", loss));
-        let (d_grads, d_loss) = differentiate(sum(&d_terms)?)?;
-        terms.push("D_loss", d_loss);
-        d_optim.step(&[d_grads], lr_d)?;
+        update_discriminators(
+            n,
+            [&real, &fakes, &smoothed],
+            ada,
+            d_optim,
+            lr_d,
+            &mut terms,
+        )?;
 
         // Generator: fool both, keep the face and the content, CAM towards "translated".
         let fake_aug = aug(&fake, "generated")?;
-        let g_global = match &n.global {
-            GlobalDiscriminator::Projected(projected) => {
-                let logits = projected.forward_t(&n.backbone, &fake_aug, true)?;
-                terms.push("G_projected", logits.mean_all()?.neg()?)
-            }
-            GlobalDiscriminator::Photo2cartoon(global) => {
-                terms.push("G_global", lsgan_g(global, &fake_aug)?)
-            }
-        };
-        let g_local = terms.push("G_local", lsgan_g(&n.local, &fake_aug)?);
+        let (g_global, g_local) = generator_adversarial(n, &fake_aug, &mut terms)?;
         let ramp = self.spec.adv_ramp(step);
         let adv = ((g_global * (ramp * w.adv_global))? + (g_local * (ramp * w.adv_local))?)?;
         let photos = batch.photos;
