@@ -14,6 +14,7 @@ pub mod finetune;
 pub mod grid;
 pub mod losses;
 pub mod model;
+pub mod pack;
 pub mod panel;
 pub mod params;
 pub mod plot;
