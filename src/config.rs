@@ -132,6 +132,17 @@ impl Default for BotConfig {
     }
 }
 
+/// How style packs are fine-tuned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PackRecipe {
+    /// The decoder side against projected discriminators within `minutes`
+    /// ([`crate::train::pack`]).
+    Fast,
+    /// photo2cartoon's full step for `steps` ([`crate::train::finetune`]).
+    Photo2cartoon,
+}
+
 /// Style packs (`/stylepack`): limits on the uploaded archive, where packs are kept, and
 /// the fine-tune settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -149,6 +160,15 @@ pub struct StylePackConfig {
     pub max_total_bytes: u64,
     /// Largest image in a pack, in pixels, checked before decoding.
     pub max_image_pixels: u64,
+    /// Shortest side an image in a pack may have, in pixels: smaller ones are skipped.
+    pub min_image_side: u32,
+    /// Most an image's long side may be of its short side: longer strips are skipped.
+    pub max_aspect_ratio: f32,
+    /// Least share of a pack's images that must show a face, or the pack is refused.
+    pub min_face_share: f64,
+    /// Style spread (`stylepack::check::style_spread`) over which a pack trains with a warning
+    /// that its images are drawn in different styles.
+    pub max_style_spread: f64,
     /// Fewest and most images a pack may have.
     pub min_images: usize,
     /// Most images a pack may have.
@@ -156,9 +176,17 @@ pub struct StylePackConfig {
     /// Share of the images (in percent, at least two images) kept out of training for the
     /// evaluation.
     pub held_out_percent: u32,
-    /// Fine-tune steps per pack.
+    /// How packs are fine-tuned: the fast recipe (decoder side, minutes) or photo2cartoon's.
+    pub recipe: PackRecipe,
+    /// The fast recipe's longest time budget per pack, in minutes (setup included,
+    /// evaluation not).
+    pub minutes: f64,
+    /// The fast recipe's budget per training image, in minutes, up to `minutes` (and at least
+    /// five): a few images are learnt (and overfitted) sooner.
+    pub minutes_per_image: f64,
+    /// photo2cartoon's recipe: fine-tune steps per pack (the fast recipe: a cap).
     pub steps: u32,
-    /// A preview grid is posted every this many steps.
+    /// A preview grid is posted after the first step and every this many steps.
     pub preview_every: u32,
     /// Aligned face photos (`toonbot prepare` output): the photo side of every fine-tune,
     /// and the photos the new style is evaluated on.
@@ -167,6 +195,13 @@ pub struct StylePackConfig {
     pub size: usize,
     /// Photos (the first ones of `photos`) cartoonised for the evaluation.
     pub eval_photos: usize,
+}
+
+impl StylePackConfig {
+    /// The fast recipe's time budget for a pack of `images` training images, in minutes.
+    pub fn budget_minutes(&self, images: usize) -> f64 {
+        (self.minutes_per_image * images as f64).clamp(5.0_f64.min(self.minutes), self.minutes)
+    }
 }
 
 impl Default for StylePackConfig {
@@ -178,11 +213,18 @@ impl Default for StylePackConfig {
             max_entry_bytes: 20_000_000,
             max_total_bytes: 200_000_000,
             max_image_pixels: 2048 * 2048,
+            min_image_side: 96,
+            max_aspect_ratio: 3.0,
+            min_face_share: 0.15,
+            max_style_spread: 1.4,
             min_images: 10,
             max_images: 500,
             held_out_percent: 10,
+            recipe: PackRecipe::Fast,
+            minutes: 25.0,
+            minutes_per_image: 1.2,
             steps: 2000,
-            preview_every: 200,
+            preview_every: 10,
             photos: PathBuf::from("data/photos"),
             size: 256,
             eval_photos: 50,
@@ -287,6 +329,15 @@ mod tests {
         assert!(c.limits.max_pixels > 1_000_000);
         assert_eq!(c.models.dir, PathBuf::from("models"));
         assert_eq!(c.stylepacks, StylePackConfig::default());
+    }
+
+    #[test]
+    fn a_pack_gets_more_minutes_with_more_images_up_to_the_cap() {
+        let c = StylePackConfig::default();
+        assert_eq!(c.budget_minutes(2), 5.0);
+        assert!((c.budget_minutes(10) - 12.0).abs() < 1e-9);
+        assert_eq!(c.budget_minutes(30), 25.0);
+        assert_eq!(c.budget_minutes(400), 25.0);
     }
 
     #[test]

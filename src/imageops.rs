@@ -384,9 +384,50 @@ pub fn whiten(img: &RgbImage, mask: &GrayImage) -> RgbImage {
     })
 }
 
+/// A 64-bit difference hash (dHash): the image in grey at 9x8, one bit per horizontal
+/// neighbour pair (is the left pixel brighter?). Copies that were resized, re-encoded or
+/// slightly recoloured keep almost all bits; different pictures differ in about half.
+pub fn difference_hash(img: &RgbImage) -> u64 {
+    let grey = image::imageops::grayscale(img);
+    let small = image::imageops::resize(&grey, 9, 8, image::imageops::FilterType::Triangle);
+    let mut hash = 0u64;
+    for y in 0..8 {
+        for x in 0..8 {
+            let brighter = small.get_pixel(x, y).0[0] > small.get_pixel(x + 1, y).0[0];
+            hash = (hash << 1) | u64::from(brighter);
+        }
+    }
+    hash
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_keep_their_difference_hash_and_other_pictures_do_not() {
+        let picture = RgbImage::from_fn(200, 160, |x, y| {
+            Rgb([
+                (x * 255 / 200) as u8,
+                ((x * y) % 251) as u8,
+                (y * 255 / 160) as u8,
+            ])
+        });
+        let other = RgbImage::from_fn(200, 160, |x, y| {
+            Rgb([((x * 7 + y * 3) % 256) as u8, (y * 255 / 160) as u8, 90])
+        });
+        let hash = difference_hash(&picture);
+        let mut jpeg = Vec::new();
+        image::DynamicImage::ImageRgb8(resize_rgb(&picture, 120, 96))
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpeg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        let copy = decode_photo(&jpeg, &limits()).unwrap();
+        assert!((difference_hash(&copy) ^ hash).count_ones() <= 3);
+        assert!((difference_hash(&other) ^ hash).count_ones() >= 16);
+    }
 
     fn limits() -> Limits {
         Limits {

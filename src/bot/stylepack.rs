@@ -1,6 +1,6 @@
 //! `/stylepack upload|cancel|resume|publish|delete|list` (server admins; ephemeral answers), and
 //! the public progress message of a training run: one message in the channel where it
-//! started, edited with the step, losses, images/s and ETA, with the preview grids and the
+//! started, edited with the step, losses, images/s and time left, with the preview grids and the
 //! evaluation posted beside it.
 
 use std::sync::Arc;
@@ -199,6 +199,12 @@ pub async fn follow_run(state: Arc<BotState>, http: Arc<Http>, mut events: RunEv
                         .add_file(CreateAttachment::bytes(png, format!("{}-step{step}.png", style.name)));
                     if let Err(e) = channel.send_message(http.as_ref(), post).await {
                         tracing::warn!(error = %e, "posting a preview failed");
+                    }
+                }
+                Some(Milestone::Warning(warning)) => {
+                    let post = CreateMessage::new().content(texts::pack_warning(&style, &warning));
+                    if let Err(e) = channel.send_message(http.as_ref(), post).await {
+                        tracing::warn!(error = %e, "posting a pack warning failed");
                     }
                 }
                 Some(Milestone::Finished(end)) => {

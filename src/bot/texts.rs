@@ -6,7 +6,8 @@ use crate::config::StylePackConfig;
 use crate::jobs::{JobStatus, OutputKind, RenderError, RenderOutput, SubmitError};
 use crate::store::{GuildStyle, StyleStatus, TrainingRun};
 use crate::stylepack::{
-    Accepted, ArchiveError, EvalReport, PackError, RunEnd, RunProgress, SkipReason, Skipped,
+    Accepted, ArchiveError, EvalReport, PackError, PackWarning, RunEnd, RunProgress, SkipReason,
+    Skipped,
 };
 
 use super::download::PhotoError;
@@ -198,6 +199,15 @@ fn skip_reason(reason: &SkipReason) -> String {
             *limit as f64 / 1e6
         ),
         SkipReason::Unreadable(_) => "damaged, can't be read".into(),
+        SkipReason::TooSmall {
+            width,
+            height,
+            min_side,
+        } => format!("too small ({width}x{height}; at least {min_side} px a side)"),
+        SkipReason::Elongated { width, height } => {
+            format!("too long and narrow ({width}x{height}) to hold a face")
+        }
+        SkipReason::Duplicate { of } => format!("a copy of `{of}`"),
     }
 }
 
@@ -278,7 +288,7 @@ pub fn archive_error(e: &ArchiveError, config: &StylePackConfig) -> String {
         } => {
             let mut text = format!(
                 "That archive has {found} usable image{}; a style pack needs at least {min} \
-                 cartoon faces (PNG, JPEG or WebP).",
+                 different cartoon faces (PNG, JPEG or WebP).",
                 if *found == 1 { "" } else { "s" }
             );
             let skipped = skipped_files(skipped);
@@ -449,7 +459,7 @@ pub fn training_progress(style: &GuildStyle, progress: &RunProgress) -> String {
     }
     text.push_str(&format!(" · {images_per_sec:.1} images/s"));
     if let Some(eta) = eta {
-        text.push_str(&format!(" · ETA {}", duration(*eta)));
+        text.push_str(&format!(" · about {} left", duration(*eta)));
     }
     text
 }
@@ -473,9 +483,27 @@ pub fn training_ended(style: &GuildStyle, end: &RunEnd) -> String {
              kept: `/stylepack resume name:{name}` continues from it, `/stylepack delete \
              name:{name}` removes it."
         ),
+        RunEnd::Refused(refusal) => format!(
+            "❌ **{name}** was not trained: {refusal}. A style pack needs cartoon faces, one \
+             face to an image and facing the viewer, in most of its images. \
+             `/stylepack delete name:{name}` removes it; then upload a pack of faces."
+        ),
         RunEnd::Failed(_) => format!(
             "❌ Training **{name}** failed. `/stylepack resume name:{name}` tries again from the \
              last checkpoint; if it keeps failing, tell the bot's admin."
+        ),
+    }
+}
+
+/// Posted in the run's channel before the first step: what the pack trains despite.
+pub fn pack_warning(style: &GuildStyle, warning: &PackWarning) -> String {
+    let name = &style.name;
+    match warning {
+        PackWarning::MixedStyles { spread, limit } => format!(
+            "⚠️ The images of **{name}** look drawn in several different styles (style spread \
+             {spread:.2}, over {limit:.2} for one artist's faces). It trains anyway, but a mix \
+             learns none of the styles well: for a clearer style, cancel (`/stylepack cancel`) \
+             and upload faces drawn one way."
         ),
     }
 }

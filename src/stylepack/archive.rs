@@ -42,6 +42,27 @@ pub enum SkipReason {
     },
     /// Damaged: the image data or the archive entry cannot be read.
     Unreadable(String),
+    /// Smaller than `min_image_side` on its short side.
+    TooSmall {
+        /// The image's width in pixels.
+        width: u32,
+        /// The image's height in pixels.
+        height: u32,
+        /// The shortest side allowed (`min_image_side`).
+        min_side: u32,
+    },
+    /// Its long side is over `max_aspect_ratio` times its short side.
+    Elongated {
+        /// The image's width in pixels.
+        width: u32,
+        /// The image's height in pixels.
+        height: u32,
+    },
+    /// The same picture as an earlier entry (resized or re-encoded copies included).
+    Duplicate {
+        /// The earlier entry it copies.
+        of: String,
+    },
 }
 
 /// An entry that was left out, and why.
@@ -193,6 +214,7 @@ pub fn read_pack(bytes: &[u8], limits: &StylePackConfig) -> Result<PackArchive, 
         max_pixels: limits.max_image_pixels,
     };
     let mut images = Vec::new();
+    let mut hashes: Vec<(u64, String)> = Vec::new();
     let mut total = 0u64;
     for (index, name) in wanted {
         let room = limits.max_total_bytes.saturating_sub(total);
@@ -220,7 +242,14 @@ pub fn read_pack(bytes: &[u8], limits: &StylePackConfig) -> Result<PackArchive, 
         };
         total += data.len() as u64;
         match imageops::decode_photo(&data, &decode_limits) {
-            Ok(_) => {
+            Ok(image) => {
+                if let Some(reason) = image_skip_reason(&image, limits, &mut hashes, &name) {
+                    skipped.push(Skipped {
+                        entry: name,
+                        reason,
+                    });
+                    continue;
+                }
                 if images.len() == limits.max_images {
                     return Err(ArchiveError::TooManyImages {
                         max: limits.max_images,
@@ -284,6 +313,41 @@ fn name_skip_reason(name: &str) -> Option<SkipReason> {
     }
 }
 
+/// Hamming distance up to which two difference hashes are the same picture: resizing and
+/// re-encoding flip a few bits; two different drawings differ in about half of them.
+const DUPLICATE_HASH_BITS: u32 = 5;
+
+/// Why a decoded image is no use to train on: too small, a strip, or a copy of one of the
+/// earlier images (whose hashes are `seen`; this one's is added when it is kept).
+fn image_skip_reason(
+    image: &image::RgbImage,
+    limits: &StylePackConfig,
+    seen: &mut Vec<(u64, String)>,
+    name: &str,
+) -> Option<SkipReason> {
+    let (width, height) = image.dimensions();
+    let (short, long) = (width.min(height), width.max(height));
+    if short < limits.min_image_side {
+        return Some(SkipReason::TooSmall {
+            width,
+            height,
+            min_side: limits.min_image_side,
+        });
+    }
+    if long as f32 > short as f32 * limits.max_aspect_ratio {
+        return Some(SkipReason::Elongated { width, height });
+    }
+    let hash = imageops::difference_hash(image);
+    if let Some((_, of)) = seen
+        .iter()
+        .find(|(h, _)| (h ^ hash).count_ones() <= DUPLICATE_HASH_BITS)
+    {
+        return Some(SkipReason::Duplicate { of: of.clone() });
+    }
+    seen.push((hash, name.to_string()));
+    None
+}
+
 fn decode_skip_reason(e: DecodeError) -> SkipReason {
     match e {
         DecodeError::NotAnImage | DecodeError::UnsupportedFormat(_) => SkipReason::NotAnImage,
@@ -344,12 +408,21 @@ mod tests {
             max_image_pixels: 128 * 128,
             min_images: 3,
             max_images: 5,
+            min_image_side: 12,
             ..StylePackConfig::default()
         }
     }
 
-    fn png(side: u32, shade: u8) -> Vec<u8> {
-        let img = RgbImage::from_pixel(side, side, Rgb([shade, 100, 200]));
+    /// A `side`-pixel square of noise drawn from `seed`: different seeds, different pictures.
+    fn png(side: u32, seed: u8) -> Vec<u8> {
+        png_sized(side, side, seed)
+    }
+
+    fn png_sized(width: u32, height: u32, seed: u8) -> Vec<u8> {
+        let mut noise = crate::rng::SplitMix64(u64::from(seed));
+        let img = RgbImage::from_fn(width, height, |_, _| {
+            Rgb([(noise.next_u64() >> 56) as u8, 100, 200])
+        });
         let mut out = Cursor::new(Vec::new());
         img.write_to(&mut out, image::ImageFormat::Png).unwrap();
         out.into_inner()
@@ -372,7 +445,7 @@ mod tests {
 
     fn faces(n: usize) -> Vec<(String, Vec<u8>)> {
         (0..n)
-            .map(|i| (format!("faces/{i:02}.png"), png(16, i as u8)))
+            .map(|i| (format!("faces/{i:02}.png"), png(16, 100 + i as u8)))
             .collect()
     }
 
@@ -595,6 +668,70 @@ mod tests {
                     reason: SkipReason::NotAnImage
                 }]
             ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn copies_tiny_images_and_strips_are_skipped() {
+        // Resized and re-encoded copies: `imageops::difference_hash`'s test.
+        let picture = png(64, 7);
+        let zip = with_faces(
+            3,
+            &[
+                ("a.png", picture.clone()),
+                ("b.png", picture),
+                ("tiny.png", png(8, 8)),
+                ("strip.png", png_sized(100, 20, 9)),
+            ],
+        );
+        let pack = read_pack(&zip, &limits()).unwrap();
+        assert_eq!(pack.images.len(), 4);
+        assert_eq!(
+            pack.skipped,
+            [
+                Skipped {
+                    entry: "b.png".into(),
+                    reason: SkipReason::Duplicate { of: "a.png".into() }
+                },
+                Skipped {
+                    entry: "tiny.png".into(),
+                    reason: SkipReason::TooSmall {
+                        width: 8,
+                        height: 8,
+                        min_side: 12
+                    }
+                },
+                Skipped {
+                    entry: "strip.png".into(),
+                    reason: SkipReason::Elongated {
+                        width: 100,
+                        height: 20
+                    }
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn ten_copies_of_one_image_are_refused() {
+        let copies: Vec<(String, Vec<u8>)> = (0..10)
+            .map(|i| (format!("copy{i}.png"), png(32, 5)))
+            .collect();
+        let entries: Vec<(&str, Vec<u8>)> = copies
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.clone()))
+            .collect();
+        match read_pack(&zip_of(&entries), &limits()) {
+            Err(ArchiveError::TooFewImages {
+                found: 1, skipped, ..
+            }) => {
+                assert_eq!(skipped.len(), 9);
+                assert!(skipped.iter().all(|s| s.reason
+                    == SkipReason::Duplicate {
+                        of: "copy0.png".into()
+                    }));
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::EvalReport;
+use super::{EvalReport, PackRefusal, PackWarning};
 use crate::store::{GuildStyle, TrainingRun};
 
 /// Where a running job is, as the bot shows it.
@@ -27,7 +27,8 @@ pub enum RunProgress {
         losses: Vec<(String, f32)>,
         /// Training throughput over the recent steps, in images per second.
         images_per_sec: f32,
-        /// From the step rate since this run (re)started.
+        /// Time left: what the trainer reports of its time budget, else from the step rate
+        /// since this run (re)started.
         eta: Option<Duration>,
     },
 }
@@ -44,6 +45,8 @@ pub enum Milestone {
         /// The PNG grid: a few fixed photos through the new style as it is now.
         png: Vec<u8>,
     },
+    /// Something the pack trains despite, found before its first step.
+    Warning(PackWarning),
     /// The run ended; the last milestone. Not sent when a shutdown interrupts the run (it
     /// resumes at the next start).
     Finished(RunEnd),
@@ -72,6 +75,8 @@ pub enum RunEnd {
         /// Steps the run was to train in all.
         total: u32,
     },
+    /// The prepared pack failed a check ([`super::check`]) and was not trained.
+    Refused(PackRefusal),
     /// Preparing or fine-tuning failed, or the trainer panicked; holds the error text.
     Failed(String),
 }

@@ -1,10 +1,12 @@
-//! The [`StyleTrainer`] of `toonbot serve`: the candle fine-tune of [`crate::train`] on the
-//! pack's images against the configured photos, and its evaluation (KID against the
-//! held-out pack images, identity cosine).
+//! The [`StyleTrainer`] of `toonbot serve`: a fine-tune of [`crate::train`] on the pack's
+//! images against the configured photos (the fast pack recipe of [`crate::train::pack`] by
+//! default, photo2cartoon's step where `[stylepacks] recipe` says so), and its evaluation (KID
+//! against the held-out pack images, identity cosine).
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::Device;
 
@@ -12,22 +14,34 @@ use super::trainer::{
     EvalReport, FinetuneJob, FinetuneOutcome, StyleTrainer, TrainError, TrainEvent, TrainProgress,
 };
 use crate::cartoon::load_generator;
-use crate::config::Config;
+use crate::config::{Config, PackRecipe};
 use crate::face::FacePipeline;
 use crate::train::data::ImageFolder;
 use crate::train::eval::{self, Scored};
 use crate::train::finetune::{self, Finetune};
+use crate::train::model::NetConfig;
+use crate::train::pack::run::{base_sha256, checkpointed_spec, PackTrainer};
+use crate::train::pack::PackSpec;
 use crate::train::params::Freeze;
-use crate::train::run::{self, Finish, RunOptions};
+use crate::train::run::{self, Finish, Progress, RunOptions};
 use crate::train::style::WeightsDtype;
 use crate::train::RunSpec;
 
-/// Losses shown while a pack trains: (name in the bot, the training loop's name).
+/// Losses shown while a pack trains with photo2cartoon's recipe: (name in the bot, the
+/// training loop's name).
 const SHOWN_LOSSES: [(&str, &str); 4] = [
     ("G", "Generator_loss"),
     ("D", "Discriminator_loss"),
     ("cycle", "G_recon_loss_A"),
     ("face-id", "G_id_loss_A"),
+];
+
+/// Losses shown while a pack trains with the fast recipe.
+const SHOWN_FAST_LOSSES: [(&str, &str); 4] = [
+    ("G", "G_loss"),
+    ("D", "D_loss"),
+    ("face-id", "G_face_id"),
+    ("anchor", "G_anchor_colour"),
 ];
 
 /// Fine-tunes with [`crate::train`] on `device`.
@@ -62,7 +76,57 @@ impl CandleTrainer {
         }
     }
 
-    fn run(
+    /// The fast recipe: the decoder side of the base within `[stylepacks] minutes` (capped at
+    /// the job's steps); a checkpoint in the work folder is resumed with its own settings.
+    fn run_fast(
+        &self,
+        job: &FinetuneJob,
+        report: &dyn Fn(TrainEvent),
+        cancel: &AtomicBool,
+    ) -> anyhow::Result<FinetuneOutcome> {
+        let packs = &self.config.stylepacks;
+        let checkpointed = checkpointed_spec(&job.work_dir)?;
+        let resume = checkpointed.is_some();
+        let spec = match checkpointed {
+            Some(spec) => spec,
+            None => PackSpec {
+                size: packs.size,
+                max_steps: u64::from(job.steps),
+                ..PackSpec::new(
+                    (dir_name(&job.base_dir), base_sha256(&job.base_dir)?),
+                    packs.photos.clone(),
+                    job.images_dir.clone(),
+                    NetConfig::photo2cartoon(),
+                    packs.budget_minutes(ImageFolder::open(&job.images_dir)?.len()),
+                )
+            },
+        };
+        let Some(mut trainer) = PackTrainer::new(
+            spec,
+            &job.base_dir,
+            self.options(job),
+            resume,
+            cancel,
+            &self.device,
+        )?
+        else {
+            return Ok(FinetuneOutcome::Cancelled { step: 0 });
+        };
+        let (out, preview_every) = (trainer.options.out.clone(), trainer.options.sample_every);
+        let finish = trainer.run(cancel, |p| {
+            report_step(report, p, &SHOWN_FAST_LOSSES);
+            report_preview(report, p, &out, preview_every);
+        })?;
+        let step = trainer.state.steps as u32;
+        if finish != Finish::Completed {
+            return Ok(FinetuneOutcome::Cancelled { step });
+        }
+        trainer.install(&job.out_dir, job.description.clone())?;
+        Ok(FinetuneOutcome::Completed { steps: step })
+    }
+
+    /// photo2cartoon's recipe: its full step for the job's steps.
+    fn run_photo2cartoon(
         &self,
         job: &FinetuneJob,
         report: &dyn Fn(TrainEvent),
@@ -95,25 +159,8 @@ impl CandleTrainer {
         let mut trainer = finetune.trainer(&template, self.options(job), resume, &self.device)?;
         let (out, preview_every) = (trainer.options.out.clone(), trainer.options.sample_every);
         let finish = trainer.run(cancel, |p| {
-            report(TrainEvent::Step(TrainProgress {
-                step: p.step as u32,
-                total: p.steps as u32,
-                losses: SHOWN_LOSSES
-                    .iter()
-                    .filter_map(|(shown, name)| {
-                        Some((shown.to_string(), *p.losses.get(*name)? as f32))
-                    })
-                    .collect(),
-                images_per_sec: p.images_per_s as f32,
-            }));
-            if p.step.is_multiple_of(preview_every) {
-                if let Ok(png) = std::fs::read(run::sample_path(&out, p.step)) {
-                    report(TrainEvent::Preview {
-                        step: p.step as u32,
-                        png,
-                    });
-                }
-            }
+            report_step(report, p, &SHOWN_LOSSES);
+            report_preview(report, p, &out, preview_every);
         })?;
         let step = trainer.step() as u32;
         if finish != Finish::Completed {
@@ -126,6 +173,33 @@ impl CandleTrainer {
             job.description.clone(),
         )?;
         Ok(FinetuneOutcome::Completed { steps: step })
+    }
+}
+
+/// Reports a training loop's progress, with `shown` losses (name in the bot, loop's name).
+fn report_step(report: &dyn Fn(TrainEvent), p: &Progress, shown: &[(&str, &str)]) {
+    report(TrainEvent::Step(TrainProgress {
+        step: p.step as u32,
+        total: p.steps as u32,
+        losses: shown
+            .iter()
+            .filter_map(|(shown, name)| Some((shown.to_string(), *p.losses.get(*name)? as f32)))
+            .collect(),
+        images_per_sec: p.images_per_s as f32,
+        time_left: p.seconds_left.map(Duration::from_secs_f64),
+    }));
+}
+
+/// Reports the sample grid the loop wrote at this step (after the first step and every
+/// `every` steps), so that the first preview comes within a minute or two of the start.
+fn report_preview(report: &dyn Fn(TrainEvent), p: &Progress, out: &Path, every: u64) {
+    if p.step.is_multiple_of(every) || p.step == 1 {
+        if let Ok(png) = std::fs::read(run::sample_path(out, p.step)) {
+            report(TrainEvent::Preview {
+                step: p.step as u32,
+                png,
+            });
+        }
     }
 }
 
@@ -151,8 +225,11 @@ impl StyleTrainer for CandleTrainer {
                 job.base_dir.display()
             )));
         }
-        self.run(job, report, cancel)
-            .map_err(|e| TrainError::Internal(format!("{e:#}")))
+        match self.config.stylepacks.recipe {
+            PackRecipe::Fast => self.run_fast(job, report, cancel),
+            PackRecipe::Photo2cartoon => self.run_photo2cartoon(job, report, cancel),
+        }
+        .map_err(|e| TrainError::Internal(format!("{e:#}")))
     }
 
     fn evaluate(&self, style_dir: &Path, held_out: &Path) -> Result<EvalReport, TrainError> {
@@ -172,8 +249,8 @@ impl StyleTrainer for CandleTrainer {
                 &self.config,
                 &self.device,
                 &inception,
-                &photos,
-                held_out,
+                (&photos, held_out),
+                None,
                 || {},
             )?;
             Ok(EvalReport {

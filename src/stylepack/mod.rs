@@ -18,6 +18,7 @@
 //! cancel and resume are audited with who did it and when.
 
 pub mod archive;
+pub mod check;
 mod events;
 pub mod finetuner;
 pub mod prepare;
@@ -33,6 +34,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
 pub use archive::{ArchiveError, PackArchive, SkipReason, Skipped};
+pub use check::{PackRefusal, PackWarning};
 pub use events::{Milestone, RunEnd, RunEvents, RunProgress};
 pub use prepare::PreparedPack;
 pub use trainer::{
@@ -594,6 +596,8 @@ impl StylePacks {
                     max_pixels: setup.config.max_image_pixels,
                 },
                 held_out_percent: setup.config.held_out_percent,
+                min_face_share: setup.config.min_face_share,
+                max_style_spread: setup.config.max_style_spread,
             }),
             job: FinetuneJob {
                 base_dir: reservation.base.dir.clone(),

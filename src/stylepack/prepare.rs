@@ -117,7 +117,7 @@ pub fn prepare_pack(
 
 /// The largest face aligned, or (`false`) the centre square; whitened where the figure is
 /// found.
-fn cartoon_face(photo: &RgbImage, faces: &FacePipeline) -> Result<(RgbImage, bool)> {
+pub fn cartoon_face(photo: &RgbImage, faces: &FacePipeline) -> Result<(RgbImage, bool)> {
     if let Some(face) = faces.find_faces(photo)?.faces.into_iter().next() {
         return Ok((whiten_figure(&face.crop, &face.mask), true));
     }

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use super::check::{check_faces, check_style, folder_style_spread};
 use super::{
-    prepare, EvalReport, FinetuneJob, FinetuneOutcome, Milestone, PreparedPack, RunEnd,
-    RunProgress, StylePacks, StyleTrainer, TrainError, TrainEvent, LATEST_PREVIEW, STYLE_DIR,
+    prepare, EvalReport, FinetuneJob, FinetuneOutcome, Milestone, PackRefusal, PackWarning,
+    PreparedPack, RunEnd, RunProgress, StylePacks, StyleTrainer, TrainError, TrainEvent,
+    LATEST_PREVIEW, STYLE_DIR,
 };
 use crate::cartoon::styles;
 use crate::config::Limits;
@@ -31,6 +33,8 @@ pub(super) enum ThreadEvent {
         total: usize,
     },
     Prepared(PreparedPack),
+    Refused(PackRefusal),
+    Warning(PackWarning),
     Train(TrainEvent),
     Ended {
         outcome: Result<FinetuneOutcome, String>,
@@ -54,6 +58,8 @@ pub(super) struct Preparation {
     pub(super) faces: Arc<FacePipeline>,
     pub(super) limits: Limits,
     pub(super) held_out_percent: u32,
+    pub(super) min_face_share: f64,
+    pub(super) max_style_spread: f64,
 }
 
 impl TrainingWork {
@@ -80,10 +86,24 @@ impl TrainingWork {
                 &progress,
                 &self.cancel,
             );
-            match prepared {
-                Ok(Some(prepared)) => send(ThreadEvent::Prepared(prepared)),
+            let prepared = match prepared {
+                Ok(Some(prepared)) => prepared,
                 Ok(None) => return stopped(Ok(FinetuneOutcome::Cancelled { step: 0 })),
                 Err(e) => return stopped(Err(format!("preparing the pack: {e:#}"))),
+            };
+            send(ThreadEvent::Prepared(prepared));
+            if let Err(refusal) = check_faces(&prepared, p.min_face_share) {
+                return send(ThreadEvent::Refused(refusal));
+            }
+            match folder_style_spread(&self.job.images_dir) {
+                Ok(spread) => {
+                    if let Some(warning) = check_style(spread, p.max_style_spread) {
+                        send(ThreadEvent::Warning(warning));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "measuring a pack's style spread")
+                }
             }
         }
         let report = |e: TrainEvent| send(ThreadEvent::Train(e));
@@ -120,6 +140,17 @@ fn guarded<T>(call: impl FnOnce() -> Result<T, TrainError>) -> Result<T, String>
     }
 }
 
+/// How the training thread ended, as its follower saw it.
+enum Ended {
+    /// The trainer returned (or failed); with the evaluation when it completed.
+    Trainer(
+        Result<FinetuneOutcome, String>,
+        Option<(Result<EvalReport, String>, Duration)>,
+    ),
+    /// The prepared pack was refused before training.
+    Refused(PackRefusal),
+}
+
 /// Records a run's progress and end, and reports them to the bot; frees the slot at the end.
 pub(super) async fn follow(
     packs: StylePacks,
@@ -139,6 +170,8 @@ pub(super) async fn follow(
         train_ms: run.train_ms,
     };
     let mut first_step: Option<(Instant, u32)> = None;
+    // The trainer's count of steps in all: a time-budgeted run estimates it as it goes.
+    let mut total_steps = run.total_steps;
     let mut last_write: Option<Instant> = None;
     let mut preview: Option<Vec<u8>> = std::fs::read(dir.join(LATEST_PREVIEW)).ok();
     let mut faces_found = style.faces_found;
@@ -155,14 +188,24 @@ pub(super) async fn follow(
                     tracing::warn!(run = run.id, error = %e, "recording a prepared pack");
                 }
             }
+            ThreadEvent::Warning(warning) => {
+                let _ = milestones.send(Milestone::Warning(warning));
+            }
+            ThreadEvent::Refused(refusal) => {
+                ended = Some(Ended::Refused(refusal));
+                break;
+            }
             ThreadEvent::Train(TrainEvent::Step(p)) => {
                 let now = Instant::now();
                 let (t0, s0) = *first_step.get_or_insert((now, p.step));
                 let rate = (p.step > s0)
                     .then(|| f64::from(p.step - s0) / now.duration_since(t0).as_secs_f64());
-                let eta = rate.filter(|r| r.is_finite() && *r > 0.0).map(|r| {
-                    Duration::from_secs_f64(f64::from(p.total.saturating_sub(p.step)) / r)
+                let eta = p.time_left.or_else(|| {
+                    rate.filter(|r| r.is_finite() && *r > 0.0).map(|r| {
+                        Duration::from_secs_f64(f64::from(p.total.saturating_sub(p.step)) / r)
+                    })
                 });
+                total_steps = p.total;
                 record.step = p.step;
                 record.losses = p.losses.clone();
                 record.images_per_sec = Some(f64::from(p.images_per_sec));
@@ -187,7 +230,7 @@ pub(super) async fn follow(
                 }
                 let _ = milestones.send(Milestone::Preview {
                     step,
-                    total: run.total_steps,
+                    total: total_steps,
                     png: png.clone(),
                 });
                 preview = Some(png);
@@ -198,15 +241,19 @@ pub(super) async fn follow(
                 eval,
             } => {
                 record.train_ms = run.train_ms + train_time.as_secs_f64() * 1e3;
-                ended = Some((outcome, eval));
+                ended = Some(Ended::Trainer(outcome, eval));
                 break;
             }
         }
     }
-    let Some((outcome, eval)) = ended else {
+    let Some(ended) = ended else {
         return;
     };
     let shutting_down = packs.inner.shutting_down.load(Ordering::SeqCst);
+    let (outcome, eval, refused) = match ended {
+        Ended::Trainer(outcome, eval) => (outcome, eval, None),
+        Ended::Refused(refusal) => (Err(refusal.to_string()), None, Some(refusal)),
+    };
     let (end, finish) = match outcome {
         Ok(FinetuneOutcome::Cancelled { step }) if shutting_down => {
             // Left `running`: the next start resumes it.
@@ -222,7 +269,7 @@ pub(super) async fn follow(
             (
                 RunEnd::Cancelled {
                     step,
-                    total: run.total_steps,
+                    total: total_steps,
                 },
                 finish_record(RunStatus::Cancelled, None, &record, StyleStatus::Cancelled),
             )
@@ -259,7 +306,7 @@ pub(super) async fn follow(
             )
         }
         Err(error) => (
-            RunEnd::Failed(error.clone()),
+            refused.map_or_else(|| RunEnd::Failed(error.clone()), RunEnd::Refused),
             finish_record(RunStatus::Failed, Some(error), &record, StyleStatus::Failed),
         ),
     };

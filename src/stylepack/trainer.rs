@@ -44,12 +44,16 @@ pub enum TrainEvent {
 pub struct TrainProgress {
     /// Steps done so far (1-based), out of `total`.
     pub step: u32,
-    /// Steps in all (the job's `steps`).
+    /// Steps in all: the job's `steps`, or for a time-budgeted run the estimate at the
+    /// current pace.
     pub total: u32,
     /// The latest losses by name, e.g. `[("g_adv", 0.9), ("cycle", 0.3), ...]`.
     pub losses: Vec<(String, f32)>,
     /// Training throughput over the recent steps.
     pub images_per_sec: f32,
+    /// What is left of a time-budgeted run (the fast recipe); `None` where the run is a number
+    /// of steps and the follower estimates the rest from the pace.
+    pub time_left: Option<std::time::Duration>,
 }
 
 /// How a fine-tune returned.

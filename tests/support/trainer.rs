@@ -149,6 +149,7 @@ impl StyleTrainer for TestTrainer {
                 total: job.steps,
                 losses: vec![("g_adv".into(), 1.0 / step as f32), ("cycle".into(), 0.5)],
                 images_per_sec: images as f32 * 2.0,
+                time_left: None,
             }));
             if step.is_multiple_of(job.preview_every) {
                 report(TrainEvent::Preview {
