@@ -738,6 +738,107 @@ pub fn train_finetune(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `toonbot train finetune --recipe fast`: fine-tunes the decoder side of an installed style
+/// within `minutes` (default: the pack budget for its number of cartoons) and installs the
+/// result as style `ft.name`.
+pub fn train_finetune_fast(
+    config: &Config,
+    device: &Device,
+    ft: &FinetuneArgs,
+    args: &TrainArgs,
+    minutes: Option<f64>,
+) -> Result<ExitCode> {
+    let (from, name) = (ft.from.as_str(), ft.name.as_str());
+    let registry = StyleRegistry::from_config(config);
+    let target = registry
+        .trained_dir(name)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out =
+        (ft.out.clone()).unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
+    let base = registry.find(from).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = match train::pack::run::checkpointed_spec(&out)? {
+        Some(spec) if ft.resume => spec,
+        None if ft.resume => anyhow::bail!("no pack run to resume in {}", out.display()),
+        _ => train::pack::PackSpec {
+            seed: args.seed,
+            freeze: ft.freeze,
+            batch: args.batch,
+            size: args.size,
+            max_steps: args.steps,
+            lr_g: args.lr,
+            lr_d: args.lr,
+            ..train::pack::PackSpec::new(
+                (from.to_string(), train::pack::run::base_sha256(&base.dir)?),
+                ft.photos
+                    .clone()
+                    .unwrap_or(config.stylepacks.photos.clone()),
+                ft.cartoons.clone(),
+                train::model::NetConfig::photo2cartoon(),
+                match minutes {
+                    Some(minutes) => minutes,
+                    None => config
+                        .stylepacks
+                        .budget_minutes(train::data::ImageFolder::open(&ft.cartoons)?.len()),
+                },
+            )
+        },
+    };
+    let stop = stop_on_signal()?;
+    let options = args.options(config, &out);
+    let Some(mut trainer) =
+        train::pack::run::PackTrainer::new(spec, &base.dir, options, ft.resume, &stop, device)?
+    else {
+        eprintln!("interrupted while caching the photos");
+        return Ok(ExitCode::from(2));
+    };
+    let started = std::time::Instant::now();
+    let bar = indicatif::ProgressBar::new(1000).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {msg} ({elapsed})")
+            .expect("valid template"),
+    );
+    let finish = trainer.run(&stop, |p| {
+        bar.set_position((trainer_fraction(p) * 1000.0) as u64);
+        bar.set_message(format!(
+            "step {}/~{} | G {:.3} D {:.3} face-id {:.3} anchor {:.3} | {:.0} s left",
+            p.step,
+            p.steps,
+            loss(p, "G_loss"),
+            loss(p, "D_loss"),
+            loss(p, "G_face_id"),
+            loss(p, "G_anchor_colour"),
+            p.seconds_left.unwrap_or(0.0),
+        ));
+    })?;
+    bar.finish_and_clear();
+    let steps = trainer.state.steps;
+    finish_line(finish, steps, steps, &trainer.checkpoint_path(), &out);
+    if finish != train::run::Finish::Completed {
+        eprintln!(
+            "not installing style {name:?} yet: the fine-tune did not finish (continue it with \
+             --resume)"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let description = format!(
+        "fine-tuned from {from} on {} ({} steps in {:.1} minutes)",
+        trainer.spec.cartoons.display(),
+        steps,
+        trainer.state.elapsed_s / 60.0
+    );
+    trainer.install(&target, description)?;
+    eprintln!(
+        "installed style {name:?} in {} ({:.1} s in this process)",
+        target.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How far a run with a time budget is, from its progress report.
+fn trainer_fraction(p: &train::run::Progress) -> f64 {
+    p.step as f64 / p.steps.max(1) as f64
+}
+
 /// `toonbot train export`: installs generator A->B of a checkpoint as style `name`.
 pub fn train_export(
     config: &Config,
@@ -827,20 +928,46 @@ pub fn panel(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `toonbot check-pack`: a folder of cartoon faces through the checks a style pack passes
+/// before it trains.
+pub fn check_pack(config: &Config, device: &Device, images: &Path, json: bool) -> Result<ExitCode> {
+    let faces = FacePipeline::load(config, device)?;
+    let check = crate::stylepack::check::check_folder(images, &faces, &config.stylepacks)?;
+    if json {
+        println!("{}", serde_json::to_string(&check)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} images, a face found in {}; style spread {:.2} (warned over {:.2})",
+        check.images, check.faces_found, check.style_spread, config.stylepacks.max_style_spread
+    );
+    match &check.refusal {
+        Some(why) => println!("refused: {why}"),
+        None if check.mixed_styles => println!("would train, with the mixed-styles warning"),
+        None => println!("would train"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `toonbot eval`: KID x100 and identity cosine of a style (JSON or a short table).
 pub fn eval(
     config: &Config,
     device: &Device,
-    style: Option<&str>,
-    baseline: bool,
-    photos: &Path,
-    cartoons: &Path,
+    (style, baseline): (Option<&str>, bool),
+    (photos, cartoons, training_cartoons): (&Path, &Path, Option<&Path>),
     json: bool,
 ) -> Result<ExitCode> {
     let bar = indicatif::ProgressBar::new_spinner();
-    let report = train::eval::evaluate(config, device, style, baseline, photos, cartoons, || {
-        bar.inc(1)
-    })?;
+    let report = train::eval::evaluate(
+        config,
+        device,
+        style,
+        baseline,
+        photos,
+        cartoons,
+        training_cartoons,
+        || bar.inc(1),
+    )?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string(&report)?);
@@ -856,6 +983,16 @@ pub fn eval(
             report.kid_subset_size,
             report.identity_cosine
         );
+        if let Some(c) = &report.copies {
+            println!(
+                "nearest training image (1 - cos in backbone features, {} images): cartoons min                  {:.3}, median {:.3}; held-out cartoons min {:.3}, median {:.3}",
+                c.training_images,
+                c.nearest_min,
+                c.nearest_median,
+                c.held_out_nearest_min,
+                c.held_out_nearest_median
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

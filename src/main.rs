@@ -105,6 +105,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Check a folder of cartoon faces as a style-pack upload is checked before it trains:
+    /// faces found, and how differently the images are drawn.
+    CheckPack {
+        /// The pack's images.
+        #[arg(long)]
+        images: PathBuf,
+        /// Print the figures as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Train cartoon generators (photo2cartoon's U-GAT-IT with face-ID loss).
     Train {
         #[command(subcommand)]
@@ -145,6 +155,10 @@ enum Command {
         /// Reference cartoons (held out from training).
         #[arg(long)]
         cartoons: PathBuf,
+        /// The cartoons the style was trained on (e.g. a style pack's): reports how close
+        /// each cartoon comes to copying one of them.
+        #[arg(long)]
+        training_cartoons: Option<PathBuf>,
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
@@ -220,12 +234,22 @@ enum TrainCommand {
         /// Name of the new style.
         #[arg(long)]
         name: String,
-        /// Aligned photos (default: those the base was trained on).
+        /// Aligned photos (default: those the base was trained on; the fast recipe:
+        /// `[stylepacks] photos` when the base does not record them).
         #[arg(long)]
         photos: Option<PathBuf>,
-        /// Which generator parts train.
-        #[arg(long, value_enum, default_value = "branches")]
-        freeze: toonbot::train::params::Freeze,
+        /// fast: the decoder side against projected discriminators within a time budget
+        /// (--minutes); photo2cartoon: the full photo2cartoon step for --steps.
+        #[arg(long, value_enum, default_value = "fast")]
+        recipe: Recipe,
+        /// The fast recipe's time budget in minutes, setup included (default: `[stylepacks]`
+        /// minutes_per_image for each cartoon, at least 5, at most `minutes`).
+        #[arg(long)]
+        minutes: Option<f64>,
+        /// Which generator parts train (default: decoder for the fast recipe, branches for
+        /// photo2cartoon's).
+        #[arg(long, value_enum)]
+        freeze: Option<toonbot::train::params::Freeze>,
         /// Run directory (default: <styles.dir>/../runs/<name>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -433,6 +457,7 @@ fn run(args: Args) -> Result<ExitCode> {
         Command::Serve => cli::serve(&config, &device),
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
+        Command::CheckPack { images, json } => cli::check_pack(&config, &device, &images, json),
         Command::Train { command } => train(&config, &device, *command),
         Command::Panel {
             style,
@@ -457,15 +482,14 @@ fn run(args: Args) -> Result<ExitCode> {
             style,
             photos,
             cartoons,
+            training_cartoons,
             baseline,
             json,
         } => cli::eval(
             &config,
             &device,
-            style.as_deref(),
-            baseline,
-            &photos,
-            &cartoons,
+            (style.as_deref(), baseline),
+            (&photos, &cartoons, training_cartoons.as_deref()),
             json,
         ),
     }
@@ -549,26 +573,37 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
             cartoons,
             name,
             photos,
+            recipe,
+            minutes,
             freeze,
             out,
             dtype,
             resume,
             common,
-        } => cli::train_finetune(
-            config,
-            device,
-            &cli::FinetuneArgs {
+        } => {
+            use toonbot::train::params::Freeze;
+            let fast = recipe == Recipe::Fast;
+            let ft = cli::FinetuneArgs {
                 from,
                 cartoons,
                 name,
                 photos,
-                freeze,
+                freeze: freeze.unwrap_or(if fast {
+                    Freeze::Decoder
+                } else {
+                    Freeze::Branches
+                }),
                 out,
                 dtype,
                 resume,
-            },
-            &common.args((256, 1, 2_000)),
-        ),
+            };
+            if fast {
+                let args = common.args((256, 4, 100_000));
+                cli::train_finetune_fast(config, device, &ft, &args, minutes)
+            } else {
+                cli::train_finetune(config, device, &ft, &common.args((256, 1, 2_000)))
+            }
+        }
         TrainCommand::Plot { results, out, font } => {
             let rows = toonbot::train::plot::read_rows(&results)?;
             let (curves, baseline) = toonbot::train::plot::curves(&rows);

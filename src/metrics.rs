@@ -1,5 +1,6 @@
 //! Evaluation metrics on feature sets: KID (Bińkowski et al. 2018, "Demystifying MMD GANs")
-//! and the mean identity cosine between paired embeddings.
+//! the mean identity cosine between paired embeddings, and nearest-neighbour cosine distances
+//! (how close generated images come to copying training images).
 //!
 //! KID follows torch-fidelity / clean-fid: the unbiased MMD² estimate with the cubic
 //! polynomial kernel `k(x, y) = (x·y / d + 1)^3`, averaged over random subsets (drawn without
@@ -125,6 +126,32 @@ pub fn identity_cosine(a: &Tensor, b: &Tensor) -> Result<f64> {
     cos.mean_all()?.to_scalar::<f64>()
 }
 
+/// For each row of `queries` `(N, D)`, the cosine distance `1 - cos` to its nearest row of
+/// `references` `(M, D)`: 0 for a copy (in that feature space), about 1 for unrelated ones.
+pub fn nearest_cosine_distances(queries: &Tensor, references: &Tensor) -> Result<Vec<f64>> {
+    let (n, d) = queries.dims2()?;
+    let (m, d_ref) = references.dims2()?;
+    if d != d_ref || n == 0 || m == 0 {
+        bail!(
+            "nearest_cosine_distances: need non-empty sets of one width ({:?} vs {:?})",
+            queries.dims(),
+            references.dims()
+        );
+    }
+    let unit = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(DType::F64)?;
+        let norm = t
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        t.broadcast_div(&norm)
+    };
+    let cos = unit(queries)?.matmul(&unit(references)?.t()?)?;
+    let nearest = cos.max(D::Minus1)?.to_vec1::<f64>()?;
+    Ok(nearest.into_iter().map(|c| 1.0 - c).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +179,19 @@ mod tests {
         // Sum of 4 uniforms: roughly Gaussian with std 2/sqrt(3).
         let u = uniform(seed, (4, n, d, 1), &Device::Cpu)?;
         u.sum(0)?.squeeze(2)?.affine(1.0, shift)
+    }
+
+    #[test]
+    fn nearest_distance_is_zero_for_a_copy_and_one_for_an_orthogonal_set() -> Result<()> {
+        let dev = Device::Cpu;
+        let references = Tensor::new(&[[1f32, 0., 0.], [0., 2., 0.]], &dev)?;
+        let queries = Tensor::new(&[[0f32, 5., 0.], [0., 0., 1.], [1., 1., 0.]], &dev)?;
+        let d = nearest_cosine_distances(&queries, &references)?;
+        assert!(d[0].abs() < 1e-12, "a scaled copy: {}", d[0]);
+        assert!((d[1] - 1.0).abs() < 1e-12);
+        assert!((d[2] - (1.0 - 0.5f64.sqrt())).abs() < 1e-9);
+        assert!(nearest_cosine_distances(&queries, &queries.narrow(1, 0, 2)?).is_err());
+        Ok(())
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //!   cartoons and of the cartoon set, both at 256x256 (the network resizes to 299).
 //! - Identity: mean cosine between the face embeddings of each photo and its cartoon, on
 //!   the face-ID loss's crop.
+//! - Copies (with the images the style was trained on): for each cartoon, the cosine
+//!   distance in the frozen backbone's pooled features to its nearest training image, beside
+//!   the same distance for the held-out cartoons (new drawings in the style, not copies).
 
 use std::path::Path;
 
@@ -25,7 +28,8 @@ use crate::config::Config;
 use crate::face::FacePipeline;
 use crate::face::ALIGNED_SIZE;
 use crate::imageops;
-use crate::metrics::{identity_cosine, kid, KidConfig};
+use crate::metrics::{identity_cosine, kid, nearest_cosine_distances, KidConfig};
+use crate::nets::backbone::Backbone;
 use crate::nets::generator::{self, Generator};
 use crate::nets::inception::InceptionV3;
 
@@ -49,6 +53,62 @@ pub struct EvalReport {
     pub kid_subset_size: usize,
     /// Mean cosine similarity of the face embeddings of each photo and its cartoon.
     pub identity_cosine: f64,
+    /// How close the cartoons come to the training images, when those were given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copies: Option<CopyReport>,
+}
+
+/// Nearest-neighbour cosine distances (`1 - cos`) in the backbone's pooled features: a copy of
+/// a training image is near 0.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyReport {
+    /// Training images compared against.
+    pub training_images: usize,
+    /// Each cartoon's distance to its nearest training image, in photo order.
+    pub nearest: Vec<f64>,
+    /// The smallest of `nearest`.
+    pub nearest_min: f64,
+    /// The median of `nearest`.
+    pub nearest_median: f64,
+    /// The held-out cartoons' distances to their nearest training image: smallest and median.
+    pub held_out_nearest_min: f64,
+    /// The median of the held-out cartoons' distances.
+    pub held_out_nearest_median: f64,
+}
+
+/// The images a style was trained on, and the network that compares them with its cartoons.
+pub struct TrainingImages<'a> {
+    /// The frozen backbone of the projected discriminator.
+    pub backbone: &'a Backbone,
+    /// The training cartoons.
+    pub images: &'a ImageFolder,
+}
+
+/// The backbone's two deepest features of `x` (`(N, 3, H, W)` in [-1, 1]), each averaged
+/// over the image and scaled to unit length, side by side: `(N, 112 + 320)`.
+fn pooled_features(backbone: &Backbone, x: &Tensor) -> Result<Tensor> {
+    let features = backbone.features(x)?;
+    let pooled = features[2..]
+        .iter()
+        .map(|f| {
+            let mean = f.mean((2, 3))?;
+            let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+            mean.broadcast_div(&norm)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&pooled, 1)?)
+}
+
+fn min_and_median(values: &[f64]) -> (f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    (sorted[0], median)
 }
 
 /// The FID Inception network, or an error saying how to make its weights.
@@ -105,8 +165,10 @@ pub fn with_scored<T>(
     })
 }
 
-/// Scores `style` (or the baseline, see [`with_scored`]) on `photos` against `cartoons`;
-/// `on_image` is called after each photo is cartoonised.
+/// Scores `style` (or the baseline, see [`with_scored`]) on `photos` against `cartoons`, and
+/// with `training_cartoons` checks for copies of them; `on_image` is called after each photo
+/// is cartoonised.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     config: &Config,
     device: &Device,
@@ -114,12 +176,29 @@ pub fn evaluate(
     baseline: bool,
     photos: &Path,
     cartoons: &Path,
+    training_cartoons: Option<&Path>,
     on_image: impl FnMut(),
 ) -> Result<EvalReport> {
     let inception = load_inception(config, device)?;
     let photos = ImageFolder::open(photos)?;
+    let training = training_cartoons.map(ImageFolder::open).transpose()?;
+    let backbone = training
+        .as_ref()
+        .map(|_| crate::train::fast::model::load_backbone(&config.models.dir, device))
+        .transpose()?;
+    let copies = training
+        .as_ref()
+        .zip(backbone.as_ref())
+        .map(|(images, backbone)| TrainingImages { backbone, images });
     with_scored(config, device, style, baseline, |scored| {
-        scored.evaluate(config, device, &inception, &photos, cartoons, on_image)
+        scored.evaluate(
+            config,
+            device,
+            &inception,
+            (&photos, cartoons),
+            copies.as_ref(),
+            on_image,
+        )
     })
 }
 
@@ -166,19 +245,26 @@ impl Scored<'_> {
         Ok((input, cartoons))
     }
 
-    /// KID and identity of the generator's cartoons of `photos` against `cartoons`.
+    /// KID and identity of the generator's cartoons of `photos` against `cartoons`; with
+    /// `copies`, their nearest-neighbour distances to the training images.
     pub fn evaluate(
         &self,
         config: &Config,
         device: &Device,
         inception: &InceptionV3,
-        photos: &ImageFolder,
-        cartoons: &Path,
+        (photos, cartoons): (&ImageFolder, &Path),
+        copies: Option<&TrainingImages>,
         mut on_image: impl FnMut(),
     ) -> Result<EvalReport> {
         let face_id = FaceIdLoss::load(&config.models.dir, ALIGNED_SIZE as usize, device)?;
         let cartoon_set = ImageFolder::open(cartoons)?;
+        let pooled = |images: &Tensor| -> Result<Option<Tensor>> {
+            copies
+                .map(|c| pooled_features(c.backbone, &generator::normalize(images)?))
+                .transpose()
+        };
 
+        let (mut generated_pooled, mut held_out_pooled) = (Vec::new(), Vec::new());
         let mut generated_features = Vec::new();
         let (mut photo_embeddings, mut cartoon_embeddings) = (Vec::new(), Vec::new());
         for chunk in (0..photos.len()).collect::<Vec<_>>().chunks(BATCH) {
@@ -189,6 +275,7 @@ impl Scored<'_> {
             let (input, cartoons) = self.cartoons_on_white(&crops, device)?;
             let cartoon_batch = imageops::rgb_batch(&cartoons, device)?;
             generated_features.push(inception.forward(&cartoon_batch)?);
+            generated_pooled.extend(pooled(&cartoon_batch)?);
             photo_embeddings.push(face_id.embed(&input)?);
             cartoon_embeddings.push(face_id.embed(&generator::normalize(&cartoon_batch)?)?);
             chunk.iter().for_each(|_| on_image());
@@ -199,9 +286,37 @@ impl Scored<'_> {
                 .iter()
                 .map(|&i| Ok(square(&cartoon_set.load(i)?)))
                 .collect::<Result<Vec<_>>>()?;
-            reference_features.push(inception.forward(&imageops::rgb_batch(&images, device)?)?);
+            let batch = imageops::rgb_batch(&images, device)?;
+            reference_features.push(inception.forward(&batch)?);
+            held_out_pooled.extend(pooled(&batch)?);
         }
         let cat = |v: Vec<Tensor>| Tensor::cat(&v, 0).context("stacking features");
+        let copies = match copies {
+            None => None,
+            Some(c) => {
+                let mut training = Vec::new();
+                for chunk in (0..c.images.len()).collect::<Vec<_>>().chunks(BATCH) {
+                    let images = chunk
+                        .iter()
+                        .map(|&i| Ok(square(&c.images.load(i)?)))
+                        .collect::<Result<Vec<_>>>()?;
+                    training.extend(pooled(&imageops::rgb_batch(&images, device)?)?);
+                }
+                let training = cat(training)?;
+                let nearest = nearest_cosine_distances(&cat(generated_pooled)?, &training)?;
+                let held_out = nearest_cosine_distances(&cat(held_out_pooled)?, &training)?;
+                let ((nearest_min, nearest_median), (held_min, held_median)) =
+                    (min_and_median(&nearest), min_and_median(&held_out));
+                Some(CopyReport {
+                    training_images: c.images.len(),
+                    nearest,
+                    nearest_min,
+                    nearest_median,
+                    held_out_nearest_min: held_min,
+                    held_out_nearest_median: held_median,
+                })
+            }
+        };
         let score = kid(
             &cat(generated_features)?,
             &cat(reference_features)?,
@@ -216,6 +331,7 @@ impl Scored<'_> {
             kid_std_x100,
             kid_subset_size: score.subset_size,
             identity_cosine: identity_cosine(&cat(photo_embeddings)?, &cat(cartoon_embeddings)?)?,
+            copies,
         })
     }
 }
