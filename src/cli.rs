@@ -706,13 +706,7 @@ pub fn train_finetune(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let out =
         (ft.out.clone()).unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
-    let base_style = registry.find(from).map_err(|e| match e {
-        StyleError::NoneInstalled { .. } => anyhow::anyhow!(
-            "no base style is installed to fine-tune from: train one with `toonbot train base` \
-             and install it with `toonbot train export --finetunable` ({e})"
-        ),
-        e => anyhow::anyhow!("{e}"),
-    })?;
+    let base_style = find_base(&registry, from)?;
     let finetune = train::finetune::Finetune {
         base_name: from.to_string(),
         base_dir: base_style.dir,
@@ -738,6 +732,17 @@ pub fn train_finetune(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The style `from` to fine-tune, or an error that says how to make one.
+fn find_base(registry: &StyleRegistry, from: &str) -> Result<crate::cartoon::styles::StyleInfo> {
+    registry.find(from).map_err(|e| match e {
+        StyleError::NoneInstalled { .. } => anyhow::anyhow!(
+            "no base style is installed to fine-tune from: train one with `toonbot train base` \
+             and install it with `toonbot train export --finetunable` ({e})"
+        ),
+        e => anyhow::anyhow!("{e}"),
+    })
+}
+
 /// `toonbot train finetune --recipe fast`: fine-tunes the decoder side of an installed style
 /// within `minutes` (default: the pack budget for its number of cartoons) and installs the
 /// result as style `ft.name`.
@@ -755,7 +760,7 @@ pub fn train_finetune_fast(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let out =
         (ft.out.clone()).unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
-    let base = registry.find(from).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let base = find_base(&registry, from)?;
     let spec = match train::pack::run::checkpointed_spec(&out)? {
         Some(spec) if ft.resume => spec,
         None if ft.resume => anyhow::bail!("no pack run to resume in {}", out.display()),

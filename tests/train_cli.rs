@@ -121,6 +121,8 @@ fn export_then_finetune_installs_styles() {
             cartoons.to_str().unwrap(),
             "--name",
             "tiny-ft",
+            "--recipe",
+            "photo2cartoon",
             "--size",
             "32",
             "--steps",
