@@ -700,13 +700,7 @@ pub fn train_finetune(
     args: &TrainArgs,
 ) -> Result<ExitCode> {
     let (from, name) = (ft.from.as_str(), ft.name.as_str());
-    let registry = StyleRegistry::from_config(config);
-    let target = registry
-        .trained_dir(name)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let out =
-        (ft.out.clone()).unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
-    let base_style = find_base(&registry, from)?;
+    let (base_style, target, out) = finetune_places(config, ft)?;
     let finetune = train::finetune::Finetune {
         base_name: from.to_string(),
         base_dir: base_style.dir,
@@ -732,6 +726,21 @@ pub fn train_finetune(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A fine-tune's base style, the new style's folder and the run folder (`--out`, else
+/// `<styles.dir>/../runs/<name>`).
+fn finetune_places(
+    config: &Config,
+    ft: &FinetuneArgs,
+) -> Result<(crate::cartoon::styles::StyleInfo, PathBuf, PathBuf)> {
+    let registry = StyleRegistry::from_config(config);
+    let target = registry
+        .trained_dir(&ft.name)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let out = (ft.out.clone())
+        .unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(&ft.name));
+    Ok((find_base(&registry, &ft.from)?, target, out))
+}
+
 /// The style `from` to fine-tune, or an error that says how to make one.
 fn find_base(registry: &StyleRegistry, from: &str) -> Result<crate::cartoon::styles::StyleInfo> {
     registry.find(from).map_err(|e| match e {
@@ -754,13 +763,7 @@ pub fn train_finetune_fast(
     minutes: Option<f64>,
 ) -> Result<ExitCode> {
     let (from, name) = (ft.from.as_str(), ft.name.as_str());
-    let registry = StyleRegistry::from_config(config);
-    let target = registry
-        .trained_dir(name)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let out =
-        (ft.out.clone()).unwrap_or_else(|| config.styles.dir.join("..").join("runs").join(name));
-    let base = find_base(&registry, from)?;
+    let (base, target, out) = finetune_places(config, ft)?;
     let spec = match train::pack::run::checkpointed_spec(&out)? {
         Some(spec) if ft.resume => spec,
         None if ft.resume => anyhow::bail!("no pack run to resume in {}", out.display()),

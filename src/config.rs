@@ -198,6 +198,14 @@ pub struct StylePackConfig {
 }
 
 impl StylePackConfig {
+    /// The decoding limits of one pack image: `max_entry_bytes` and `max_image_pixels`.
+    pub fn image_limits(&self) -> Limits {
+        Limits {
+            max_bytes: self.max_entry_bytes,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+
     /// The fast recipe's time budget for a pack of `images` training images, in minutes.
     pub fn budget_minutes(&self, images: usize) -> f64 {
         (self.minutes_per_image * images as f64).clamp(5.0_f64.min(self.minutes), self.minutes)

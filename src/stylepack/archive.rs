@@ -10,7 +10,7 @@
 
 use std::io::{Cursor, Read};
 
-use crate::config::{Limits, StylePackConfig};
+use crate::config::StylePackConfig;
 use crate::imageops::{self, DecodeError};
 
 /// An image from the archive, checked to decode within the limits (still encoded).
@@ -209,10 +209,7 @@ pub fn read_pack(bytes: &[u8], limits: &StylePackConfig) -> Result<PackArchive, 
         }
     }
 
-    let decode_limits = Limits {
-        max_bytes: limits.max_entry_bytes,
-        max_pixels: limits.max_image_pixels,
-    };
+    let decode_limits = limits.image_limits();
     let mut images = Vec::new();
     let mut hashes: Vec<(u64, String)> = Vec::new();
     let mut total = 0u64;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use image::RgbImage;
 
 use super::prepare::{cartoon_face, PreparedPack};
-use crate::config::{Limits, StylePackConfig};
+use crate::config::StylePackConfig;
 use crate::face::FacePipeline;
 use crate::train::data::ImageFolder;
 
@@ -146,10 +146,7 @@ pub fn check_folder(
     config: &StylePackConfig,
 ) -> Result<FolderCheck> {
     let folder = ImageFolder::open(dir)?;
-    let limits = Limits {
-        max_bytes: config.max_entry_bytes,
-        max_pixels: config.max_image_pixels,
-    };
+    let limits = config.image_limits();
     let mut prepared: Vec<RgbImage> = Vec::with_capacity(folder.len());
     let mut faces_found = 0;
     for path in &folder.paths {

@@ -42,7 +42,7 @@ pub use trainer::{
 };
 
 use crate::cartoon::styles::{self, StyleRegistry};
-use crate::config::{Config, Limits, StylePackConfig};
+use crate::config::{Config, StylePackConfig};
 use crate::face::FacePipeline;
 use crate::jobs::StyleInfo;
 use crate::store::{
@@ -591,10 +591,7 @@ impl StylePacks {
             trainer: Arc::clone(setup.trainer.as_ref().expect("checked before launching")),
             prepare: style.faces_found.is_none().then(|| run::Preparation {
                 faces: Arc::clone(&setup.faces),
-                limits: Limits {
-                    max_bytes: setup.config.max_entry_bytes,
-                    max_pixels: setup.config.max_image_pixels,
-                },
+                limits: setup.config.image_limits(),
                 held_out_percent: setup.config.held_out_percent,
                 min_face_share: setup.config.min_face_share,
                 max_style_spread: setup.config.max_style_spread,

@@ -195,16 +195,13 @@ impl Trainer {
                     load_backbone(models_dir, device)?,
                     device,
                 )?;
-                let adam = AdamConfig {
-                    weight_decay: 0.0,
-                    ..AdamConfig::photo2cartoon()
-                };
+                let (g_optim, d_optim) = nets.optimisers()?;
                 let mut ada = AdaptiveProbability::new(spec.ada_target, spec.ada_speed_images);
                 // Mid-run augmentation, not the first steps' none.
                 ada.p = 0.5;
                 Self::Fast {
-                    g_optim: Adam::new(nets.generator_vars(), adam)?,
-                    d_optim: Adam::new(nets.discriminator_vars(), adam)?,
+                    g_optim,
+                    d_optim,
                     nets: Box::new(nets),
                     spec: Box::new(spec),
                     face_id,

@@ -15,6 +15,7 @@ use crate::nets::backbone::{self, Backbone};
 use crate::nets::discriminator::Discriminator;
 use crate::nets::generator::{clip_rho_w, Generator};
 use crate::nets::projected_discriminator::{self, ProjectedDiscriminator};
+use crate::train::adam::{Adam, AdamConfig};
 use crate::train::model::NetConfig;
 use crate::train::params::{self, trainable_vars, var_builder, Freeze};
 
@@ -100,6 +101,19 @@ impl FastNets {
     /// The generator's trained variables, `genA2B.param`, sorted: what its optimiser updates.
     pub fn generator_vars(&self) -> Vec<(String, Var)> {
         trainable_vars(&self.vars[0], NETWORKS[0], self.freeze)
+    }
+
+    /// Fresh Adam optimisers of the generator's and the discriminators' trained variables:
+    /// photo2cartoon's settings without weight decay.
+    pub fn optimisers(&self) -> Result<(Adam, Adam)> {
+        let adam = AdamConfig {
+            weight_decay: 0.0,
+            ..AdamConfig::photo2cartoon()
+        };
+        Ok((
+            Adam::new(self.generator_vars(), adam)?,
+            Adam::new(self.discriminator_vars(), adam)?,
+        ))
     }
 
     /// Both discriminators' trained variables (not the fixed mixing, not the spectral-norm

@@ -24,7 +24,7 @@ use crate::nets::face_embedder::cosine_similarity;
 use crate::nets::generator;
 use crate::nets::layers::is_buffer;
 use crate::nets::projected_discriminator::{ProjectedDiscriminator, MAX_SIZE};
-use crate::train::adam::{Adam, AdamConfig};
+use crate::train::adam::Adam;
 use crate::train::checkpoint::{self, to_safetensors, write_atomically};
 use crate::train::data::{ImageFolder, TrainData};
 use crate::train::face_id::FaceIdLoss;
@@ -219,12 +219,7 @@ impl FastTrainer {
             load_backbone(&options.models_dir, device)?,
             device,
         )?;
-        let adam = AdamConfig {
-            weight_decay: 0.0,
-            ..AdamConfig::photo2cartoon()
-        };
-        let mut g_optim = Adam::new(nets.generator_vars(), adam)?;
-        let mut d_optim = Adam::new(nets.discriminator_vars(), adam)?;
+        let (mut g_optim, mut d_optim) = nets.optimisers()?;
         let fresh_state = FastState {
             spec: spec.clone(),
             full: true,

@@ -19,7 +19,7 @@ use super::step::PackStep;
 use super::PackSpec;
 use crate::cartoon::styles::{StyleManifest, WEIGHTS_FILE};
 use crate::rng::SplitMix64;
-use crate::train::adam::{Adam, AdamConfig};
+use crate::train::adam::Adam;
 use crate::train::checkpoint::{self, to_safetensors, write_atomically};
 use crate::train::data::{ImageFolder, TrainData};
 use crate::train::face_id::FaceIdLoss;
@@ -134,12 +134,7 @@ impl PackTrainer {
             load_backbone(&options.models_dir, device)?,
             device,
         )?;
-        let adam = AdamConfig {
-            weight_decay: 0.0,
-            ..AdamConfig::photo2cartoon()
-        };
-        let mut g_optim = Adam::new(nets.generator_vars(), adam)?;
-        let mut d_optim = Adam::new(nets.discriminator_vars(), adam)?;
+        let (mut g_optim, mut d_optim) = nets.optimisers()?;
         let base_weights = base_dir.join(WEIGHTS_FILE);
         let state = if resume {
             let path = options.out.join(CHECKPOINT_FILE);
