@@ -199,6 +199,8 @@ pub struct CartoonReport {
     pub style: String,
     /// Every face, largest first, with the files written for it.
     pub faces: Vec<CartoonFaceReport>,
+    /// Faces found: more than `faces` when the photo has over `faces.max_faces`.
+    pub faces_found: usize,
     /// Where the photo with every face replaced was written.
     pub photo: PathBuf,
     /// Milliseconds per stage, decoding, face stages, generator and composition.
@@ -236,8 +238,8 @@ pub fn cartoonize(
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut all_ok = true;
     for path in photos {
-        let result = std::fs::read(path)
-            .map_err(|e| CartoonError::Decode(e.into()))
+        let result = crate::imageops::read_photo_file(path, &config.limits)
+            .map_err(CartoonError::Decode)
             .and_then(|bytes| cartoonizer.cartoonize_bytes(&bytes, &config.limits, style, options));
         let result = match result {
             Ok(result) => result,
@@ -250,6 +252,14 @@ pub fn cartoonize(
                 continue;
             }
         };
+        if result.faces_found > result.faces.len() {
+            eprintln!(
+                "{}: {} faces found; cartoonized the {} largest (faces.max_faces)",
+                path.display(),
+                result.faces_found,
+                result.faces.len()
+            );
+        }
         let stem = file_stem(path);
         let mut faces = Vec::new();
         for (i, face) in result.faces.iter().enumerate() {
@@ -271,6 +281,7 @@ pub fn cartoonize(
                 input: path.clone(),
                 style: result.style,
                 faces,
+                faces_found: result.faces_found,
                 photo,
                 timings_ms: result.timings,
             };
@@ -936,25 +947,52 @@ pub fn panel(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `toonbot check-pack`: a folder of cartoon faces through the checks a style pack passes
-/// before it trains.
+/// `toonbot check-pack`: a folder of cartoon faces, or a pack's .zip, through the checks a
+/// style pack passes before it trains. Exit status 1 when the pack would be refused.
 pub fn check_pack(config: &Config, device: &Device, images: &Path, json: bool) -> Result<ExitCode> {
-    let faces = FacePipeline::load(config, device)?;
-    let check = crate::stylepack::check::check_folder(images, &faces, &config.stylepacks)?;
+    use crate::stylepack::{archive::ArchiveError, check};
+    let packs = &config.stylepacks;
+    let refused = |why: ArchiveError| {
+        eprintln!("refused: {why}");
+        Ok(ExitCode::from(1))
+    };
+    let check = if images.is_dir() {
+        check::check_folder(images, &FacePipeline::load(config, device)?, packs)?
+    } else {
+        let read = || format!("reading {}", images.display());
+        let bytes = std::fs::metadata(images).with_context(read)?.len();
+        if bytes > packs.max_zip_bytes {
+            return refused(ArchiveError::TooLarge {
+                bytes,
+                max: packs.max_zip_bytes,
+            });
+        }
+        let zip = std::fs::read(images).with_context(read)?;
+        match check::check_archive(&zip, &FacePipeline::load(config, device)?, packs)? {
+            Ok(check) => check,
+            Err(why) => return refused(why),
+        }
+    };
     if json {
         println!("{}", serde_json::to_string(&check)?);
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        for skipped in &check.skipped {
+            println!("skipped {skipped}");
+        }
+        println!(
+            "{} images, a face found in {}; style spread {:.2} (warned over {:.2})",
+            check.images, check.faces_found, check.style_spread, packs.max_style_spread
+        );
+        match &check.refusal {
+            Some(why) => println!("refused: {why}"),
+            None if check.mixed_styles => println!("would train, with the mixed-styles warning"),
+            None => println!("would train"),
+        }
     }
-    println!(
-        "{} images, a face found in {}; style spread {:.2} (warned over {:.2})",
-        check.images, check.faces_found, check.style_spread, config.stylepacks.max_style_spread
-    );
-    match &check.refusal {
-        Some(why) => println!("refused: {why}"),
-        None if check.mixed_styles => println!("would train, with the mixed-styles warning"),
-        None => println!("would train"),
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(match check.refusal {
+        Some(_) => ExitCode::from(1),
+        None => ExitCode::SUCCESS,
+    })
 }
 
 /// `toonbot eval`: KID x100 and identity cosine of a style (JSON or a short table).

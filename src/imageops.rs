@@ -48,6 +48,11 @@ pub enum DecodeError {
 
 /// Reads a photo from disk, checking its size before reading it whole.
 pub fn load_photo(path: &Path, limits: &Limits) -> Result<RgbImage, DecodeError> {
+    decode_photo(&read_photo_file(path, limits)?, limits)
+}
+
+/// A photo file's bytes, refused unread when the file is over `limits.max_bytes`.
+pub fn read_photo_file(path: &Path, limits: &Limits) -> Result<Vec<u8>, DecodeError> {
     let bytes = std::fs::metadata(path)?.len();
     if bytes > limits.max_bytes {
         return Err(DecodeError::TooManyBytes {
@@ -55,7 +60,7 @@ pub fn load_photo(path: &Path, limits: &Limits) -> Result<RgbImage, DecodeError>
             limit: limits.max_bytes,
         });
     }
-    decode_photo(&std::fs::read(path)?, limits)
+    Ok(std::fs::read(path)?)
 }
 
 /// Decodes PNG/JPEG/WebP bytes to RGB with the EXIF orientation applied, refusing

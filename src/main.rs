@@ -105,10 +105,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Check a folder of cartoon faces as a style-pack upload is checked before it trains:
-    /// faces found, and how differently the images are drawn.
+    /// Check a folder of cartoon faces, or a pack's .zip, as a style-pack upload is checked
+    /// before it trains: the archive's limits, faces found, and how differently the images
+    /// are drawn (exit status 1 when the pack would be refused).
     CheckPack {
-        /// The pack's images.
+        /// The pack's images: a folder, or a .zip as uploaded with `/stylepack upload`.
         #[arg(long)]
         images: PathBuf,
         /// Print the figures as one JSON object.

@@ -6,8 +6,7 @@ use crate::config::StylePackConfig;
 use crate::jobs::{JobStatus, OutputKind, RenderError, RenderOutput, SubmitError};
 use crate::store::{GuildStyle, StyleStatus, TrainingRun};
 use crate::stylepack::{
-    Accepted, ArchiveError, EvalReport, PackError, PackWarning, RunEnd, RunProgress, SkipReason,
-    Skipped,
+    Accepted, ArchiveError, EvalReport, PackError, PackWarning, RunEnd, RunProgress, Skipped,
 };
 
 use super::download::PhotoError;
@@ -74,10 +73,9 @@ pub fn photo_error(e: &PhotoError) -> String {
             format!("That file ({what}) isn't a photo I can use. Send a PNG, JPEG or WebP picture.")
         }
         PhotoError::TooLarge { size, max } => format!(
-            "That photo is too large ({} MB; the limit is {} MB). Send a smaller one: resize \
+            "That photo is too large ({}). Send a smaller one: resize \
              it, or take a screenshot of it.",
-            mb(*size),
-            mb(*max)
+            over_limit(*size, *max)
         ),
         PhotoError::HostNotAllowed(_) => "I can only use photos uploaded to Discord. Attach \
              the photo itself rather than a link."
@@ -117,9 +115,10 @@ pub fn result_summary(
     sticker_hint: bool,
     skipped: &[String],
 ) -> String {
-    let faces = match output.faces {
-        1 => "1 face".to_string(),
-        n => format!("{n} faces"),
+    let faces = match (output.faces, output.faces_found) {
+        (1, 1) => "1 face".to_string(),
+        (n, found) if found > n => format!("the {n} largest of the {found} faces I found"),
+        (n, _) => format!("{n} faces"),
     };
     let what = match kind {
         OutputKind::Sticker => "stickers",
@@ -147,6 +146,17 @@ pub fn result_summary(
 
 fn mb(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / 1_000_000.0)
+}
+
+/// "21.3 MB; the limit is 20.0 MB": the size rounded up and the limit down, so that a file
+/// just over the limit never reads as the same size.
+fn over_limit(size: u64, max: u64) -> String {
+    let tenths = |bytes: u64, round: fn(f64) -> f64| round(bytes as f64 / 100_000.0) / 10.0;
+    format!(
+        "{:.1} MB; the limit is {:.1} MB",
+        tenths(size, f64::ceil),
+        tenths(max, f64::floor)
+    )
 }
 
 // --- style packs -------------------------------------------------------------------------------
@@ -185,32 +195,6 @@ fn entry(name: &str) -> String {
     }
 }
 
-fn skip_reason(reason: &SkipReason) -> String {
-    match reason {
-        SkipReason::MacMetadata => "macOS metadata".into(),
-        SkipReason::Hidden => "hidden file".into(),
-        SkipReason::NotAnImage => "not a PNG, JPEG or WebP image".into(),
-        SkipReason::TooManyPixels {
-            width,
-            height,
-            limit,
-        } => format!(
-            "{width}x{height} is over the {:.1} megapixel limit",
-            *limit as f64 / 1e6
-        ),
-        SkipReason::Unreadable(_) => "damaged, can't be read".into(),
-        SkipReason::TooSmall {
-            width,
-            height,
-            min_side,
-        } => format!("too small ({width}x{height}; at least {min_side} px a side)"),
-        SkipReason::Elongated { width, height } => {
-            format!("too long and narrow ({width}x{height}) to hold a face")
-        }
-        SkipReason::Duplicate { of } => format!("a copy of `{of}`"),
-    }
-}
-
 /// "Skipped N files:" and a bulleted list (empty when nothing was skipped).
 pub fn skipped_files(skipped: &[Skipped]) -> String {
     if skipped.is_empty() {
@@ -222,11 +206,7 @@ pub fn skipped_files(skipped: &[Skipped]) -> String {
         if skipped.len() == 1 { "" } else { "s" }
     );
     for s in skipped.iter().take(SKIPPED_SHOWN) {
-        text.push_str(&format!(
-            "\n• `{}`: {}",
-            entry(&s.entry),
-            skip_reason(&s.reason)
-        ));
+        text.push_str(&format!("\n• `{}`: {}", entry(&s.entry), s.reason));
     }
     if skipped.len() > SKIPPED_SHOWN {
         text.push_str(&format!("\n• … and {} more", skipped.len() - SKIPPED_SHOWN));
@@ -237,10 +217,9 @@ pub fn skipped_files(skipped: &[Skipped]) -> String {
 pub fn archive_error(e: &ArchiveError, config: &StylePackConfig) -> String {
     match e {
         ArchiveError::TooLarge { bytes, max } => format!(
-            "That archive is too large ({} MB; the limit is {} MB). Upload fewer or smaller \
+            "That archive is too large ({}). Upload fewer or smaller \
              images.",
-            mb(*bytes),
-            mb(*max)
+            over_limit(*bytes, *max)
         ),
         ArchiveError::NotAZip => "That file isn't a zip archive. Put the cartoon faces (PNG, \
              JPEG or WebP) in a .zip and upload that."
@@ -260,6 +239,11 @@ pub fn archive_error(e: &ArchiveError, config: &StylePackConfig) -> String {
             "That archive is refused: `{}` has a path that leads outside the archive's folder \
              (`..`, an absolute path, a backslash or a drive letter). Zip the images again \
              from a plain folder.",
+            entry(name)
+        ),
+        ArchiveError::Link(name) => format!(
+            "That archive is refused: `{}` is a symbolic link, not an image. Zip the image \
+             files themselves.",
             entry(name)
         ),
         ArchiveError::Encrypted(name) => format!(
@@ -369,10 +353,9 @@ pub fn pack_error(e: &PackError, guild_id: u64, config: &StylePackConfig) -> Str
 pub fn pack_download_error(e: &PhotoError) -> String {
     match e {
         PhotoError::TooLarge { size, max } => format!(
-            "That archive is too large ({} MB; the limit is {} MB). Upload fewer or smaller \
+            "That archive is too large ({}). Upload fewer or smaller \
              images.",
-            mb(*size),
-            mb(*max)
+            over_limit(*size, *max)
         ),
         PhotoError::HostNotAllowed(_) => {
             "Attach the .zip itself to the command rather than a link.".into()
@@ -584,4 +567,25 @@ pub fn pack_list(packs: &[(GuildStyle, Option<TrainingRun>)]) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_just_over_the_limit_never_reads_as_the_limit() {
+        assert_eq!(
+            over_limit(20_000_001, 20_000_000),
+            "20.1 MB; the limit is 20.0 MB"
+        );
+        assert_eq!(
+            over_limit(30_000_000, 20_000_000),
+            "30.0 MB; the limit is 20.0 MB"
+        );
+        assert_eq!(
+            over_limit(10_485_761, 10_485_760),
+            "10.5 MB; the limit is 10.4 MB"
+        );
+    }
 }

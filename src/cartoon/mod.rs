@@ -111,6 +111,8 @@ pub struct CartoonPhoto {
     pub style: String,
     /// The faces, largest first.
     pub faces: Vec<CartoonFace>,
+    /// Faces found in the photo: more than `faces` when it has over `faces.max_faces`.
+    pub faces_found: usize,
     /// The photo with every face replaced by its cartoon.
     pub photo: RgbImage,
     /// Milliseconds per stage.
@@ -269,6 +271,7 @@ impl Cartoonizer {
         options: ComposeOptions,
     ) -> Result<CartoonPhoto, CartoonError> {
         let found = self.faces.find_faces(photo)?;
+        let faces_found = found.faces_found;
         if found.faces.is_empty() {
             return Err(CartoonError::NoFace);
         }
@@ -283,6 +286,7 @@ impl Cartoonizer {
         Ok(CartoonPhoto {
             style,
             faces,
+            faces_found,
             photo: pasted,
             timings,
         })

@@ -99,6 +99,8 @@ pub struct PhotoFaces {
     pub height: u32,
     /// The faces, largest first, at most `faces.max_faces`.
     pub faces: Vec<Face>,
+    /// Faces detected before the `max_faces` cut (at least `faces.len()`).
+    pub faces_found: usize,
     /// Time spent in each stage.
     pub timings: StageTimings,
 }
@@ -155,7 +157,9 @@ impl FacePipeline {
             *slot = clock.elapsed().as_secs_f64() * 1e3;
             clock = Instant::now();
         };
-        let detections = self.detect(photo)?;
+        let mut detections = self.detect(photo)?;
+        let faces_found = detections.len();
+        detections.truncate(self.settings.max_faces);
         lap(&mut timings.detect);
         let landmarks = self.locate_landmarks(photo, &detections)?;
         lap(&mut timings.landmarks);
@@ -193,12 +197,12 @@ impl FacePipeline {
             width: photo.width(),
             height: photo.height(),
             faces,
+            faces_found,
             timings,
         })
     }
 
-    /// Step 2: every face above the score and size floors, largest first, at most
-    /// `max_faces`. Small photos are searched whole; large ones also in tiles. The photo
+    /// Step 2: every face above the score and size floors, largest first. Small photos are searched whole; large ones also in tiles. The photo
     /// is searched zoomed out as well only when that can find more: when nothing was found,
     /// or a face reaches the photo's edge and may run past it.
     pub fn detect(&self, photo: &RgbImage) -> Result<Vec<DetectedFace>> {
@@ -219,7 +223,6 @@ impl FacePipeline {
             .filter(|f| f.bbox[2] >= self.settings.min_face_px)
             .collect();
         faces.sort_by(|a, b| b.area().total_cmp(&a.area()));
-        faces.truncate(self.settings.max_faces);
         Ok(faces)
     }
 

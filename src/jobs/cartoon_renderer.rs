@@ -127,6 +127,7 @@ impl Renderer for CartoonRenderer {
         Ok(RenderOutput {
             files,
             faces: result.faces.len(),
+            faces_found: result.faces_found,
             style: result.style,
             timings_ms,
         })

@@ -126,8 +126,10 @@ pub struct RenderedFile {
 pub struct RenderOutput {
     /// The output files, in the order shown to the user.
     pub files: Vec<RenderedFile>,
-    /// Faces found and rendered.
+    /// Faces rendered.
     pub faces: usize,
+    /// Faces found: more than `faces` when the photo has more than the renderer draws.
+    pub faces_found: usize,
     /// The style actually used (the default's name when the request had none).
     pub style: String,
     /// Per-stage timings, e.g. `[("decode", 12.0), ("detect", 80.5), ...]`.

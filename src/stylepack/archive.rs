@@ -2,7 +2,7 @@
 //!
 //! [`read_pack`] refuses the whole archive when it is too large, declares too many entries,
 //! names an entry that could escape a folder (`..`, absolute paths, backslashes, drive
-//! letters), has an encrypted entry, or expands past the per-entry or total limit. The
+//! letters), has an encrypted entry or a symbolic link, or expands past the per-entry or total limit. The
 //! expanded size is counted while decompressing: the sizes the archive declares are never
 //! trusted. Folders are ignored; macOS metadata, hidden files and entries that are not PNG,
 //! JPEG or WebP images within the pixel limit are skipped and listed. Nothing is written to
@@ -65,6 +65,38 @@ pub enum SkipReason {
     },
 }
 
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::MacMetadata => write!(f, "macOS metadata"),
+            Self::Hidden => write!(f, "hidden file"),
+            Self::NotAnImage => write!(f, "not a PNG, JPEG or WebP image"),
+            Self::TooManyPixels {
+                width,
+                height,
+                limit,
+            } => write!(
+                f,
+                "{width}x{height} is over the {:.1} megapixel limit",
+                *limit as f64 / 1e6
+            ),
+            Self::Unreadable(_) => write!(f, "damaged, can't be read"),
+            Self::TooSmall {
+                width,
+                height,
+                min_side,
+            } => write!(
+                f,
+                "too small ({width}x{height}; at least {min_side} px a side)"
+            ),
+            Self::Elongated { width, height } => {
+                write!(f, "too long and narrow ({width}x{height}) to hold a face")
+            }
+            Self::Duplicate { of } => write!(f, "a copy of `{of}`"),
+        }
+    }
+}
+
 /// An entry that was left out, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
@@ -116,6 +148,9 @@ pub enum ArchiveError {
     /// or NUL); holds the name.
     #[error("the entry {0:?} has a path that could escape its folder")]
     UnsafePath(String),
+    /// An entry is a symbolic link; holds its name.
+    #[error("the entry {0:?} is a symbolic link")]
+    Link(String),
     /// An entry is encrypted; holds its name.
     #[error("the entry {0:?} is encrypted")]
     Encrypted(String),
@@ -196,6 +231,9 @@ pub fn read_pack(bytes: &[u8], limits: &StylePackConfig) -> Result<PackArchive, 
         }
         if entry.encrypted() {
             return Err(ArchiveError::Encrypted(name));
+        }
+        if entry.is_symlink() {
+            return Err(ArchiveError::Link(name));
         }
         if entry.is_dir() {
             continue;

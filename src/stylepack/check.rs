@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use image::RgbImage;
 
+use super::archive::{read_pack, ArchiveError};
 use super::prepare::{cartoon_face, PreparedPack};
 use crate::config::StylePackConfig;
 use crate::face::FacePipeline;
@@ -123,11 +124,13 @@ pub fn style_spread(images: &[RgbImage]) -> f64 {
         / 4.0
 }
 
-/// A folder of images checked as an upload would be (`toonbot check-pack`).
+/// A folder or archive of images checked as an upload would be (`toonbot check-pack`).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct FolderCheck {
+pub struct PackCheck {
     /// Images read.
     pub images: usize,
+    /// Entries of an archive left out before the checks, each with its reason.
+    pub skipped: Vec<String>,
     /// Images where a face was found and aligned.
     pub faces_found: usize,
     /// The prepared images' style spread.
@@ -144,15 +147,50 @@ pub fn check_folder(
     dir: &Path,
     faces: &FacePipeline,
     config: &StylePackConfig,
-) -> Result<FolderCheck> {
+) -> Result<PackCheck> {
     let folder = ImageFolder::open(dir)?;
     let limits = config.image_limits();
-    let mut prepared: Vec<RgbImage> = Vec::with_capacity(folder.len());
+    let photos = folder.paths.iter().map(|path| {
+        crate::imageops::load_photo(path, &limits)
+            .with_context(|| format!("decoding {}", path.display()))
+    });
+    check_images(photos, Vec::new(), faces, config)
+}
+
+/// Reads a style-pack archive as `/stylepack upload` does (refusing it with the same
+/// [`ArchiveError`]s), then checks its usable images as [`check_folder`] does.
+pub fn check_archive(
+    zip: &[u8],
+    faces: &FacePipeline,
+    config: &StylePackConfig,
+) -> Result<std::result::Result<PackCheck, ArchiveError>> {
+    let archive = match read_pack(zip, config) {
+        Ok(archive) => archive,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    let limits = config.image_limits();
+    let photos = archive.images.iter().map(|image| {
+        crate::imageops::decode_photo(&image.bytes, &limits)
+            .with_context(|| format!("decoding {}", image.entry))
+    });
+    let skipped = archive
+        .skipped
+        .iter()
+        .map(|s| format!("{}: {}", s.entry, s.reason))
+        .collect();
+    check_images(photos, skipped, faces, config).map(Ok)
+}
+
+fn check_images(
+    photos: impl Iterator<Item = Result<RgbImage>>,
+    skipped: Vec<String>,
+    faces: &FacePipeline,
+    config: &StylePackConfig,
+) -> Result<PackCheck> {
+    let mut prepared: Vec<RgbImage> = Vec::new();
     let mut faces_found = 0;
-    for path in &folder.paths {
-        let photo = crate::imageops::load_photo(path, &limits)
-            .with_context(|| format!("decoding {}", path.display()))?;
-        let (face, found) = cartoon_face(&photo, faces)?;
+    for photo in photos {
+        let (face, found) = cartoon_face(&photo?, faces)?;
         faces_found += usize::from(found);
         prepared.push(face);
     }
@@ -162,8 +200,9 @@ pub fn check_folder(
         held_out: 0,
         faces_found,
     };
-    Ok(FolderCheck {
+    Ok(PackCheck {
         images: prepared.len(),
+        skipped,
         faces_found,
         style_spread,
         refusal: check_faces(&counts, config.min_face_share)

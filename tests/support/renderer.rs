@@ -226,6 +226,7 @@ impl TestRenderer {
         Ok(RenderOutput {
             files,
             faces,
+            faces_found: faces,
             style,
             timings_ms: vec![("draw".into(), t.elapsed().as_secs_f64() * 1000.0)],
         })
