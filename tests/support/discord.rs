@@ -93,6 +93,8 @@ impl Recorded {
 struct Shared {
     requests: Mutex<Vec<Recorded>>,
     cdn: Mutex<HashMap<String, (String, Vec<u8>)>>,
+    /// CDN paths answered with a redirect to the URL they map to.
+    redirects: Mutex<HashMap<String, String>>,
     /// Sender of the newest gateway connection's event queue.
     gateway: Mutex<Option<mpsc::UnboundedSender<Value>>>,
     /// (status, body) to answer the next sticker uploads with, instead of success.
@@ -141,10 +143,13 @@ impl FakeDiscord {
             }
         });
         let f = Arc::clone(&fake);
-        let app = Router::new().fallback(move |req: Request| {
-            let f = Arc::clone(&f);
-            async move { f.rest(req).await }
-        });
+        // Discord takes uploads of up to 25 MiB (the bot keeps to its own, smaller limit).
+        let app = Router::new()
+            .fallback(move |req: Request| {
+                let f = Arc::clone(&f);
+                async move { f.rest(req).await }
+            })
+            .layer(axum::extract::DefaultBodyLimit::max(25 << 20));
         tokio::spawn(async move { axum::serve(rest, app).await.unwrap() });
         fake
     }
@@ -166,6 +171,20 @@ impl FakeDiscord {
             .lock()
             .unwrap()
             .insert(path.clone(), (content_type.to_string(), bytes));
+        format!("{}{path}", self.base)
+    }
+
+    /// A CDN URL that answers `302 Found` with `location`, returned.
+    pub fn host_redirect(&self, filename: &str, location: &str) -> String {
+        let path = format!(
+            "/cdn/attachments/{CHANNEL_ID}/{}/{filename}",
+            self.next_id()
+        );
+        self.shared
+            .redirects
+            .lock()
+            .unwrap()
+            .insert(path.clone(), location.to_string());
         format!("{}{path}", self.base)
     }
 
@@ -195,6 +214,12 @@ impl FakeDiscord {
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.requests.lock().unwrap().clone()
+    }
+
+    /// The requests recorded after the first `start` (cheap to poll in a loop).
+    pub fn requests_from(&self, start: usize) -> Vec<Recorded> {
+        let requests = self.shared.requests.lock().unwrap();
+        requests.get(start..).unwrap_or_default().to_vec()
     }
 
     /// Waits (at most `timeout`) for a request matching `pred`; panics with the requests seen.
@@ -431,6 +456,9 @@ impl FakeDiscord {
         let uri = req.uri().clone();
         let full_path = uri.path().to_string();
         if method == Method::GET && full_path.starts_with("/cdn/") {
+            if let Some(location) = self.shared.redirects.lock().unwrap().get(&full_path) {
+                return (StatusCode::FOUND, [(header::LOCATION, location.clone())]).into_response();
+            }
             let file = self.shared.cdn.lock().unwrap().get(&full_path).cloned();
             return match file {
                 Some((ct, bytes)) => ([(header::CONTENT_TYPE, ct)], bytes).into_response(),
