@@ -315,8 +315,10 @@ struct TrainFlags {
     steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
+    /// Adam learning rate (default: 1e-4, photo2cartoon's; 2e-4 for the fast pack recipe,
+    /// as the bot trains packs).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Write the checkpoint every this many steps (and on Ctrl-C / SIGTERM).
     #[arg(long, default_value_t = 1000)]
     save_every: u64,
@@ -339,14 +341,14 @@ struct TrainFlags {
 }
 
 impl TrainFlags {
-    /// The settings, with `(size, batch, steps)` defaults for those not given.
-    fn args(self, (size, batch, steps): (usize, usize, u64)) -> cli::TrainArgs {
+    /// The settings, with `(size, batch, steps, lr)` defaults for those not given.
+    fn args(self, (size, batch, steps, lr): (usize, usize, u64, f64)) -> cli::TrainArgs {
         cli::TrainArgs {
             size: self.size.unwrap_or(size),
             batch: self.batch.unwrap_or(batch),
             steps: self.steps.unwrap_or(steps),
             seed: self.seed,
-            lr: self.lr,
+            lr: self.lr.unwrap_or(lr),
             save_every: self.save_every,
             sample_every: self.sample_every,
             log_every: self.log_every,
@@ -536,7 +538,7 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                     photos,
                     cartoons,
                     &out,
-                    &common.args((256, 1, 200_000)),
+                    &common.args((256, 1, 200_000, 1e-4)),
                     resume,
                 );
             }
@@ -544,7 +546,7 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                 "the fast recipe needs --val-photos: held-out aligned photos for its \
                  reconstruction check and sample grids",
             )?;
-            let args = common.args((128, 4, 2_000));
+            let args = common.args((128, 4, 2_000, 1e-4));
             let defaults = toonbot::train::fast::FastWeights::default();
             let weights = toonbot::train::fast::FastWeights {
                 content_luma: content_luma.unwrap_or(defaults.content_luma),
@@ -599,10 +601,10 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                 resume,
             };
             if fast {
-                let args = common.args((256, 4, 100_000));
+                let args = common.args((256, 4, 100_000, toonbot::train::pack::PACK_LR));
                 cli::train_finetune_fast(config, device, &ft, &args, minutes)
             } else {
-                cli::train_finetune(config, device, &ft, &common.args((256, 1, 2_000)))
+                cli::train_finetune(config, device, &ft, &common.args((256, 1, 2_000, 1e-4)))
             }
         }
         TrainCommand::Plot { results, out, font } => {
