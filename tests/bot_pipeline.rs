@@ -2,13 +2,15 @@
 //! against the fake Discord: a group photo in, one sticker and one avatar per face out.
 
 mod common;
+#[path = "support/pipeline.rs"]
+mod pipeline;
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pipeline::real_pipeline_bot;
 use support::discord::{FakeDiscord, APP_ID, PERM_ALL_TEXT};
-use toonbot::bot::{self, BotConfig, Token};
 use toonbot::cartoon::compose::STICKER_MAX_BYTES;
 use toonbot::cartoon::Cartoonizer;
 use toonbot::jobs::{CartoonRenderer, JobQueue, OutputKind, QueueConfig, RenderRequest};
@@ -24,27 +26,7 @@ async fn a_group_photo_gets_a_sticker_and_avatar_per_face_through_discord() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    common::install_random_style(&dir.path().join("styles"), "test");
-    let config = common::config_with_styles(&dir.path().join("styles"), "test");
-    let cartoonizer = Cartoonizer::load(&config, &candle_core::Device::Cpu).unwrap();
-    let renderer = CartoonRenderer::new(cartoonizer, config.limits.clone(), "test".into());
-
-    let fake = FakeDiscord::start().await;
-    let bot_config = BotConfig {
-        database: dir.path().join("toonbot.sqlite"),
-        allowed_cdn_hosts: vec!["127.0.0.1".into()],
-        api_proxy: Some(fake.base.clone()),
-        ..BotConfig::default()
-    };
-    let bot = bot::start(
-        bot_config,
-        Token::new("test-token"),
-        Arc::new(renderer),
-        None,
-    )
-    .await
-    .unwrap();
-    fake.wait_ready(1).await;
+    let (fake, bot) = real_pipeline_bot(dir.path()).await;
 
     let photo = std::fs::read(data.join("samples/groups/sample1.jpg")).unwrap();
     let attachment = fake.attachment("group.jpg", "image/jpeg", photo, None);

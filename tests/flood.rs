@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use support::harness::Harness;
+use support::memory::{own_mb, reset_peak};
 use support::renderer::{photo, Trigger};
 
 const USERS: u64 = 50;
@@ -29,16 +30,6 @@ enum Answer {
     Error,
 }
 
-fn rss_mb(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb / 1024.0
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_requests_from_fifty_users_are_all_answered_fairly() {
     let h = Harness::new(|c| c.progress_interval_ms = 1_000).await;
@@ -50,8 +41,8 @@ async fn a_thousand_requests_from_fifty_users_are_all_answered_fairly() {
         .into_iter()
         .map(|p| h.fake.attachment("photo.png", "image/png", p, None))
         .collect();
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
-    let before = rss_mb("VmRSS:");
+    reset_peak();
+    let before = own_mb("VmRSS:");
 
     let started = Instant::now();
     let mut sent: HashMap<String, (u64, Instant)> = HashMap::new();
@@ -110,7 +101,7 @@ async fn a_thousand_requests_from_fifty_users_are_all_answered_fairly() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let total_s = all_answered.unwrap().duration_since(started).as_secs_f64();
-    let peak = rss_mb("VmHWM:");
+    let peak = own_mb("VmHWM:");
 
     let count = |a: Answer| answers.values().filter(|(x, _, _)| *x == a).count();
     let mut results_per_user: HashMap<u64, usize> = HashMap::new();

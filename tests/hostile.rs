@@ -8,23 +8,23 @@
 mod common;
 #[path = "support/packs.rs"]
 mod packs;
+#[path = "support/pipeline.rs"]
+mod pipeline;
 mod support;
 
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use packs::{cartoon, faces_entries, pack_zip, zip_of, Packs, ADMIN_PERMS, USER};
+use pipeline::real_pipeline_bot;
 use serde_json::{json, Value};
 use support::discord::{FakeDiscord, APP_ID, PERM_ALL_TEXT};
 use support::harness::{assert_immediate_ephemeral, MEMBER};
+use support::memory::{own_mb, reset_peak, vm_mb};
 use support::trainer::TestTrainer;
-use toonbot::bot::{self, BotConfig, Token};
-use toonbot::cartoon::Cartoonizer;
-use toonbot::jobs::CartoonRenderer;
 use zip::write::SimpleFileOptions;
 
 /// The most any one command-line run may hold (measured: 14 MB for a refused archive, up to
@@ -626,24 +626,6 @@ fn pack_cases() -> Vec<PackCase> {
 
 // --- measuring ------------------------------------------------------------------------------
 
-/// This process's peak resident memory since the last [`reset_peak`], in MB.
-fn peak_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    vm_kb(&status, "VmHWM:").unwrap() / 1024.0
-}
-
-/// A `Vm*` field of a `/proc/<pid>/status`, in kB.
-fn vm_kb(status: &str, field: &str) -> Option<f64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-fn reset_peak() {
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
-}
-
 /// The command's exit code, stdout + stderr, and peak resident memory in MB: the child's own
 /// high-water mark (`VmHWM`), read until it exits. (The `ru_maxrss` of `wait4` would not do:
 /// a child spawned from this large process starts with this process's peak.)
@@ -655,14 +637,14 @@ fn run_measured(mut command: Command, dir: &Path) -> (Option<i32>, String, f64) 
         .spawn()
         .expect("toonbot runs");
     let status_file = format!("/proc/{}/status", child.id());
-    let mut peak_kb = 0.0f64;
+    let mut peak = 0.0f64;
     let status = loop {
-        if let Some(kb) = std::fs::read_to_string(&status_file)
+        if let Some(mb) = std::fs::read_to_string(&status_file)
             .ok()
             .as_deref()
-            .and_then(|s| vm_kb(s, "VmHWM:"))
+            .and_then(|s| vm_mb(s, "VmHWM:"))
         {
-            peak_kb = peak_kb.max(kb);
+            peak = peak.max(mb);
         }
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -672,7 +654,7 @@ fn run_measured(mut command: Command, dir: &Path) -> (Option<i32>, String, f64) 
     let text = std::fs::read_to_string(&out).unwrap() + &std::fs::read_to_string(&err).unwrap();
     std::fs::remove_file(out).unwrap();
     std::fs::remove_file(err).unwrap();
-    (status.code(), text, peak_kb / 1024.0)
+    (status.code(), text, peak)
 }
 
 fn toonbot(args: &[&str]) -> Command {
@@ -835,32 +817,6 @@ async fn cartoon_answer(fake: &FakeDiscord, token: &str, files: usize) -> (usize
     (sent(), answer.content(), ephemeral)
 }
 
-/// The bot with the real cartoon pipeline (a random-weights style `test`).
-async fn real_bot(dir: &Path) -> (Arc<FakeDiscord>, bot::RunningBot) {
-    common::install_random_style(&dir.join("styles"), "test");
-    let config = common::config_with_styles(&dir.join("styles"), "test");
-    let cartoonizer = Cartoonizer::load(&config, &candle_core::Device::Cpu).unwrap();
-    let renderer = CartoonRenderer::new(cartoonizer, config.limits.clone(), "test".into());
-    let fake = FakeDiscord::start().await;
-    let bot_config = BotConfig {
-        database: dir.join("toonbot.sqlite"),
-        allowed_cdn_hosts: vec!["127.0.0.1".into()],
-        api_proxy: Some(fake.base.clone()),
-        max_photo_bytes: config.limits.max_bytes,
-        ..BotConfig::default()
-    };
-    let bot = bot::start(
-        bot_config,
-        Token::new("test-token"),
-        Arc::new(renderer),
-        None,
-    )
-    .await
-    .unwrap();
-    fake.wait_ready(1).await;
-    (fake, bot)
-}
-
 fn send_cartoon(fake: &FakeDiscord, attachment: &Value, style: Option<&str>) -> String {
     let token = format!("tok{}", fake.next_id());
     fake.dispatch(
@@ -889,7 +845,7 @@ async fn every_hostile_case_gets_a_clear_answer_from_the_command_line_and_the_bo
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (fake, bot) = real_bot(dir.path()).await;
+    let (fake, bot) = real_pipeline_bot(dir.path()).await;
     let files_before = files_under(dir.path());
 
     for case in photo_cases(&data) {
@@ -906,7 +862,7 @@ async fn every_hostile_case_gets_a_clear_answer_from_the_command_line_and_the_bo
             Expect::Says(_) => 0,
         };
         let (files, text, ephemeral) = cartoon_answer(&fake, &token, expected).await;
-        let peak = peak_mb();
+        let peak = own_mb("VmHWM:");
         match case.bot {
             Expect::Faces(n) => {
                 assert_eq!(
@@ -972,7 +928,7 @@ async fn every_hostile_case_gets_a_clear_answer_from_the_command_line_and_the_bo
         reset_peak();
         let token = send_cartoon(&fake, attachment, style);
         let (files, text, ephemeral) = cartoon_answer(&fake, &token, 0).await;
-        let peak = peak_mb();
+        let peak = own_mb("VmHWM:");
         assert_eq!(files, 0, "{name}");
         assert!(ephemeral, "{name}: ephemeral");
         assert!(text.contains(needle), "{name}: {needle:?} in {text:?}");
@@ -992,7 +948,7 @@ async fn every_hostile_case_gets_a_clear_answer_from_the_command_line_and_the_bo
         reset_peak();
         let token = p.upload(ADMIN_PERMS, case.zip, "pack", None);
         let answer = p.upload_answer(&token, case.bot).await;
-        let peak = peak_mb();
+        let peak = own_mb("VmHWM:");
         if answer.contains("images accepted") {
             p.wait_post("the evaluation", |r| {
                 r.content().contains("**pack** is ready")

@@ -5,5 +5,6 @@
 
 pub mod discord;
 pub mod harness;
+pub mod memory;
 pub mod renderer;
 pub mod trainer;
