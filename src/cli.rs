@@ -307,15 +307,12 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
     );
     let faces = std::sync::Arc::new(FacePipeline::load(config, device)?);
     let trainer: Option<std::sync::Arc<dyn crate::stylepack::StyleTrainer>> =
-        match train::data::ImageFolder::open(&config.stylepacks.photos) {
-            Ok(_) => Some(std::sync::Arc::new(
+        match config.stylepacks.check_training() {
+            Ok(()) => Some(std::sync::Arc::new(
                 crate::stylepack::finetuner::CandleTrainer::new(config, faces.clone(), device),
             )),
             Err(e) => {
-                tracing::warn!(
-                    "style packs cannot train, uploads will be refused: stylepacks.photos: {e:#} \
-                     (make aligned photos with `toonbot prepare`)"
-                );
+                tracing::warn!("style packs cannot train, uploads will be refused: {e:#}");
                 None
             }
         };

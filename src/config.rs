@@ -206,6 +206,19 @@ impl StylePackConfig {
         }
     }
 
+    /// Checks that packs can train with these settings: the aligned photos are there and the
+    /// fast recipe's discriminator takes `size`.
+    pub fn check_training(&self) -> Result<()> {
+        if self.recipe == PackRecipe::Fast {
+            crate::nets::projected_discriminator::check_size(self.size)
+                .context("stylepacks.size")?;
+        }
+        crate::train::data::ImageFolder::open(&self.photos).with_context(|| {
+            "stylepacks.photos (make aligned photos with `toonbot prepare`)".to_string()
+        })?;
+        Ok(())
+    }
+
     /// The fast recipe's time budget for a pack of `images` training images, in minutes.
     pub fn budget_minutes(&self, images: usize) -> f64 {
         (self.minutes_per_image * images as f64).clamp(5.0_f64.min(self.minutes), self.minutes)
@@ -346,6 +359,42 @@ mod tests {
         assert!((c.budget_minutes(10) - 12.0).abs() < 1e-9);
         assert_eq!(c.budget_minutes(30), 25.0);
         assert_eq!(c.budget_minutes(400), 25.0);
+    }
+
+    #[test]
+    fn packs_train_only_at_sizes_the_recipe_takes_and_with_photos() {
+        let photos = tempfile::tempdir().unwrap();
+        image::RgbImage::new(8, 8)
+            .save(photos.path().join("a.png"))
+            .unwrap();
+        let at = |recipe, size, photos: &Path| StylePackConfig {
+            recipe,
+            size,
+            photos: photos.to_path_buf(),
+            ..StylePackConfig::default()
+        };
+        for size in [128, 160, 256] {
+            at(PackRecipe::Fast, size, photos.path())
+                .check_training()
+                .unwrap();
+        }
+        for size in [64, 144, 288] {
+            let e = at(PackRecipe::Fast, size, photos.path())
+                .check_training()
+                .unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                e.starts_with("stylepacks.size: ") && e.contains("from 128 to 256"),
+                "{e}"
+            );
+        }
+        at(PackRecipe::Photo2cartoon, 64, photos.path())
+            .check_training()
+            .unwrap();
+        let e = at(PackRecipe::Fast, 256, &photos.path().join("missing"))
+            .check_training()
+            .unwrap_err();
+        assert!(format!("{e:#}").starts_with("stylepacks.photos"), "{e:#}");
     }
 
     #[test]

@@ -815,81 +815,124 @@ fn tiny_finetunable_base(dir: &Path, photos: &Path) {
     .unwrap();
 }
 
-/// The real trainer behind the bot with photo2cartoon's recipe: a pack fine-tunes `classic`
-/// for 2 steps at 32 px with
-/// progress, previews and (where the Inception weights are present) KID; the published style
-/// then cartoonises a real photo through the real pipeline.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_candle_trainer_fine_tunes_a_pack_that_the_cartoonizer_then_uses() {
-    let Some(data) = common::shared_data() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let photos = dir.path().join("photos");
-    std::fs::create_dir_all(&photos).unwrap();
-    let mut aligned = walk(&data.join("photos/p2c-aligned/test"));
-    aligned.sort();
-    for from in &aligned[..3] {
-        std::fs::copy(from, photos.join(from.file_name().unwrap())).unwrap();
-    }
-    tiny_finetunable_base(&dir.path().join("shipped/classic"), &photos);
-    let mut config = common::config_with_styles(&dir.path().join("styles"), "classic");
-    config.stylepacks = StylePackConfig {
-        recipe: PackRecipe::Photo2cartoon,
-        photos,
-        size: 32,
-        eval_photos: 2,
-        steps: 2,
-        preview_every: 1,
-        ..pack_config(dir.path())
-    };
-    let device = candle_core::Device::Cpu;
-    let trainer = toonbot::stylepack::finetuner::CandleTrainer::new(&config, faces(), &device);
-    let h = Packs::harness(dir, config.stylepacks.clone(), Arc::new(trainer), |_| {}).await;
-    // Not used: the candle trainer trains.
-    let p = Packs {
-        h,
-        trainer: Arc::new(TestTrainer::default()),
-    };
-    p.upload(ADMIN_PERMS, pack_zip(10, &[]), "blobs", None);
+/// A bot whose style packs train with the real [`CandleTrainer`] and `recipe` at `size` px for
+/// 2 steps, from a fine-tunable `classic` with fresh weights, on 3 real aligned photos.
+struct CandleRun {
+    p: Packs,
+    config: toonbot::config::Config,
+    aligned: Vec<PathBuf>,
+}
 
-    let done =
-        p.h.fake
+impl CandleRun {
+    async fn start(recipe: PackRecipe, size: usize) -> Option<Self> {
+        let data = common::shared_data()?;
+        let dir = tempfile::tempdir().unwrap();
+        let photos = dir.path().join("photos");
+        std::fs::create_dir_all(&photos).unwrap();
+        let mut aligned = walk(&data.join("photos/p2c-aligned/test"));
+        aligned.sort();
+        for from in &aligned[..3] {
+            std::fs::copy(from, photos.join(from.file_name().unwrap())).unwrap();
+        }
+        tiny_finetunable_base(&dir.path().join("shipped/classic"), &photos);
+        let mut config = common::config_with_styles(&dir.path().join("styles"), "classic");
+        config.stylepacks = StylePackConfig {
+            recipe,
+            photos,
+            size,
+            eval_photos: 2,
+            steps: 2,
+            preview_every: 1,
+            ..pack_config(dir.path())
+        };
+        let trainer = toonbot::stylepack::finetuner::CandleTrainer::new(
+            &config,
+            faces(),
+            &candle_core::Device::Cpu,
+        );
+        let h = Packs::harness(dir, config.stylepacks.clone(), Arc::new(trainer), |_| {}).await;
+        // Not used: the candle trainer trains.
+        let p = Packs {
+            h,
+            trainer: Arc::new(TestTrainer::default()),
+        };
+        Some(Self { p, config, aligned })
+    }
+
+    /// Uploads a 10-image pack as `blobs` and waits for its draft; a failed run panics with
+    /// the run's error.
+    async fn train(&self) -> Recorded {
+        self.p.upload(ADMIN_PERMS, pack_zip(10, &[]), "blobs", None);
+        let done = self
+            .p
+            .h
+            .fake
             .wait_for("the trained draft", Duration::from_secs(600), |r| {
-                r.content().contains("ready as a draft")
+                r.content().contains("ready as a draft") || r.content().contains("failed")
             })
             .await;
-    let inception = config.models.dir.join("inception.safetensors").is_file();
-    let expected = if inception {
-        "**KID×100 "
-    } else {
-        "The evaluation failed"
+        if !done.content().contains("ready as a draft") {
+            let run = self.p.h.bot().store().latest_run("blobs").await.unwrap();
+            panic!("{}\n{:?}", done.content(), run.and_then(|r| r.error));
+        }
+        done
+    }
+
+    /// Checks the draft's evaluation (KID where the Inception weights are present), that the
+    /// progress edit at the last step shows `losses`, and that the run is recorded as done.
+    async fn check_draft(&self, done: &Recorded, losses: &[&str]) {
+        let inception = self
+            .config
+            .models
+            .dir
+            .join("inception.safetensors")
+            .is_file();
+        let expected = if inception {
+            "**KID×100 "
+        } else {
+            "The evaluation failed"
+        };
+        let store = self.p.h.bot().store();
+        let style = store.guild_style("blobs").await.unwrap().unwrap();
+        assert!(
+            done.content().contains(expected),
+            "{}\n{:?}",
+            done.content(),
+            style.eval_error
+        );
+        let posts = self.p.channel_posts();
+        let progress = posts
+            .iter()
+            .find(|r| r.method == "PATCH" && r.content().contains("step 2/2"))
+            .expect("a progress edit at the last step");
+        for needle in losses.iter().chain(&["images/s"]) {
+            assert!(
+                progress.content().contains(needle),
+                "{needle:?} in {}",
+                progress.content()
+            );
+        }
+        assert_eq!(style.eval.is_some(), inception);
+        let run = store.latest_run("blobs").await.unwrap().unwrap();
+        assert_eq!((run.status, run.step), (RunStatus::Done, 2));
+    }
+}
+
+/// The real trainer behind the bot with photo2cartoon's recipe: a pack fine-tunes `classic`
+/// for 2 steps at 32 px with progress, previews and (where the Inception weights are present)
+/// KID; the published style then cartoonises a real photo through the real pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_candle_trainer_fine_tunes_a_pack_that_the_cartoonizer_then_uses() {
+    let Some(run) = CandleRun::start(PackRecipe::Photo2cartoon, 32).await else {
+        return;
     };
-    let store = p.h.bot().store();
-    let style = store.guild_style("blobs").await.unwrap().unwrap();
-    assert!(
-        done.content().contains(expected),
-        "{}\n{:?}",
-        done.content(),
-        style.eval_error
-    );
+    let done = run.train().await;
     let grid = &done.files[0].bytes;
     assert_eq!(png_info(grid).0, 3 * 32, "photos | cartoons | cycle");
-    let posts = p.channel_posts();
-    let progress = posts
-        .iter()
-        .find(|r| r.method == "PATCH" && r.content().contains("step 2/2"))
-        .expect("a progress edit at the last step");
-    for needle in ["losses G ", "cycle ", "face-id ", "images/s"] {
-        assert!(
-            progress.content().contains(needle),
-            "{needle:?} in {}",
-            progress.content()
-        );
-    }
-    assert_eq!(style.eval.is_some(), inception);
-    let run = store.latest_run("blobs").await.unwrap().unwrap();
-    assert_eq!((run.status, run.step), (RunStatus::Done, 2));
+    run.check_draft(&done, &["losses G ", "cycle ", "face-id "])
+        .await;
+    let (p, config, aligned) = (&run.p, &run.config, &run.aligned);
+    let device = candle_core::Device::Cpu;
 
     assert_immediate_ephemeral(
         &p.h,
@@ -903,7 +946,7 @@ async fn the_candle_trainer_fine_tunes_a_pack_that_the_cartoonizer_then_uses() {
         manifest.contains("base = \"classic\"") && manifest.contains("steps = 2"),
         "{manifest}"
     );
-    let cartoonizer = toonbot::cartoon::Cartoonizer::load(&config, &device).unwrap();
+    let cartoonizer = toonbot::cartoon::Cartoonizer::load(config, &device).unwrap();
     let selfie = std::fs::read(&aligned[3]).unwrap();
     let options = toonbot::cartoon::compose::ComposeOptions::default();
     let result = cartoonizer
@@ -911,4 +954,19 @@ async fn the_candle_trainer_fine_tunes_a_pack_that_the_cartoonizer_then_uses() {
         .unwrap();
     assert_eq!((result.style.as_str(), result.faces.len()), ("blobs", 1));
     assert_eq!(result.faces[0].sticker.dimensions(), (320, 320));
+}
+
+/// The bot's default, the fast recipe, through the real trainer: 2 steps at 128 px (the smallest the
+/// projected discriminator takes) from a base
+/// with fresh weights, with its losses in the progress edits, a preview and the evaluation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_candle_trainer_fine_tunes_a_pack_with_the_fast_recipe() {
+    let Some(run) = CandleRun::start(PackRecipe::Fast, 128).await else {
+        return;
+    };
+    let done = run.train().await;
+    let grid = &done.files[0].bytes;
+    assert_eq!(png_info(grid).0, 3 * 128, "photos | base style | new style");
+    run.check_draft(&done, &["losses G ", "anchor ", "face-id "])
+        .await;
 }

@@ -145,6 +145,22 @@ const MAX_DOWN: [usize; 4] = [3, 2, 1, 0];
 /// The largest image side the heads take.
 pub const MAX_SIZE: usize = 256;
 
+/// The smallest image side the heads take: the backbone's deepest features (stride 32) must
+/// cover the heads' 4x4 output kernel.
+pub const MIN_SIZE: usize = 128;
+
+/// Checks that the heads take images of side `size`: multiples of 32 from [`MIN_SIZE`] to
+/// [`MAX_SIZE`].
+pub fn check_size(size: usize) -> Result<()> {
+    if !(size.is_multiple_of(32) && (MIN_SIZE..=MAX_SIZE).contains(&size)) {
+        candle_core::bail!(
+            "the projected discriminator takes image sides that are multiples of 32 from \
+             {MIN_SIZE} to {MAX_SIZE}, not {size}"
+        )
+    }
+    Ok(())
+}
+
 /// The fast recipe's discriminator: the fixed random mixings and the trainable heads on top
 /// of a frozen [`Backbone`] (passed to each forward).
 #[derive(Debug, Clone)]
@@ -186,8 +202,7 @@ impl ProjectedDiscriminator {
     }
 
     /// The logits of every head, flattened and concatenated: `(N, L)`. With `train`, every
-    /// spectral norm does one power iteration. `x` in [-1, 1], sides multiples of 32 from
-    /// 128 to [`MAX_SIZE`].
+    /// spectral norm does one power iteration. `x` in [-1, 1], sides that pass [`check_size`].
     pub fn forward_t(&self, backbone: &Backbone, x: &Tensor, train: bool) -> Result<Tensor> {
         let features = backbone.features(x)?;
         let n = x.dim(0)?;

@@ -23,7 +23,7 @@ use crate::imageops;
 use crate::nets::face_embedder::cosine_similarity;
 use crate::nets::generator;
 use crate::nets::layers::is_buffer;
-use crate::nets::projected_discriminator::{ProjectedDiscriminator, MAX_SIZE};
+use crate::nets::projected_discriminator::{self, ProjectedDiscriminator};
 use crate::train::adam::Adam;
 use crate::train::checkpoint::{self, to_safetensors, write_atomically};
 use crate::train::data::{ImageFolder, TrainData};
@@ -199,10 +199,7 @@ impl FastTrainer {
             _ => None,
         };
         for size in [spec.low_size, spec.high_size] {
-            anyhow::ensure!(
-                size.is_multiple_of(32) && (128..=MAX_SIZE).contains(&size),
-                "image sizes must be multiples of 32 from 128 to {MAX_SIZE}, got {size}"
-            );
+            projected_discriminator::check_size(size)?;
         }
         anyhow::ensure!(
             spec.batch > 0 && spec.steps > 0,

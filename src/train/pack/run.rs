@@ -18,6 +18,7 @@ use super::cache::{CacheInputs, PhotoCache};
 use super::step::PackStep;
 use super::PackSpec;
 use crate::cartoon::styles::{StyleManifest, WEIGHTS_FILE};
+use crate::nets::projected_discriminator;
 use crate::rng::SplitMix64;
 use crate::train::adam::Adam;
 use crate::train::checkpoint::{self, to_safetensors, write_atomically};
@@ -114,6 +115,7 @@ impl PackTrainer {
             spec.batch > 0 && spec.minutes > 0.0 && spec.max_steps > 0,
             "batch, minutes and steps must be positive"
         );
+        projected_discriminator::check_size(spec.size)?;
         anyhow::ensure!(
             matches!(spec.freeze, Freeze::Decoder | Freeze::Branches),
             "a pack trains the decoder side or the branches of its base, not all of it"
