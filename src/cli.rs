@@ -18,7 +18,6 @@ use crate::config::Config;
 use crate::face::{FacePipeline, PhotoFaces};
 use crate::imageops;
 use crate::train;
-use crate::train::bench::BenchRecipe;
 
 /// `--device`: where the networks run.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -357,66 +356,20 @@ pub fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `toonbot bench --train`: training step times (JSON or a short table).
+/// `toonbot bench --train`: training step times at each size (JSON or a short table).
 pub fn bench_train(
     config: &Config,
     device: &Device,
-    size: usize,
-    (recipes, batches): (&[BenchRecipe], &[usize]),
-    runs: usize,
-    reference_python: Option<&Path>,
+    plan: &train::bench::TrainBenchPlan,
     json: bool,
 ) -> Result<ExitCode> {
-    let runs = runs.max(1);
-    let models = &config.models.dir;
-    let mut report = train::bench::run(device, models, size, recipes, batches, runs)?;
-    if let Some(python) = reference_python {
-        let p2c_batches = match batches {
-            [] => vec![BenchRecipe::Photo2cartoon.default_batch()],
-            b => b.to_vec(),
-        };
-        report.reference = Some(train::bench::reference_step(
-            python,
-            size,
-            &p2c_batches,
-            runs,
-        )?);
-    }
+    let reports = train::bench::run_plan(device, &config.models.dir, plan)?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("training step at {size}x{size} on {}", report.device);
-    for (recipe, times) in &report.recipes {
-        for (batch, ms) in &times.ms_per_step {
-            print!(
-                "{:<14} batch {batch:<4} {ms:>10.0} ms/step {:>8.2} images/s",
-                format!("{recipe:?}").to_lowercase(),
-                times.images_per_s[batch]
-            );
-            let reference = report
-                .reference
-                .as_ref()
-                .filter(|_| *recipe == BenchRecipe::Photo2cartoon);
-            if let Some(r) = reference {
-                let theirs = r.ms_per_step.get(batch).copied().unwrap_or(f64::NAN);
-                print!(
-                    " | {}: {theirs:.0} ms/step, candle/reference {:.2}",
-                    r.runtime,
-                    ms / theirs
-                );
-            }
-            println!();
+        println!("{}", train::bench::json_line(&reports)?);
+    } else {
+        for report in &reports {
+            print!("{}", report.table());
         }
-    }
-    if let Some(ratio) = report.fast_over_photo2cartoon {
-        println!("fast / photo2cartoon seconds per image: {ratio:.3} (median of per-run ratios)");
-    }
-    if let Some(mib) = report.peak_rss_mib {
-        println!("peak host memory {mib:.0} MiB");
-    }
-    if let Some(diff) = report.cuda_vs_cpu_max_abs_diff {
-        println!("generator output, max |CUDA - CPU| = {diff:.2e}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use toonbot::cli;
 use toonbot::config::Config;
-use toonbot::train::bench::BenchRecipe;
+use toonbot::train::bench::{BenchRecipe, TrainBenchPlan};
 
 /// toonbot: turns the faces in photos into cartoons (CLI and Discord bot).
 #[derive(Parser)]
@@ -70,7 +70,8 @@ enum Command {
         /// Runs per measurement (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Also time the PyTorch reference generator with this Python (needs torch).
+        /// Also time the PyTorch reference generator with this Python (needs torch); with
+        /// --train, each recipe's reference step (tools/reference/), and candle_over_pytorch.
         #[arg(long)]
         reference_python: Option<PathBuf>,
         /// Print the report as JSON instead of a table.
@@ -84,9 +85,11 @@ enum Command {
         /// photo2cartoon). With both, the report has fast_over_photo2cartoon.
         #[arg(long, value_enum)]
         recipe: Vec<Recipe>,
-        /// Training image side for --train.
-        #[arg(long, default_value_t = 256)]
-        size: usize,
+        /// Training image sides for --train (default 256, or 128 and 256 with
+        /// --reference-python; several are timed one after the other, and --json prints them
+        /// in one line).
+        #[arg(long, num_args = 1..)]
+        size: Vec<usize>,
         /// Batch sizes: of the generator alone (default 1 and 4), or with --train of the
         /// training steps (default: each recipe's own, 1 for photo2cartoon and 4 for fast).
         #[arg(long, num_args = 1..)]
@@ -428,15 +431,18 @@ fn run(args: Args) -> Result<ExitCode> {
             } else {
                 recipes
             };
-            cli::bench_train(
-                &config,
-                &device,
-                size,
-                (&recipes, &batch),
+            let plan = TrainBenchPlan {
+                sizes: match (size.is_empty(), &reference_python) {
+                    (false, _) => size,
+                    (true, Some(_)) => vec![128, 256],
+                    (true, None) => vec![256],
+                },
+                recipes,
+                batches: batch,
                 runs,
-                reference_python.as_deref(),
-                json,
-            )
+                reference_python,
+            };
+            cli::bench_train(&config, &device, &plan, json)
         }
         Command::Bench {
             photo,
