@@ -255,8 +255,8 @@ async fn waiting_jobs_can_be_cancelled_and_shutdown_drops_the_rest() {
     let second = q.submit(1, request(2)).unwrap();
     let third = q.submit(1, request(3)).unwrap();
     assert_eq!(position(&third), Some(2));
-    assert!(second.cancel());
-    assert!(!running.cancel(), "a running job cannot be cancelled");
+    assert!(second.cancel().await);
+    assert!(!running.cancel().await, "a running job cannot be cancelled");
     assert_eq!(position(&third), Some(1));
     assert!(tokio::time::timeout(T, second.wait())
         .await

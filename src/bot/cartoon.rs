@@ -354,6 +354,7 @@ fn submit_code(e: &crate::jobs::SubmitError) -> &'static str {
         crate::jobs::SubmitError::QueueFull { .. } => "queue_full",
         crate::jobs::SubmitError::UserLimit { .. } => "user_limit",
         crate::jobs::SubmitError::ShuttingDown => "shutting_down",
+        crate::jobs::SubmitError::Unavailable(_) => "unavailable",
     }
 }
 

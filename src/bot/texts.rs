@@ -64,6 +64,9 @@ pub fn submit_error(e: &SubmitError) -> String {
         SubmitError::ShuttingDown => {
             "I'm restarting right now. Send the photo again in a minute.".into()
         }
+        SubmitError::Unavailable(_) => {
+            "I can't reach my render service right now. Send the photo again in a minute.".into()
+        }
     }
 }
 

@@ -15,8 +15,10 @@
 //! Nothing here knows Discord or SQLite.
 
 mod cartoon_renderer;
+mod jetstream;
 
 pub use cartoon_renderer::CartoonRenderer;
+pub use jetstream::{JetStreamConfig, JetStreamQueue, JetStreamWorker, StyleVersion};
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -243,6 +245,11 @@ impl CacheKey {
         ]);
         Self(h.finalize().into())
     }
+
+    /// Lowercase hex: the job's name in the broker.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,6 +298,9 @@ pub enum SubmitError {
     /// [`JobQueue::shutdown`] was called: no more jobs are taken.
     #[error("the queue is shutting down")]
     ShuttingDown,
+    /// The broker ([`JetStreamQueue`]) could not be reached or refused the job.
+    #[error("the job service is unavailable ({0})")]
+    Unavailable(String),
 }
 
 /// A job's state, as seen through its [`JobHandle`].
@@ -474,7 +484,13 @@ pub struct JobHandle {
     rx: watch::Receiver<JobStatus>,
     /// Served from the cache or attached to an identical job.
     shared: bool,
-    queue: Arc<Inner>,
+    canceller: Canceller,
+}
+
+/// Where a job is cancelled.
+enum Canceller {
+    InProcess(Arc<Inner>),
+    JetStream { queue: JetStreamQueue, key: String },
 }
 
 impl JobHandle {
@@ -526,11 +542,18 @@ impl JobHandle {
 
     /// Cancels the job if it is still waiting and was started by this handle. Returns whether
     /// it was removed from the queue.
-    pub fn cancel(&self) -> bool {
+    pub async fn cancel(&self) -> bool {
         if self.shared {
             return false;
         }
-        let mut sched = self.queue.lock();
+        match &self.canceller {
+            Canceller::InProcess(queue) => self.cancel_in_process(queue),
+            Canceller::JetStream { queue, key } => queue.cancel(key).await,
+        }
+    }
+
+    fn cancel_in_process(&self, queue: &Inner) -> bool {
+        let mut sched = queue.lock();
         let mut removed = None;
         for (user, queue) in sched.waiting.iter_mut() {
             if let Some(i) = queue.iter().position(|j| j.id == self.id) {
@@ -546,7 +569,7 @@ impl JobHandle {
         }
         sched.len -= 1;
         sched.release(user);
-        self.queue.pending.remove(&job.key);
+        queue.pending.remove(&job.key);
         job.tx.send_replace(JobStatus::Cancelled);
         sched.publish_positions();
         true
@@ -621,7 +644,7 @@ impl JobQueue {
                 id: 0,
                 rx,
                 shared: true,
-                queue: Arc::clone(inner),
+                canceller: Canceller::InProcess(Arc::clone(inner)),
             });
         }
         let mut sched = inner.lock();
@@ -634,7 +657,7 @@ impl JobQueue {
                 id: 0,
                 rx: rx.clone(),
                 shared: true,
-                queue: Arc::clone(inner),
+                canceller: Canceller::InProcess(Arc::clone(inner)),
             });
         }
         inner.admit(&sched, user)?;
@@ -663,7 +686,7 @@ impl JobQueue {
             id,
             rx,
             shared: false,
-            queue: Arc::clone(inner),
+            canceller: Canceller::InProcess(Arc::clone(inner)),
         })
     }
 
@@ -694,6 +717,38 @@ impl JobQueue {
         sched.len = 0;
         drop(sched);
         self.inner.work.notify_all();
+    }
+}
+
+/// The one queue interface the bot and the conformance suite use: the in-process queue (one
+/// process, the default) or JetStream (several processes).
+#[derive(Clone)]
+pub enum RenderQueue {
+    /// [`JobQueue`]: worker threads in this process.
+    InProcess(JobQueue),
+    /// [`JetStreamQueue`]: workers anywhere, through the broker.
+    JetStream(JetStreamQueue),
+}
+
+impl RenderQueue {
+    /// Whether `user` could submit a job now (a cheap pre-check before downloading a photo).
+    pub async fn check_admission(&self, user: u64) -> Result<(), SubmitError> {
+        match self {
+            Self::InProcess(queue) => queue.check_admission(user),
+            Self::JetStream(queue) => queue.check_admission(user).await,
+        }
+    }
+
+    /// Submits a render for `user`; identical requests share one render.
+    pub async fn submit(
+        &self,
+        user: u64,
+        request: RenderRequest,
+    ) -> Result<JobHandle, SubmitError> {
+        match self {
+            Self::InProcess(queue) => queue.submit(user, request),
+            Self::JetStream(queue) => queue.submit(user, request).await,
+        }
     }
 }
 

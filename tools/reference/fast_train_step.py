@@ -46,9 +46,10 @@ Where it differs from the candle step, all small next to the convolutions:
     kernels); PyTorch's best ordinary form of the same network;
   - PyTorch's Adam (per-tensor loop on the CPU) in place of toonbot's Adam, and
     zero_grad before each backward pass where candle gets fresh gradients.
-As in the candle step, the discriminators are frozen for the generator's update (their
-parameters' requires_grad off), so its backward computes no discriminator weight gradient,
-and the backbone's weights never get one.
+As in the candle step, the generator update's backward also computes the discriminators'
+weight gradients (their parameters still require grad; skipping them in the candle step
+made no measurable difference at 128 px: after/before 1.00, 1.03, 0.97 in three
+alternating runs), and the backbone's weights never get one.
 
 Prints one JSON line: {"runtime", "device", "size", "ms_per_step": {batch: ms},
 "steps_per_run", "backbone"}.
@@ -370,8 +371,7 @@ class Fast:
         self.face = face_embedder().to(device).eval().requires_grad_(False)
         adam = dict(lr=1e-4, betas=(0.5, 0.999), weight_decay=0.0)
         self.g_opt = torch.optim.Adam(self.gen.parameters(), **adam)
-        self.d_params = self.projected.trainable() + list(self.local.parameters())
-        self.d_opt = torch.optim.Adam(self.d_params, **adam)
+        self.d_opt = torch.optim.Adam(self.projected.trainable() + list(self.local.parameters()), **adam)
         self.ada = AdaptiveProbability(ADA_P, ADA_TARGET, ADA_SPEED_IMAGES)
         self.sobel = torch.tensor([[[[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]]],
                                    [[[-1., -2., -1.], [0., 0., 0.], [1., 2., 1.]]]], device=device)
@@ -402,8 +402,6 @@ class Fast:
         self.d_opt.step()
 
         self.g_opt.zero_grad()
-        for q in self.d_params:  # frozen for the generator's update, as the candle step
-            q.requires_grad_(False)
         fake_aug = aug(fake, "generated")
         g_global = -self.projected(self.backbone, fake_aug).mean()
         logit, cam, _ = self.local(fake_aug)
@@ -421,8 +419,6 @@ class Fast:
         if W["identity_every"] > 0 and step % W["identity_every"] == 0:
             same, same_cam, _ = self.gen(cartoons)
             (W["identity"] * l1(same, cartoons) + W["cam"] * bce(same_cam, 0.0)).backward()
-        for q in self.d_params:
-            q.requires_grad_(True)
         self.g_opt.step()
         with torch.no_grad():
             for name, param in self.gen.named_parameters():

@@ -1,0 +1,534 @@
+//! One conformance suite for both render queues: the in-process queue, and JetStream against
+//! a real `nats-server` (Debian's 2.9, started here on a free loopback port with its own
+//! store). Without `nats-server` on the PATH the JetStream runs are skipped with a message;
+//! `.ci/run` installs it.
+//!
+//! Common properties: the per-user cap, a light user served within the cap, identical
+//! requests rendered once, cancelling a waiting job, positions, a faulty render ending with
+//! a clear error, a 10 MiB photo. JetStream only: a worker killed mid-job, a broker
+//! restart, the dead-letter subject, a job longer than the lease.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::renderer::{photo, png, tag_of, TestRenderer, Trigger};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use toonbot::jobs::{
+    JetStreamConfig, JetStreamQueue, JetStreamWorker, JobHandle, JobOutcome, JobQueue, JobStatus,
+    OutputKind, QueueConfig, RenderError, RenderQueue, RenderRequest, Renderer, SubmitError,
+};
+
+const T: Duration = Duration::from_secs(20);
+const PER_USER: usize = 2;
+
+fn request(image: Vec<u8>) -> RenderRequest {
+    RenderRequest {
+        image,
+        style: None,
+        output: OutputKind::Sticker,
+        outline: false,
+        round_avatar: false,
+    }
+}
+
+fn tagged(tag: u32) -> RenderRequest {
+    request(photo(1, Trigger::Normal, tag))
+}
+
+/// A `nats-server -js` on a free loopback port, storing in its own folder; killed on drop.
+struct NatsServer {
+    child: Child,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// `None` (and a message) where `nats-server` is not installed.
+    fn start() -> Option<Self> {
+        if Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!(
+                "SKIPPED the JetStream runs: nats-server is not on the PATH (.ci/run installs it)"
+            );
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let store = tempfile::tempdir().expect("a store folder");
+        let child = spawn_server(port, store.path());
+        Some(Self { child, port, store })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server and starts it again on the same port and store.
+    fn restart(&mut self) {
+        self.child.kill().expect("stopping nats-server");
+        self.child.wait().expect("nats-server stopped");
+        self.child = spawn_server(self.port, self.store.path());
+    }
+}
+
+fn spawn_server(port: u16, store: &Path) -> Child {
+    let child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting nats-server");
+    let deadline = Instant::now() + T;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A queue under test, with its renderer and (for JetStream) its broker and workers.
+struct Setup {
+    queue: RenderQueue,
+    renderer: Arc<TestRenderer>,
+    broker: Option<NatsServer>,
+    config: Option<JetStreamConfig>,
+    workers: Vec<(JoinHandle<()>, watch::Sender<bool>)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    InProcess,
+    JetStream,
+}
+
+impl Setup {
+    /// `None` for JetStream without a `nats-server`.
+    async fn new(backend: Backend, tune: impl FnOnce(&mut JetStreamConfig)) -> Option<Self> {
+        let renderer = Arc::new(TestRenderer::new());
+        match backend {
+            Backend::InProcess => {
+                let queue = JobQueue::new(
+                    Arc::clone(&renderer) as Arc<dyn Renderer>,
+                    QueueConfig {
+                        capacity: 64,
+                        per_user_limit: PER_USER,
+                        workers: 1,
+                        cache_entries: 16,
+                    },
+                );
+                Some(Self {
+                    queue: RenderQueue::InProcess(queue),
+                    renderer,
+                    broker: None,
+                    config: None,
+                    workers: Vec::new(),
+                })
+            }
+            Backend::JetStream => {
+                let broker = NatsServer::start()?;
+                let mut config = JetStreamConfig::new(&broker.url());
+                config.per_user_limit = PER_USER;
+                config.ack_wait = Duration::from_secs(2);
+                tune(&mut config);
+                let versions = Arc::clone(&renderer);
+                let queue = JetStreamQueue::connect(
+                    &config,
+                    Arc::new(move |style: Option<&str>| versions.style_version(style)),
+                )
+                .await
+                .expect("connecting to nats-server");
+                let mut setup = Self {
+                    queue: RenderQueue::JetStream(queue),
+                    renderer,
+                    broker: Some(broker),
+                    config: Some(config),
+                    workers: Vec::new(),
+                };
+                setup.start_worker().await;
+                Some(setup)
+            }
+        }
+    }
+
+    /// Starts one more JetStream worker on the same renderer.
+    async fn start_worker(&mut self) {
+        let config = self.config.clone().expect("a JetStream setup");
+        let renderer = Arc::clone(&self.renderer) as Arc<dyn Renderer>;
+        let worker = JetStreamWorker::connect(&config, renderer)
+            .await
+            .expect("a worker connects");
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            worker.run(stopped).await.expect("the worker runs");
+        });
+        self.workers.push((task, stop));
+    }
+
+    async fn submit(&self, user: u64, request: RenderRequest) -> Result<JobHandle, SubmitError> {
+        self.queue.submit(user, request).await
+    }
+}
+
+/// Waits (bounded) until `f` holds.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + T;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn done(h: JobHandle) -> JobOutcome {
+    tokio::time::timeout(T, h.wait())
+        .await
+        .expect("job finished in time")
+        .expect("job not cancelled")
+}
+
+fn rendered_tags(r: &TestRenderer) -> Vec<Option<u32>> {
+    r.log().iter().map(|c| c.tag).collect()
+}
+
+macro_rules! both {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_process() {
+                $body(Backend::InProcess).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jetstream() {
+                $body(Backend::JetStream).await;
+            }
+        }
+    };
+}
+
+both!(
+    per_user_cap_and_a_light_user,
+    per_user_cap_and_a_light_user_body
+);
+both!(
+    identical_requests_render_once,
+    identical_requests_render_once_body
+);
+both!(
+    waiting_jobs_can_be_cancelled,
+    waiting_jobs_can_be_cancelled_body
+);
+both!(positions_count_down, positions_count_down_body);
+both!(faulty_renders_end_with_a_clear_error, faulty_renders_body);
+both!(a_ten_mib_photo_round_trip, ten_mib_photo_body);
+
+/// A user gets `PER_USER` jobs in flight and no more; another user's job is served within
+/// the first user's cap; the first user may submit again once a job ends.
+async fn per_user_cap_and_a_light_user_body(backend: Backend) {
+    let Some(s) = Setup::new(backend, |_| {}).await else {
+        return;
+    };
+    s.renderer.close_gate();
+    let mut heavy = Vec::new();
+    for tag in 1..=PER_USER as u32 {
+        heavy.push(s.submit(1, tagged(tag)).await.expect("under the cap"));
+    }
+    let refused = s.submit(1, tagged(99)).await;
+    assert!(
+        matches!(refused, Err(SubmitError::UserLimit { limit }) if limit == PER_USER),
+        "{:?}",
+        refused.err()
+    );
+    let light = s
+        .submit(2, tagged(50))
+        .await
+        .expect("another user is admitted");
+    s.renderer.open_gate();
+    let outcome = done(light).await;
+    assert!(outcome.result.is_ok());
+    for h in heavy {
+        assert!(done(h).await.result.is_ok());
+    }
+    let order = rendered_tags(&s.renderer);
+    let light_at = order.iter().position(|t| *t == Some(50)).expect("rendered");
+    assert!(
+        light_at <= PER_USER,
+        "the light user waited behind {light_at}: {order:?}"
+    );
+    assert!(
+        s.submit(1, tagged(3)).await.is_ok(),
+        "free again after the jobs ended"
+    );
+}
+
+/// The same photo and options from two users while the first is queued: one render, two
+/// answers; asked again after it ended: answered without rendering.
+async fn identical_requests_render_once_body(backend: Backend) {
+    let Some(s) = Setup::new(backend, |_| {}).await else {
+        return;
+    };
+    s.renderer.close_gate();
+    let first = s.submit(1, tagged(7)).await.unwrap();
+    let second = s.submit(2, tagged(7)).await.unwrap();
+    assert!(!first.is_shared() && second.is_shared());
+    s.renderer.open_gate();
+    let (a, b) = (done(first).await, done(second).await);
+    let (a, b) = (a.result.unwrap(), b.result.unwrap());
+    assert_eq!(a.files, b.files);
+    assert!(!a.files.is_empty());
+    let again = done(s.submit(3, tagged(7)).await.unwrap()).await;
+    assert_eq!(again.result.unwrap().files, a.files);
+    assert!(again.cached);
+    assert_eq!(s.renderer.calls(), 1, "rendered once");
+}
+
+/// A waiting job can be cancelled by its handle and is never rendered; a running one
+/// cannot.
+async fn waiting_jobs_can_be_cancelled_body(backend: Backend) {
+    let Some(s) = Setup::new(backend, |_| {}).await else {
+        return;
+    };
+    s.renderer.close_gate();
+    let running = s.submit(1, tagged(1)).await.unwrap();
+    until("the first job to start", || s.renderer.active() == 1).await;
+    let waiting = s.submit(2, tagged(2)).await.unwrap();
+    assert!(waiting.cancel().await, "a waiting job is cancelled");
+    assert!(!running.cancel().await, "a running job is not");
+    let mut waiting = waiting;
+    tokio::time::timeout(T, async {
+        while !matches!(waiting.status(), JobStatus::Cancelled) {
+            if waiting.changed().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the cancellation shows");
+    assert!(matches!(waiting.status(), JobStatus::Cancelled));
+    s.renderer.open_gate();
+    assert!(done(running).await.result.is_ok());
+    let after = s.submit(3, tagged(3)).await.unwrap();
+    assert!(done(after).await.result.is_ok());
+    assert_eq!(rendered_tags(&s.renderer), vec![Some(1), Some(3)]);
+}
+
+/// Jobs waiting behind a running one see positions 1 and 2.
+async fn positions_count_down_body(backend: Backend) {
+    let Some(s) = Setup::new(backend, |_| {}).await else {
+        return;
+    };
+    s.renderer.close_gate();
+    let running = s.submit(1, tagged(1)).await.unwrap();
+    until("the first job to start", || s.renderer.active() == 1).await;
+    let next = s.submit(2, tagged(2)).await.unwrap();
+    let last = s.submit(3, tagged(3)).await.unwrap();
+    let position = |h: &JobHandle| match h.status() {
+        JobStatus::Queued { position, .. } => Some(position),
+        _ => None,
+    };
+    until("positions 1 and 2", || {
+        position(&next) == Some(1) && position(&last) == Some(2)
+    })
+    .await;
+    s.renderer.open_gate();
+    for h in [running, next, last] {
+        assert!(done(h).await.result.is_ok());
+    }
+}
+
+/// A render that fails with an internal error ends with that error for the user (after the
+/// broker's retries); the queue goes on with the next job.
+async fn faulty_renders_body(backend: Backend) {
+    let Some(s) = Setup::new(backend, |c| c.max_failures = 2).await else {
+        return;
+    };
+    let faulty = s
+        .submit(1, request(photo(1, Trigger::Internal, 1)))
+        .await
+        .unwrap();
+    let outcome = done(faulty).await;
+    assert!(
+        matches!(&outcome.result, Err(RenderError::Internal(_))),
+        "{:?}",
+        outcome.result
+    );
+    let panicking = done(
+        s.submit(1, request(photo(1, Trigger::Panic, 2)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(matches!(panicking.result, Err(RenderError::Internal(_))));
+    let user_error = done(
+        s.submit(1, request(photo(0, Trigger::Normal, 3)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(user_error.result.unwrap_err(), RenderError::NoFace);
+    assert!(done(s.submit(1, tagged(4)).await.unwrap())
+        .await
+        .result
+        .is_ok());
+    if let Backend::JetStream = backend {
+        let tags = rendered_tags(&s.renderer);
+        let attempts = tags.iter().filter(|t| **t == Some(1)).count();
+        assert_eq!(attempts, 2, "tried max_failures times: {tags:?}");
+        let config = s.config.as_ref().unwrap();
+        let dead = dead_letters(&config.url).await;
+        assert_eq!(dead, 2, "both faulty jobs are on the dead-letter subject");
+        match outcome.result {
+            Err(RenderError::Internal(m)) => assert!(m.contains("set aside"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Messages on the dead-letter stream.
+async fn dead_letters(url: &str) -> u64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("TOONBOT_DEAD").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// A photo of more than 10 MiB goes to the renderer intact and its result comes back.
+async fn ten_mib_photo_body(backend: Backend) {
+    let Some(s) = Setup::new(backend, |_| {}).await else {
+        return;
+    };
+    let side = 1700u32;
+    let mut state = 0x9e37_79b9_u32;
+    let mut img = image::RgbaImage::from_fn(side, side, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        image::Rgba(state.to_le_bytes())
+    });
+    // The test renderer's header pixels: one face, no trigger, tag 77.
+    img.put_pixel(0, 0, image::Rgba([1, 0, 0, 255]));
+    img.put_pixel(1, 0, image::Rgba([0, 0, 77, 255]));
+    let big = png(&img);
+    assert!(big.len() > 10 << 20, "{} bytes", big.len());
+    assert_eq!(tag_of(&big), Some(77));
+    let outcome = done(s.submit(1, request(big)).await.unwrap()).await;
+    let output = outcome.result.expect("rendered");
+    assert_eq!(output.faces, 1);
+    assert_eq!(rendered_tags(&s.renderer), vec![Some(77)]);
+}
+
+/// A worker that dies holding a job: the job goes to another worker after the lease, and
+/// its user gets one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_killed_worker_s_job_is_redelivered_and_answered_once() {
+    let Some(mut s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
+    else {
+        return;
+    };
+    s.renderer.close_gate();
+    let mut handle = s.submit(1, tagged(1)).await.unwrap();
+    until("the job to start", || s.renderer.active() == 1).await;
+    let (killed, _stop) = s.workers.remove(0);
+    killed.abort();
+    s.start_worker().await;
+    until("the job to be delivered again", || s.renderer.active() == 2).await;
+    s.renderer.open_gate();
+    let mut answers = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let JobStatus::Done(outcome) = handle.status() {
+            assert!(outcome.result.is_ok());
+            answers += 1;
+        }
+        match tokio::time::timeout_at(deadline, handle.changed()).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    assert_eq!(answers, 1, "one answer");
+    until("both renders to end", || s.renderer.active() == 0).await;
+    assert_eq!(s.renderer.calls(), 2);
+}
+
+/// Jobs queued when the broker stops are all rendered once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_jobs_survive_a_broker_restart() {
+    let Some(mut s) = Setup::new(Backend::JetStream, |_| {}).await else {
+        return;
+    };
+    for (_, stop) in &s.workers {
+        stop.send_replace(true);
+    }
+    for (task, _) in s.workers.drain(..) {
+        task.await.unwrap();
+    }
+    let mut handles = Vec::new();
+    for user in 1..=3 {
+        handles.push(s.submit(user, tagged(user as u32)).await.unwrap());
+    }
+    s.broker.as_mut().unwrap().restart();
+    s.start_worker().await;
+    for h in handles {
+        assert!(done(h).await.result.is_ok());
+    }
+    let mut tags = rendered_tags(&s.renderer);
+    tags.sort();
+    assert_eq!(tags, vec![Some(1), Some(2), Some(3)]);
+}
+
+/// A render longer than the lease keeps its job: no second delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_job_longer_than_the_lease_is_not_redelivered() {
+    let Some(s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
+    else {
+        return;
+    };
+    s.renderer.set_delay(Duration::from_millis(3500));
+    let outcome = done(s.submit(1, tagged(1)).await.unwrap()).await;
+    assert!(outcome.result.is_ok());
+    assert_eq!(s.renderer.calls(), 1);
+}
+
+/// The dead-letter stream is where a job set aside can be read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_dead_letters_carry_the_job() {
+    let Some(s) = Setup::new(Backend::JetStream, |c| c.max_failures = 1).await else {
+        return;
+    };
+    let outcome = done(
+        s.submit(5, request(photo(1, Trigger::Internal, 9)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(outcome.result.is_err());
+    let client = async_nats::connect(s.config.as_ref().unwrap().url.as_str())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("TOONBOT_DEAD").await.unwrap();
+    let message = stream.get_raw_message(1).await.unwrap();
+    let text = String::from_utf8_lossy(&message.payload).to_string();
+    assert!(text.contains("\"photo\""), "{text}");
+    assert_eq!(message.subject.as_str(), "toonbot.dead.render");
+}
