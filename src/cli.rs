@@ -325,6 +325,38 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `toonbot serve --role worker`: renders the jobs queued on the JetStream broker at `nats`
+/// (`bot.workers` at a time) until Ctrl-C or SIGTERM. Holds no bot token.
+pub fn serve_worker(config: &Config, device: &Device, nats: &str) -> Result<ExitCode> {
+    let renderer = crate::jobs::CartoonRenderer::new(
+        Cartoonizer::load(config, device)?,
+        config.limits.clone(),
+        config.styles.default.clone(),
+    );
+    let queue = config.bot.queue_config();
+    let broker = crate::jobs::JetStreamConfig {
+        capacity: queue.capacity,
+        per_user_limit: queue.per_user_limit,
+        ..crate::jobs::JetStreamConfig::new(nats)
+    };
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            crate::bot::shutdown_signal().await;
+            tracing::info!("stopping after the jobs in hand");
+            stop.send_replace(true);
+        });
+        crate::jobs::run_workers(
+            &broker,
+            std::sync::Arc::new(renderer),
+            queue.workers,
+            stopped,
+        )
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `toonbot bench`: prints the stage table (or JSON).
 #[allow(clippy::too_many_arguments)]
 pub fn bench(

@@ -21,10 +21,27 @@ struct Args {
     command: Command,
 }
 
+/// `serve --role`: which part of the bot this process runs.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Role {
+    /// Everything in one process, with the in-process queue.
+    All,
+    /// Renders jobs from the JetStream broker; holds no bot token.
+    Worker,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the Discord bot (token from DISCORD_TOKEN or `bot.token_file`).
-    Serve,
+    /// Run the Discord bot (token from DISCORD_TOKEN or `bot.token_file`), or one role of it.
+    Serve {
+        /// `all`: the whole bot in one process (the default). `worker`: render the jobs
+        /// queued on the JetStream broker given by --nats (no bot token).
+        #[arg(long, value_enum, default_value = "all")]
+        role: Role,
+        /// The NATS server with JetStream, e.g. nats://127.0.0.1:4222 (for --role worker).
+        #[arg(long, env = "TOONBOT_NATS")]
+        nats: Option<String>,
+    },
     /// Find every face in each photo and write its aligned, whitened crop and soft mask.
     Faces {
         /// Photos (PNG, JPEG or WebP).
@@ -463,7 +480,13 @@ fn run(args: Args) -> Result<ExitCode> {
             json,
             profile,
         ),
-        Command::Serve => cli::serve(&config, &device),
+        Command::Serve { role, nats } => match (role, nats) {
+            (Role::All, _) => cli::serve(&config, &device),
+            (Role::Worker, Some(nats)) => cli::serve_worker(&config, &device, &nats),
+            (Role::Worker, None) => {
+                anyhow::bail!("--role worker needs --nats URL (or TOONBOT_NATS)")
+            }
+        },
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
         Command::CheckPack { images, json } => cli::check_pack(&config, &device, &images, json),

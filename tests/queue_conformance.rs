@@ -8,6 +8,7 @@
 //! a clear error, a 10 MiB photo. JetStream only: a worker killed mid-job, a broker
 //! restart, the dead-letter subject, a job longer than the lease.
 
+mod common;
 mod support;
 
 use std::net::TcpListener;
@@ -531,4 +532,61 @@ async fn jetstream_dead_letters_carry_the_job() {
     let text = String::from_utf8_lossy(&message.payload).to_string();
     assert!(text.contains("\"photo\""), "{text}");
     assert_eq!(message.subject.as_str(), "toonbot.dead.render");
+}
+
+/// The real binary as a worker process (`serve --role worker`) renders a real photo; killed
+/// with SIGKILL mid-render, its job goes to the next worker process and is answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_worker_processes_render_and_a_kill_9_loses_nothing() {
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    let Some(broker) = NatsServer::start() else {
+        return;
+    };
+    let mut config = JetStreamConfig::new(&broker.url());
+    config.ack_wait = Duration::from_secs(2);
+    let queue = JetStreamQueue::connect(&config, Arc::new(|_: Option<&str>| Some("p2c".into())))
+        .await
+        .expect("connecting");
+    let worker = || {
+        Command::new(env!("CARGO_BIN_EXE_toonbot"))
+            .args(["serve", "--role", "worker", "--nats", &broker.url()])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting a worker process")
+    };
+    let mut first = worker();
+    let photo = std::fs::read(data.join("samples/groups/sample1.jpg")).unwrap();
+    let mut handle = queue.submit(1, request(photo)).await.expect("queued");
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while !matches!(handle.status(), JobStatus::Running) {
+            handle.changed().await.expect("the job goes on");
+        }
+    })
+    .await
+    .expect("the first worker takes the job");
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+    let mut second = worker();
+    let mut answers = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        if let JobStatus::Done(outcome) = handle.status() {
+            answers.push(outcome);
+        }
+        match tokio::time::timeout_at(deadline, handle.changed()).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(answers.len(), 1, "one answer");
+    let output = answers.remove(0).result.expect("rendered");
+    assert!(output.faces >= 1);
+    let sticker = image::load_from_memory(&output.files[0].png).unwrap();
+    assert_eq!((sticker.width(), sticker.height()), (320, 320));
 }

@@ -275,7 +275,8 @@ pub async fn serve(
     result
 }
 
-async fn shutdown_signal() {
+/// Returns on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -704,6 +704,8 @@ impl JetStreamWorker {
     /// for good.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
         let consumer = self.broker.consumer().await?;
+        // The consumer's lease, which the first process to create it chose, not this one's.
+        let lease = consumer.cached_info().config.ack_wait;
         while !*stop.borrow() {
             let batch = consumer
                 .fetch()
@@ -724,7 +726,7 @@ impl JetStreamWorker {
             };
             while let Some(message) = batch.next().await {
                 match message {
-                    Ok(message) => self.handle(message).await,
+                    Ok(message) => self.handle(message, lease).await,
                     Err(e) => tracing::warn!("receiving a render job: {e}"),
                 }
             }
@@ -732,7 +734,7 @@ impl JetStreamWorker {
         Ok(())
     }
 
-    async fn handle(&self, message: jetstream::Message) {
+    async fn handle(&self, message: jetstream::Message, lease: Duration) {
         let broker = &self.broker;
         let (deliveries, seq) = match message.info() {
             Ok(info) => (info.delivered.max(1) as u64, info.stream_sequence),
@@ -795,7 +797,7 @@ impl JetStreamWorker {
                     outline: job.outline,
                     round_avatar: job.round_avatar,
                 };
-                self.render_holding_lease(&message, request).await
+                self.render_holding_lease(&message, request, lease).await
             }
             Err(e) => Err(RenderError::Internal(e)),
         };
@@ -859,19 +861,20 @@ impl JetStreamWorker {
         Ok(bytes)
     }
 
-    /// Renders on a blocking thread, telling the broker every third of `ack_wait` that the
+    /// Renders on a blocking thread, telling the broker every third of the `lease` that the
     /// job is still in hand.
     async fn render_holding_lease(
         &self,
         message: &jetstream::Message,
         request: RenderRequest,
+        lease: Duration,
     ) -> Result<RenderOutput, RenderError> {
         let renderer = Arc::clone(&self.renderer);
         let mut render = tokio::task::spawn_blocking(move || {
             catch_unwind(AssertUnwindSafe(|| renderer.render(&request)))
                 .unwrap_or_else(|_| Err(RenderError::Internal("the renderer panicked".into())))
         });
-        let mut lease = tokio::time::interval(self.broker.config.ack_wait / 3);
+        let mut lease = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
         lease.tick().await;
         loop {
             tokio::select! {
@@ -914,6 +917,25 @@ impl JetStreamWorker {
         }
         let _ = message.ack_with(AckKind::Term).await;
     }
+}
+
+/// Runs `count` workers on `renderer` (each one job at a time) until `stop` turns true;
+/// each finishes the job in hand first.
+pub async fn run_workers(
+    config: &JetStreamConfig,
+    renderer: Arc<dyn Renderer>,
+    count: usize,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for _ in 0..count.max(1) {
+        let worker = JetStreamWorker::connect(config, Arc::clone(&renderer)).await?;
+        tasks.push(tokio::spawn(worker.run(stop.clone())));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
 }
 
 /// The delay before retrying a job after its `deliveries`-th attempt failed.

@@ -18,7 +18,7 @@ mod cartoon_renderer;
 mod jetstream;
 
 pub use cartoon_renderer::CartoonRenderer;
-pub use jetstream::{JetStreamConfig, JetStreamQueue, JetStreamWorker, StyleVersion};
+pub use jetstream::{run_workers, JetStreamConfig, JetStreamQueue, JetStreamWorker, StyleVersion};
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
