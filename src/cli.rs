@@ -357,6 +357,21 @@ pub fn serve_worker(config: &Config, device: &Device, nats: &str) -> Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// `toonbot loadtest`: every round of `plan`, a line per round on stderr and the report as
+/// one JSON line.
+pub fn loadtest(plan: &crate::jobs::loadtest::LoadPlan) -> Result<ExitCode> {
+    let report = tokio::runtime::Runtime::new()?.block_on(crate::jobs::loadtest::run(plan))?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `toonbot loadtest --worker`: one stub worker process of the load test.
+pub fn loadtest_worker(nats: &str, stub: std::time::Duration) -> Result<ExitCode> {
+    tokio::runtime::Runtime::new()?
+        .block_on(crate::jobs::loadtest::serve_stub_workers(nats, stub, 1))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `toonbot bench`: prints the stage table (or JSON).
 #[allow(clippy::too_many_arguments)]
 pub fn bench(

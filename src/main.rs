@@ -76,6 +76,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load-test the JetStream render queue with a stub renderer: 1, 2, 4 and 8 worker
+    /// processes on loopback, each round on its own nats-server; the last line is JSON.
+    Loadtest {
+        /// Worker process counts, one round each.
+        #[arg(long, num_args = 1.., default_values_t = [1, 2, 4, 8])]
+        workers: Vec<usize>,
+        /// Jobs per round.
+        #[arg(long, default_value_t = 500)]
+        jobs: usize,
+        /// Users the jobs come from, in turn.
+        #[arg(long, default_value_t = 50)]
+        users: usize,
+        /// The stub renderer's milliseconds per job.
+        #[arg(long, default_value_t = 50)]
+        stub_ms: u64,
+        /// The nats-server binary.
+        #[arg(long, default_value = "nats-server")]
+        nats_server: PathBuf,
+        /// Run as one of the test's worker processes (on the broker given by --nats).
+        #[arg(long, hide = true)]
+        worker: bool,
+        /// The broker, for --worker.
+        #[arg(long, hide = true)]
+        nats: Option<String>,
+    },
     /// Time each pipeline stage per face, and the generator at batch 1 and 4 (or --batch).
     Bench {
         /// The photo to time (default: a 3-face group photo from ../shared/data).
@@ -480,6 +505,30 @@ fn run(args: Args) -> Result<ExitCode> {
             json,
             profile,
         ),
+        Command::Loadtest {
+            workers,
+            jobs,
+            users,
+            stub_ms,
+            nats_server,
+            worker,
+            nats,
+        } => {
+            let stub = std::time::Duration::from_millis(stub_ms);
+            if worker {
+                let nats = nats.context("loadtest --worker needs --nats")?;
+                return cli::loadtest_worker(&nats, stub);
+            }
+            let plan = toonbot::jobs::loadtest::LoadPlan {
+                workers,
+                jobs,
+                users,
+                stub,
+                nats_server,
+                worker_exe: std::env::current_exe()?,
+            };
+            cli::loadtest(&plan)
+        }
         Command::Serve { role, nats } => match (role, nats) {
             (Role::All, _) => cli::serve(&config, &device),
             (Role::Worker, Some(nats)) => cli::serve_worker(&config, &device, &nats),

@@ -590,3 +590,32 @@ async fn jetstream_worker_processes_render_and_a_kill_9_loses_nothing() {
     let sticker = image::load_from_memory(&output.files[0].png).unwrap();
     assert_eq!((sticker.width(), sticker.height()), (320, 320));
 }
+
+/// The load test's own bookkeeping on a small run: every job answered once, a figure per
+/// round. (Its throughput targets are measured by `toonbot loadtest`, not here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loadtest_answers_every_job_once() {
+    if NatsServer::start().is_none() {
+        return;
+    }
+    let plan = toonbot::jobs::loadtest::LoadPlan {
+        workers: vec![1, 2],
+        jobs: 40,
+        users: 7,
+        stub: Duration::from_millis(5),
+        nats_server: "nats-server".into(),
+        worker_exe: env!("CARGO_BIN_EXE_toonbot").into(),
+    };
+    let report = toonbot::jobs::loadtest::run(&plan)
+        .await
+        .expect("the load test runs");
+    assert_eq!((report.lost, report.duplicated), (0, 0));
+    assert_eq!(report.jobs_per_s.len(), 2);
+    assert_eq!(report.p99_wait_ms.len(), 2);
+    assert!(report.jobs_per_s.iter().all(|r| *r > 0.0), "{report:?}");
+    assert!(report.p50_wait_ms[0] <= report.p99_wait_ms[0]);
+    assert!(
+        report.broker_peak_mib.iter().all(|m| *m > 1.0),
+        "{report:?}"
+    );
+}

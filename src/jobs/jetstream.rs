@@ -583,7 +583,8 @@ impl JetStreamQueue {
 /// Translates the job's record into [`JobStatus`] until the job ends; follows the broker
 /// through reconnections (a watch resumes at the current value).
 async fn follow_job(broker: Arc<Broker>, key: String, tx: watch::Sender<JobStatus>) {
-    let mut position_every = tokio::time::interval(Duration::from_millis(200));
+    // Each waiting job asks the broker for its place: once a second keeps that cheap.
+    let mut position_every = tokio::time::interval(Duration::from_secs(1));
     loop {
         let Ok(mut updates) = broker.jobs.watch_with_history(&key).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -16,6 +16,7 @@
 
 mod cartoon_renderer;
 mod jetstream;
+pub mod loadtest;
 
 pub use cartoon_renderer::CartoonRenderer;
 pub use jetstream::{run_workers, JetStreamConfig, JetStreamQueue, JetStreamWorker, StyleVersion};

@@ -1,0 +1,319 @@
+//! `toonbot loadtest`: the JetStream queue under load with a stub renderer, for 1, 2, 4 and 8
+//! worker processes on loopback. Each round starts its own `nats-server` (an empty store),
+//! the worker processes (this binary, `loadtest --worker`), and submits jobs from many
+//! users, keeping a window of them in flight; it reports throughput, the queue wait's
+//! percentiles, the broker's CPU and peak memory, and jobs lost or answered twice.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use super::{
+    FileKind, JetStreamConfig, JetStreamQueue, JobStatus, OutputKind, RenderError, RenderOutput,
+    RenderRequest, RenderedFile, Renderer, StyleInfo,
+};
+
+/// A renderer that takes `delay` per job and draws nothing: the queue's cost alone.
+pub struct StubRenderer {
+    /// Time each render takes.
+    pub delay: Duration,
+}
+
+impl Renderer for StubRenderer {
+    fn render(&self, request: &RenderRequest) -> Result<RenderOutput, RenderError> {
+        std::thread::sleep(self.delay);
+        Ok(RenderOutput {
+            files: vec![RenderedFile {
+                name: "face1-sticker.png".into(),
+                kind: FileKind::Sticker,
+                png: request.image.clone(),
+            }],
+            faces: 1,
+            faces_found: 1,
+            style: "stub".into(),
+            timings_ms: Vec::new(),
+        })
+    }
+
+    fn styles(&self) -> Vec<StyleInfo> {
+        vec![StyleInfo {
+            name: "stub".into(),
+            description: "the load test's stub".into(),
+            is_default: true,
+            preview_png: None,
+        }]
+    }
+
+    fn style_version(&self, _style: Option<&str>) -> Option<String> {
+        Some("stub".into())
+    }
+}
+
+/// What a load test runs.
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    /// Worker process counts, one round each.
+    pub workers: Vec<usize>,
+    /// Jobs per round.
+    pub jobs: usize,
+    /// Users the jobs come from, in turn.
+    pub users: usize,
+    /// The stub renderer's time per job.
+    pub stub: Duration,
+    /// The `nats-server` binary.
+    pub nats_server: PathBuf,
+    /// This binary, run as `loadtest --worker`.
+    pub worker_exe: PathBuf,
+}
+
+/// One line of JSON: a value per round, in `workers` order.
+#[derive(Debug, Serialize)]
+pub struct LoadReport {
+    /// Worker processes per round.
+    pub workers: Vec<usize>,
+    /// Answered jobs per second, from the first submission to the last answer.
+    pub jobs_per_s: Vec<f64>,
+    /// Median time from submission until a worker took the job.
+    pub p50_wait_ms: Vec<f64>,
+    /// 99th percentile of the same.
+    pub p99_wait_ms: Vec<f64>,
+    /// The broker's CPU time over the round's wall time, in percent of one core.
+    pub broker_cpu_percent: Vec<f64>,
+    /// The broker's peak resident memory.
+    pub broker_peak_mib: Vec<f64>,
+    /// Jobs never answered, over all rounds.
+    pub lost: usize,
+    /// Jobs answered more than once, over all rounds.
+    pub duplicated: usize,
+}
+
+/// A `nats-server -js` on a free loopback port with an empty store; killed on drop.
+struct Broker {
+    child: Child,
+    url: String,
+    store: PathBuf,
+}
+
+impl Broker {
+    fn start(binary: &Path) -> Result<Self> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let store =
+            std::env::temp_dir().join(format!("toonbot-loadtest-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&store)?;
+        let child = Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not start on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+        })
+    }
+
+    /// CPU seconds used so far (user + system), from `/proc`.
+    fn cpu_s(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // Fields after the command name, which is in parentheses: utime is the 12th, stime
+        // the 13th of them.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+
+    fn peak_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// Worker processes, killed on drop.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The queue settings of a load test: room for every job, no per-user cap in the way.
+fn queue_config(url: &str, jobs: usize) -> JetStreamConfig {
+    JetStreamConfig {
+        capacity: jobs.max(1),
+        per_user_limit: jobs.max(1),
+        ..JetStreamConfig::new(url)
+    }
+}
+
+/// `loadtest --worker`: `count` workers on the stub renderer until the process is killed.
+pub async fn serve_stub_workers(url: &str, stub: Duration, count: usize) -> Result<()> {
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let renderer = Arc::new(StubRenderer { delay: stub });
+    super::run_workers(&JetStreamConfig::new(url), renderer, count, stopped).await
+}
+
+/// Runs every round of `plan` and reports them.
+pub async fn run(plan: &LoadPlan) -> Result<LoadReport> {
+    let mut report = LoadReport {
+        workers: plan.workers.clone(),
+        jobs_per_s: Vec::new(),
+        p50_wait_ms: Vec::new(),
+        p99_wait_ms: Vec::new(),
+        broker_cpu_percent: Vec::new(),
+        broker_peak_mib: Vec::new(),
+        lost: 0,
+        duplicated: 0,
+    };
+    for &workers in &plan.workers {
+        let round = run_round(plan, workers).await?;
+        tracing::info!(
+            "{workers} workers: {:.1} jobs/s, p99 wait {:.0} ms",
+            round.jobs_per_s,
+            round.p99_wait_ms
+        );
+        report.jobs_per_s.push(round.jobs_per_s);
+        report.p50_wait_ms.push(round.p50_wait_ms);
+        report.p99_wait_ms.push(round.p99_wait_ms);
+        report.broker_cpu_percent.push(round.broker_cpu_percent);
+        report.broker_peak_mib.push(round.broker_peak_mib);
+        report.lost += round.lost;
+        report.duplicated += round.duplicated;
+    }
+    Ok(report)
+}
+
+struct Round {
+    jobs_per_s: f64,
+    p50_wait_ms: f64,
+    p99_wait_ms: f64,
+    broker_cpu_percent: f64,
+    broker_peak_mib: f64,
+    lost: usize,
+    duplicated: usize,
+}
+
+async fn run_round(plan: &LoadPlan, workers: usize) -> Result<Round> {
+    let broker = Broker::start(&plan.nats_server)?;
+    let config = queue_config(&broker.url, plan.jobs);
+    let queue =
+        JetStreamQueue::connect(&config, Arc::new(|_: Option<&str>| Some("stub".into()))).await?;
+    let _workers = Workers(
+        (0..workers)
+            .map(|_| {
+                Command::new(&plan.worker_exe)
+                    .args(["loadtest", "--worker", "--nats", &broker.url])
+                    .arg("--stub-ms")
+                    .arg(plan.stub.as_millis().to_string())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting a worker process")
+            })
+            .collect::<Result<_>>()?,
+    );
+    // Wait for the workers to be attached: one warm-up job per worker.
+    for i in 0..workers {
+        let handle = queue
+            .submit(u64::MAX - i as u64, job_request(u64::MAX - i as u64))
+            .await?;
+        tokio::time::timeout(Duration::from_secs(60), handle.wait())
+            .await
+            .context("the workers did not start")?;
+    }
+    let cpu_before = broker.cpu_s().unwrap_or(0.0);
+    let started = Instant::now();
+    let mut answers = JoinSet::new();
+    for i in 0..plan.jobs {
+        let user = (i % plan.users.max(1)) as u64;
+        let mut handle = queue.submit(user, job_request(i as u64)).await?;
+        answers.spawn(async move {
+            // Every Done the handle shows, until it can change no more.
+            let mut done = Vec::new();
+            loop {
+                if let JobStatus::Done(outcome) = handle.status() {
+                    done.push(outcome.wait_ms);
+                }
+                match tokio::time::timeout(Duration::from_secs(120), handle.changed()).await {
+                    Ok(Some(_)) => {}
+                    _ => break,
+                }
+            }
+            done
+        });
+    }
+    let mut waits = Vec::new();
+    let (mut lost, mut duplicated) = (0, 0);
+    while let Some(done) = answers.join_next().await {
+        let done = done?;
+        match done.len() {
+            0 => lost += 1,
+            1 => {}
+            _ => duplicated += 1,
+        }
+        waits.extend(done.first().copied());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = broker.cpu_s().unwrap_or(cpu_before) - cpu_before;
+    waits.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        waits
+            .get(((waits.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Ok(Round {
+        jobs_per_s: (plan.jobs - lost) as f64 / elapsed,
+        p50_wait_ms: percentile(0.5),
+        p99_wait_ms: percentile(0.99),
+        broker_cpu_percent: 100.0 * cpu / elapsed,
+        broker_peak_mib: broker.peak_mib().unwrap_or(f64::NAN),
+        lost,
+        duplicated,
+    })
+}
+
+/// A request whose photo is unique to `tag`: the stub does not decode it.
+fn job_request(tag: u64) -> RenderRequest {
+    RenderRequest {
+        image: tag.to_le_bytes().to_vec(),
+        style: None,
+        output: OutputKind::Sticker,
+        outline: false,
+        round_avatar: false,
+    }
+}
