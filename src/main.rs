@@ -94,6 +94,11 @@ enum Command {
         /// The nats-server binary.
         #[arg(long, default_value = "nats-server")]
         nats_server: PathBuf,
+        /// Worker processes in the flood round (0: no flood round): one user floods 1,000
+        /// jobs through the per-user cap while 10 others send one each. Fewer workers than
+        /// the cap would leave one idle for the light users.
+        #[arg(long, default_value_t = 2)]
+        flood_workers: usize,
         /// Run as one of the test's worker processes (on the broker given by --nats).
         #[arg(long, hide = true)]
         worker: bool,
@@ -511,6 +516,7 @@ fn run(args: Args) -> Result<ExitCode> {
             users,
             stub_ms,
             nats_server,
+            flood_workers,
             worker,
             nats,
         } => {
@@ -526,6 +532,12 @@ fn run(args: Args) -> Result<ExitCode> {
                 stub,
                 nats_server,
                 worker_exe: std::env::current_exe()?,
+                flood: (flood_workers > 0).then_some(toonbot::jobs::loadtest::FloodPlan {
+                    workers: flood_workers,
+                    per_user_limit: config.bot.per_user_limit,
+                    heavy_jobs: 1000,
+                    light_users: 10,
+                }),
             };
             cli::loadtest(&plan)
         }

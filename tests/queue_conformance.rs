@@ -605,6 +605,12 @@ async fn loadtest_answers_every_job_once() {
         stub: Duration::from_millis(5),
         nats_server: "nats-server".into(),
         worker_exe: env!("CARGO_BIN_EXE_toonbot").into(),
+        flood: Some(toonbot::jobs::loadtest::FloodPlan {
+            workers: 2,
+            per_user_limit: 2,
+            heavy_jobs: 30,
+            light_users: 3,
+        }),
     };
     let report = toonbot::jobs::loadtest::run(&plan)
         .await

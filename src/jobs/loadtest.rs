@@ -1,8 +1,10 @@
 //! `toonbot loadtest`: the JetStream queue under load with a stub renderer, for 1, 2, 4 and 8
 //! worker processes on loopback. Each round starts its own `nats-server` (an empty store),
 //! the worker processes (this binary, `loadtest --worker`), and submits jobs from many
-//! users, keeping a window of them in flight; it reports throughput, the queue wait's
-//! percentiles, the broker's CPU and peak memory, and jobs lost or answered twice.
+//! users at once; it reports throughput, the queue wait's percentiles, the broker's CPU and
+//! peak memory, and jobs lost or answered twice. A flood round then has one user submit as
+//! fast as the per-user cap allows while others send one job each, and reports how long
+//! those waited.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use tokio::task::JoinSet;
 
 use super::{
     FileKind, JetStreamConfig, JetStreamQueue, JobStatus, OutputKind, RenderError, RenderOutput,
-    RenderRequest, RenderedFile, Renderer, StyleInfo,
+    RenderRequest, RenderedFile, Renderer, StyleInfo, SubmitError,
 };
 
 /// A renderer that takes `delay` per job and draws nothing: the queue's cost alone.
@@ -70,6 +72,39 @@ pub struct LoadPlan {
     pub nats_server: PathBuf,
     /// This binary, run as `loadtest --worker`.
     pub worker_exe: PathBuf,
+    /// The flood round (one user floods, light users send one job each), when set.
+    pub flood: Option<FloodPlan>,
+}
+
+/// The flood round: one user submits `heavy_jobs` as fast as the per-user cap lets them in,
+/// while `light_users` others send one job each.
+#[derive(Debug, Clone)]
+pub struct FloodPlan {
+    /// Worker processes.
+    pub workers: usize,
+    /// The per-user cap K.
+    pub per_user_limit: usize,
+    /// Jobs the flooding user gets through.
+    pub heavy_jobs: usize,
+    /// Users with one job each.
+    pub light_users: usize,
+}
+
+/// What the flood round measured.
+#[derive(Debug, Serialize)]
+pub struct FloodReport {
+    /// Worker processes.
+    pub workers: usize,
+    /// The per-user cap K.
+    pub per_user_limit: usize,
+    /// Jobs the flooding user got through.
+    pub heavy_jobs: usize,
+    /// Each light user's wait, from submission until a worker took the job.
+    pub light_wait_ms: Vec<f64>,
+    /// The longest of them.
+    pub light_max_wait_ms: f64,
+    /// The target: 2 x K x the stub's time.
+    pub bound_ms: f64,
 }
 
 /// One line of JSON: a value per round, in `workers` order.
@@ -91,6 +126,8 @@ pub struct LoadReport {
     pub lost: usize,
     /// Jobs answered more than once, over all rounds.
     pub duplicated: usize,
+    /// The flood round, when run.
+    pub flood: Option<FloodReport>,
 }
 
 /// A `nats-server -js` on a free loopback port with an empty store; killed on drop.
@@ -199,6 +236,7 @@ pub async fn run(plan: &LoadPlan) -> Result<LoadReport> {
         broker_peak_mib: Vec::new(),
         lost: 0,
         duplicated: 0,
+        flood: None,
     };
     for &workers in &plan.workers {
         let round = run_round(plan, workers).await?;
@@ -215,25 +253,23 @@ pub async fn run(plan: &LoadPlan) -> Result<LoadReport> {
         report.lost += round.lost;
         report.duplicated += round.duplicated;
     }
+    if let Some(flood) = &plan.flood {
+        report.flood = Some(run_flood(plan, flood).await?);
+    }
     Ok(report)
 }
 
-struct Round {
-    jobs_per_s: f64,
-    p50_wait_ms: f64,
-    p99_wait_ms: f64,
-    broker_cpu_percent: f64,
-    broker_peak_mib: f64,
-    lost: usize,
-    duplicated: usize,
-}
-
-async fn run_round(plan: &LoadPlan, workers: usize) -> Result<Round> {
+/// A broker, `workers` worker processes attached to it, and a queue with `config`.
+async fn start_round(
+    plan: &LoadPlan,
+    workers: usize,
+    config: impl FnOnce(&str) -> JetStreamConfig,
+) -> Result<(Broker, Workers, JetStreamQueue)> {
     let broker = Broker::start(&plan.nats_server)?;
-    let config = queue_config(&broker.url, plan.jobs);
+    let config = config(&broker.url);
     let queue =
         JetStreamQueue::connect(&config, Arc::new(|_: Option<&str>| Some("stub".into()))).await?;
-    let _workers = Workers(
+    let processes = Workers(
         (0..workers)
             .map(|_| {
                 Command::new(&plan.worker_exe)
@@ -247,14 +283,81 @@ async fn run_round(plan: &LoadPlan, workers: usize) -> Result<Round> {
             .collect::<Result<_>>()?,
     );
     // Wait for the workers to be attached: one warm-up job per worker.
-    for i in 0..workers {
-        let handle = queue
-            .submit(u64::MAX - i as u64, job_request(u64::MAX - i as u64))
-            .await?;
+    for i in 0..workers as u64 {
+        let user = u64::MAX - i;
+        let handle = queue.submit(user, job_request(user)).await?;
         tokio::time::timeout(Duration::from_secs(60), handle.wait())
             .await
             .context("the workers did not start")?;
     }
+    Ok((broker, processes, queue))
+}
+
+async fn run_flood(plan: &LoadPlan, flood: &FloodPlan) -> Result<FloodReport> {
+    let (_broker, _workers, queue) = start_round(plan, flood.workers, |url| JetStreamConfig {
+        capacity: flood.heavy_jobs + flood.light_users + flood.workers,
+        per_user_limit: flood.per_user_limit,
+        ..JetStreamConfig::new(url)
+    })
+    .await?;
+    let heavy = {
+        let queue = queue.clone();
+        let jobs = flood.heavy_jobs;
+        tokio::spawn(async move {
+            let mut answers = JoinSet::new();
+            for i in 0..jobs as u64 {
+                let handle = loop {
+                    match queue.submit(0, job_request(i)).await {
+                        Ok(handle) => break handle,
+                        Err(SubmitError::UserLimit { .. }) => {
+                            tokio::time::sleep(Duration::from_millis(2)).await
+                        }
+                        Err(e) => return Err(anyhow::anyhow!(e)),
+                    }
+                };
+                answers.spawn(handle.wait());
+            }
+            while answers.join_next().await.is_some() {}
+            Ok(())
+        })
+    };
+    // The light users arrive while the flood is under way, one every 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut light = JoinSet::new();
+    for user in 1..=flood.light_users as u64 {
+        let handle = queue.submit(user, job_request(1 << 40 | user)).await?;
+        light.spawn(handle.wait());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut light_wait_ms = Vec::new();
+    while let Some(outcome) = light.join_next().await {
+        let outcome = outcome?.context("a light user's job was cancelled")?;
+        light_wait_ms.push(outcome.wait_ms);
+    }
+    heavy.await??;
+    Ok(FloodReport {
+        workers: flood.workers,
+        per_user_limit: flood.per_user_limit,
+        heavy_jobs: flood.heavy_jobs,
+        light_max_wait_ms: light_wait_ms.iter().copied().fold(0.0, f64::max),
+        light_wait_ms,
+        bound_ms: 2.0 * flood.per_user_limit as f64 * plan.stub.as_secs_f64() * 1000.0,
+    })
+}
+
+struct Round {
+    jobs_per_s: f64,
+    p50_wait_ms: f64,
+    p99_wait_ms: f64,
+    broker_cpu_percent: f64,
+    broker_peak_mib: f64,
+    lost: usize,
+    duplicated: usize,
+}
+
+async fn run_round(plan: &LoadPlan, workers: usize) -> Result<Round> {
+    let (broker, _workers, queue) =
+        start_round(plan, workers, |url| queue_config(url, plan.jobs)).await?;
     let cpu_before = broker.cpu_s().unwrap_or(0.0);
     let started = Instant::now();
     let mut answers = JoinSet::new();
