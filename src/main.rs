@@ -99,6 +99,11 @@ enum Command {
         /// the cap would leave one idle for the light users.
         #[arg(long, default_value_t = 2)]
         flood_workers: usize,
+        /// In rounds of 2 workers or more, kill a worker process (SIGKILL) halfway through
+        /// the submissions and restart the broker at three quarters; lost and duplicated
+        /// count the jobs.
+        #[arg(long)]
+        chaos: bool,
         /// Run as one of the test's worker processes (on the broker given by --nats).
         #[arg(long, hide = true)]
         worker: bool,
@@ -517,6 +522,7 @@ fn run(args: Args) -> Result<ExitCode> {
             stub_ms,
             nats_server,
             flood_workers,
+            chaos,
             worker,
             nats,
         } => {
@@ -538,6 +544,7 @@ fn run(args: Args) -> Result<ExitCode> {
                     heavy_jobs: 1000,
                     light_users: 10,
                 }),
+                chaos,
             };
             cli::loadtest(&plan)
         }

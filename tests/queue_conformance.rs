@@ -611,6 +611,7 @@ async fn loadtest_answers_every_job_once() {
             heavy_jobs: 30,
             light_users: 3,
         }),
+        chaos: true,
     };
     let report = toonbot::jobs::loadtest::run(&plan)
         .await

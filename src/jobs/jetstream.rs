@@ -443,10 +443,16 @@ impl JetStreamQueue {
             .await
             .map_err(|e| unavailable("reading the job", e))?;
         if let Some((record, _)) = &existing {
-            if matches!(
+            // A record still without its place after 10 s lost its message (the broker went
+            // away during the submission): queue it again.
+            let unpublished = record.state == JobState::Queued
+                && record.seq == 0
+                && now_ms().saturating_sub(record.submitted_ms) > 10_000;
+            let live = matches!(
                 record.state,
                 JobState::Queued | JobState::Running | JobState::Done
-            ) {
+            );
+            if live && !unpublished {
                 return Ok(self.follow(key, record.seq, true));
             }
         }

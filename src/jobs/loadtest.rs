@@ -74,6 +74,9 @@ pub struct LoadPlan {
     pub worker_exe: PathBuf,
     /// The flood round (one user floods, light users send one job each), when set.
     pub flood: Option<FloodPlan>,
+    /// In rounds of 2 workers or more, kill one worker process with SIGKILL halfway through
+    /// the submissions and restart the broker (SIGKILL) at three quarters.
+    pub chaos: bool,
 }
 
 /// The flood round: one user submits `heavy_jobs` as fast as the per-user cap lets them in,
@@ -134,7 +137,27 @@ pub struct LoadReport {
 struct Broker {
     child: Child,
     url: String,
+    binary: PathBuf,
+    port: u16,
     store: PathBuf,
+}
+
+fn spawn_server(binary: &Path, port: u16, store: &Path) -> Result<Child> {
+    let child = Command::new(binary)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nats-server did not start on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
 }
 
 impl Broker {
@@ -143,25 +166,21 @@ impl Broker {
         let store =
             std::env::temp_dir().join(format!("toonbot-loadtest-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&store)?;
-        let child = Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(&store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("nats-server did not start on port {port}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Ok(Self {
-            child,
+            child: spawn_server(binary, port, &store)?,
             url: format!("nats://127.0.0.1:{port}"),
+            binary: binary.to_path_buf(),
+            port,
             store,
         })
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and store.
+    fn restart(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.child = spawn_server(&self.binary, self.port, &self.store)?;
+        Ok(())
     }
 
     /// CPU seconds used so far (user + system), from `/proc`.
@@ -209,11 +228,13 @@ impl Drop for Workers {
     }
 }
 
-/// The queue settings of a load test: room for every job, no per-user cap in the way.
+/// The queue settings of a load test: room for every job, no per-user cap in the way, and a
+/// 5 s lease, so that a killed worker's job comes back within the round.
 fn queue_config(url: &str, jobs: usize) -> JetStreamConfig {
     JetStreamConfig {
         capacity: jobs.max(1),
         per_user_limit: jobs.max(1),
+        ack_wait: Duration::from_secs(5),
         ..JetStreamConfig::new(url)
     }
 }
@@ -356,14 +377,22 @@ struct Round {
 }
 
 async fn run_round(plan: &LoadPlan, workers: usize) -> Result<Round> {
-    let (broker, _workers, queue) =
+    let (mut broker, mut processes, queue) =
         start_round(plan, workers, |url| queue_config(url, plan.jobs)).await?;
+    let chaos = plan.chaos && workers >= 2;
     let cpu_before = broker.cpu_s().unwrap_or(0.0);
     let started = Instant::now();
     let mut answers = JoinSet::new();
     for i in 0..plan.jobs {
+        if chaos && i == plan.jobs / 2 {
+            processes.0[0].kill()?;
+            processes.0[0].wait()?;
+        }
+        if chaos && i == plan.jobs * 3 / 4 {
+            broker.restart()?;
+        }
         let user = (i % plan.users.max(1)) as u64;
-        let mut handle = queue.submit(user, job_request(i as u64)).await?;
+        let mut handle = submit_retrying(&queue, user, job_request(i as u64)).await?;
         answers.spawn(async move {
             // Every Done the handle shows, until it can change no more.
             let mut done = Vec::new();
@@ -408,6 +437,25 @@ async fn run_round(plan: &LoadPlan, workers: usize) -> Result<Round> {
         lost,
         duplicated,
     })
+}
+
+/// Submits, trying again for up to 30 s while the broker is unavailable (restarting).
+async fn submit_retrying(
+    queue: &JetStreamQueue,
+    user: u64,
+    request: RenderRequest,
+) -> Result<super::JobHandle> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match queue.submit(user, request.clone()).await {
+            Ok(handle) => return Ok(handle),
+            Err(SubmitError::Unavailable(e)) if Instant::now() < deadline => {
+                tracing::debug!("broker unavailable, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// A request whose photo is unique to `tag`: the stub does not decode it.
