@@ -326,19 +326,16 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
 }
 
 /// `toonbot serve --role worker`: renders the jobs queued on the JetStream broker at `nats`
-/// (`bot.workers` at a time) until Ctrl-C or SIGTERM. Holds no bot token.
-pub fn serve_worker(config: &Config, device: &Device, nats: &str) -> Result<ExitCode> {
+/// (default `broker.url`; `bot.workers` at a time) until Ctrl-C or SIGTERM. Holds no bot
+/// token.
+pub fn serve_worker(config: &Config, device: &Device, nats: Option<&str>) -> Result<ExitCode> {
+    let queue = config.bot.queue_config();
+    let broker = config.broker.jetstream(nats, queue)?;
     let renderer = crate::jobs::CartoonRenderer::new(
         Cartoonizer::load(config, device)?,
         config.limits.clone(),
         config.styles.default.clone(),
     );
-    let queue = config.bot.queue_config();
-    let broker = crate::jobs::JetStreamConfig {
-        capacity: queue.capacity,
-        per_user_limit: queue.per_user_limit,
-        ..crate::jobs::JetStreamConfig::new(nats)
-    };
     tokio::runtime::Runtime::new()?.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

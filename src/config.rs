@@ -26,6 +26,69 @@ pub struct Config {
     /// `[stylepacks]`: uploaded style packs (optional; defaults apply).
     #[serde(default)]
     pub stylepacks: StylePackConfig,
+    /// `[broker]`: the NATS JetStream broker of the roles past one machine (optional;
+    /// `serve` alone never connects to it).
+    #[serde(default)]
+    pub broker: BrokerConfig,
+}
+
+/// The JetStream broker that `serve --role worker` takes render jobs from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `nats://host:port` (the command line's `--nats` wins).
+    pub url: String,
+    /// Names the streams, buckets and subjects: letters, digits, `-` and `_`.
+    pub prefix: String,
+    /// Seconds a worker holds a job without a sign of life before it goes to another.
+    pub ack_wait_s: u64,
+    /// Failed attempts before a job is set aside on the dead-letter subject.
+    pub max_failures: u32,
+    /// Seconds finished jobs' records and results are kept.
+    pub keep_results_s: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        let defaults = crate::jobs::JetStreamConfig::new("nats://127.0.0.1:4222");
+        Self {
+            url: defaults.url,
+            prefix: defaults.prefix,
+            ack_wait_s: defaults.ack_wait.as_secs(),
+            max_failures: defaults.max_failures,
+            keep_results_s: defaults.keep_results.as_secs(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// The queue settings: these, `url` (or this section's), and the bot's capacity and
+    /// per-user cap. Fails on a prefix the broker would refuse or a zero lease or retry count.
+    pub fn jetstream(
+        &self,
+        url: Option<&str>,
+        queue: crate::jobs::QueueConfig,
+    ) -> Result<crate::jobs::JetStreamConfig> {
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.prefix.is_empty() || !self.prefix.chars().all(valid) {
+            bail!(
+                "broker.prefix `{}`: letters, digits, `-` and `_` only",
+                self.prefix
+            );
+        }
+        if self.ack_wait_s == 0 || self.max_failures == 0 {
+            bail!("broker.ack_wait_s and broker.max_failures must be at least 1");
+        }
+        Ok(crate::jobs::JetStreamConfig {
+            url: url.unwrap_or(&self.url).to_string(),
+            prefix: self.prefix.clone(),
+            capacity: queue.capacity,
+            per_user_limit: queue.per_user_limit,
+            ack_wait: std::time::Duration::from_secs(self.ack_wait_s),
+            max_failures: self.max_failures,
+            keep_results: std::time::Duration::from_secs(self.keep_results_s),
+        })
+    }
 }
 
 /// Input size limits, checked before a photo is decoded.
@@ -343,6 +406,44 @@ fn parse_env_value(raw: &str) -> toml::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_section_gives_the_queue_settings_and_refuses_bad_ones() {
+        let config = Config::from_toml(
+            &format!("{DEFAULT_CONFIG}\n"),
+            Path::new(""),
+            [
+                ("TOONBOT_BROKER__PREFIX".to_string(), "guild-42".to_string()),
+                ("TOONBOT_BROKER__ACK_WAIT_S".to_string(), "7".to_string()),
+            ],
+        )
+        .unwrap();
+        let queue = config.bot.queue_config();
+        let js = config.broker.jetstream(None, queue).unwrap();
+        assert_eq!(js.url, config.broker.url);
+        assert_eq!(js.prefix, "guild-42");
+        assert_eq!(js.ack_wait, std::time::Duration::from_secs(7));
+        assert_eq!(js.per_user_limit, queue.per_user_limit);
+        let js = config
+            .broker
+            .jetstream(Some("nats://10.0.0.2:4222"), queue)
+            .unwrap();
+        assert_eq!(js.url, "nats://10.0.0.2:4222", "--nats wins");
+        for (prefix, ack_wait_s, max_failures) in
+            [("a.b", 30, 3), ("", 30, 3), ("ok", 0, 3), ("ok", 30, 0)]
+        {
+            let bad = BrokerConfig {
+                prefix: prefix.into(),
+                ack_wait_s,
+                max_failures,
+                ..BrokerConfig::default()
+            };
+            assert!(
+                bad.jetstream(None, queue).is_err(),
+                "{prefix:?} {ack_wait_s} {max_failures}"
+            );
+        }
+    }
 
     #[test]
     fn built_in_config_parses() {

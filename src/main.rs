@@ -35,10 +35,11 @@ enum Command {
     /// Run the Discord bot (token from DISCORD_TOKEN or `bot.token_file`), or one role of it.
     Serve {
         /// `all`: the whole bot in one process (the default). `worker`: render the jobs
-        /// queued on the JetStream broker given by --nats (no bot token).
+        /// queued on the JetStream broker (`[broker]`, or --nats; no bot token).
         #[arg(long, value_enum, default_value = "all")]
         role: Role,
-        /// The NATS server with JetStream, e.g. nats://127.0.0.1:4222 (for --role worker).
+        /// The NATS server with JetStream, e.g. nats://127.0.0.1:4222 (for --role worker;
+        /// default `broker.url`).
         #[arg(long, env = "TOONBOT_NATS")]
         nats: Option<String>,
     },
@@ -548,12 +549,9 @@ fn run(args: Args) -> Result<ExitCode> {
             };
             cli::loadtest(&plan)
         }
-        Command::Serve { role, nats } => match (role, nats) {
-            (Role::All, _) => cli::serve(&config, &device),
-            (Role::Worker, Some(nats)) => cli::serve_worker(&config, &device, &nats),
-            (Role::Worker, None) => {
-                anyhow::bail!("--role worker needs --nats URL (or TOONBOT_NATS)")
-            }
+        Command::Serve { role, nats } => match role {
+            Role::All => cli::serve(&config, &device),
+            Role::Worker => cli::serve_worker(&config, &device, nats.as_deref()),
         },
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),
