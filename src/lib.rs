@@ -29,6 +29,21 @@ pub fn settle_thread_count() {
     }
 }
 
+/// The peak resident memory (`VmHWM`) of process `pid` (`"self"` for this one), in MiB,
+/// from `/proc`; `None` where that cannot be read.
+pub fn peak_memory_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
 /// Lowercase hex SHA-256 of `bytes`: the identity of a photo or of a style's weights.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};

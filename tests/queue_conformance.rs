@@ -11,15 +11,15 @@
 mod common;
 mod support;
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::renderer::{photo, png, tag_of, TestRenderer, Trigger};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use toonbot::jobs::loadtest::LocalNatsServer;
 use toonbot::jobs::{
     JetStreamConfig, JetStreamQueue, JetStreamWorker, JobHandle, JobOutcome, JobQueue, JobStatus,
     OutputKind, QueueConfig, RenderError, RenderQueue, RenderRequest, Renderer, SubmitError,
@@ -42,75 +42,26 @@ fn tagged(tag: u32) -> RenderRequest {
     request(photo(1, Trigger::Normal, tag))
 }
 
-/// A `nats-server -js` on a free loopback port, storing in its own folder; killed on drop.
-struct NatsServer {
-    child: Child,
-    port: u16,
-    store: tempfile::TempDir,
-}
-
-impl NatsServer {
-    /// `None` (and a message) where `nats-server` is not installed.
-    fn start() -> Option<Self> {
-        if Command::new("nats-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!(
-                "SKIPPED the JetStream runs: nats-server is not on the PATH (.ci/run installs it)"
-            );
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let store = tempfile::tempdir().expect("a store folder");
-        let child = spawn_server(port, store.path());
-        Some(Self { child, port, store })
+/// The library's local `nats-server`, or `None` (and a message) where it is not installed.
+fn nats_server() -> Option<LocalNatsServer> {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED the JetStream runs: nats-server is not on the PATH (.ci/run installs it)"
+        );
+        return None;
     }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Stops the server and starts it again on the same port and store.
-    fn restart(&mut self) {
-        self.child.kill().expect("stopping nats-server");
-        self.child.wait().expect("nats-server stopped");
-        self.child = spawn_server(self.port, self.store.path());
-    }
-}
-
-fn spawn_server(port: u16, store: &Path) -> Child {
-    let child = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(store)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting nats-server");
-    let deadline = Instant::now() + T;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Some(LocalNatsServer::start(Path::new("nats-server")).expect("starting nats-server"))
 }
 
 /// A queue under test, with its renderer and (for JetStream) its broker and workers.
 struct Setup {
     queue: RenderQueue,
     renderer: Arc<TestRenderer>,
-    broker: Option<NatsServer>,
+    broker: Option<LocalNatsServer>,
     config: Option<JetStreamConfig>,
     workers: Vec<(JoinHandle<()>, watch::Sender<bool>)>,
 }
@@ -145,8 +96,8 @@ impl Setup {
                 })
             }
             Backend::JetStream => {
-                let broker = NatsServer::start()?;
-                let mut config = JetStreamConfig::new(&broker.url());
+                let broker = nats_server()?;
+                let mut config = JetStreamConfig::new(broker.url());
                 config.per_user_limit = PER_USER;
                 config.ack_wait = Duration::from_secs(2);
                 tune(&mut config);
@@ -487,7 +438,11 @@ async fn jetstream_jobs_survive_a_broker_restart() {
     for user in 1..=3 {
         handles.push(s.submit(user, tagged(user as u32)).await.unwrap());
     }
-    s.broker.as_mut().unwrap().restart();
+    s.broker
+        .as_mut()
+        .unwrap()
+        .restart()
+        .expect("restarting nats-server");
     s.start_worker().await;
     for h in handles {
         assert!(done(h).await.result.is_ok());
@@ -541,17 +496,17 @@ async fn jetstream_worker_processes_render_and_a_kill_9_loses_nothing() {
     let Some(data) = common::shared_data() else {
         return;
     };
-    let Some(broker) = NatsServer::start() else {
+    let Some(broker) = nats_server() else {
         return;
     };
-    let mut config = JetStreamConfig::new(&broker.url());
+    let mut config = JetStreamConfig::new(broker.url());
     config.ack_wait = Duration::from_secs(2);
     let queue = JetStreamQueue::connect(&config, Arc::new(|_: Option<&str>| Some("p2c".into())))
         .await
         .expect("connecting");
     let worker = || {
         Command::new(env!("CARGO_BIN_EXE_toonbot"))
-            .args(["serve", "--role", "worker", "--nats", &broker.url()])
+            .args(["serve", "--role", "worker", "--nats", broker.url()])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -595,7 +550,7 @@ async fn jetstream_worker_processes_render_and_a_kill_9_loses_nothing() {
 /// round. (Its throughput targets are measured by `toonbot loadtest`, not here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadtest_answers_every_job_once() {
-    if NatsServer::start().is_none() {
+    if nats_server().is_none() {
         return;
     }
     let plan = toonbot::jobs::loadtest::LoadPlan {

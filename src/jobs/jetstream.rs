@@ -591,6 +591,8 @@ impl JetStreamQueue {
 async fn follow_job(broker: Arc<Broker>, key: String, tx: watch::Sender<JobStatus>) {
     // Each waiting job asks the broker for its place: once a second keeps that cheap.
     let mut position_every = tokio::time::interval(Duration::from_secs(1));
+    // The record while the job waits: its place in the stream is all a tick needs.
+    let mut waiting: Option<JobRecord> = None;
     loop {
         let Ok(mut updates) = broker.jobs.watch_with_history(&key).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -606,18 +608,18 @@ async fn follow_job(broker: Arc<Broker>, key: String, tx: watch::Sender<JobStatu
                     _ => break,
                 },
                 _ = position_every.tick() => {
-                    if matches!(*tx.borrow(), JobStatus::Queued { .. }) {
-                        if let Ok(Some((record, _))) = broker.record(&key).await {
-                            publish_position(&broker, &record, &tx).await;
-                        }
+                    if let Some(record) = &waiting {
+                        publish_position(&broker, record, &tx).await;
                     }
                     continue;
                 }
             };
             let Some(record) = record else { continue };
+            waiting = None;
             let status = match record.state {
                 JobState::Queued => {
                     publish_position(&broker, &record, &tx).await;
+                    waiting = Some(record);
                     continue;
                 }
                 JobState::Running => JobStatus::Running,
@@ -653,12 +655,11 @@ async fn follow_job(broker: Arc<Broker>, key: String, tx: watch::Sender<JobStatu
 
 /// A queued job's place: messages before it that no worker has taken yet, plus one.
 async fn publish_position(broker: &Broker, record: &JobRecord, tx: &watch::Sender<JobStatus>) {
-    let Ok(mut consumer) = broker.consumer().await else {
+    // Getting the consumer fetches its state: that is the one request needed.
+    let Ok(consumer) = broker.consumer().await else {
         return;
     };
-    let Ok(info) = consumer.info().await else {
-        return;
-    };
+    let info = consumer.cached_info();
     let taken = info.delivered.stream_sequence;
     let position = record.seq.saturating_sub(taken).max(1) as usize;
     let waiting = (info.num_pending as usize).max(position);
@@ -674,19 +675,25 @@ async fn publish_position(broker: &Broker, record: &JobRecord, tx: &watch::Sende
     });
 }
 
-async fn fetch_result(broker: &Broker, key: &str) -> Result<RenderOutput, RenderError> {
-    let internal = |e: String| RenderError::Internal(format!("fetching the result: {e}"));
-    let mut object = broker
-        .results
-        .get(key)
+/// An object's bytes; errors say what was being fetched.
+async fn read_object(store: &ObjectStore, name: &str, what: &str) -> Result<Vec<u8>, String> {
+    let mut object = store
+        .get(name)
         .await
-        .map_err(|e| internal(e.to_string()))?;
+        .map_err(|e| format!("fetching the {what}: {e}"))?;
     let mut bytes = Vec::new();
     object
         .read_to_end(&mut bytes)
         .await
-        .map_err(|e| internal(e.to_string()))?;
-    decode_output(&bytes).map_err(internal)
+        .map_err(|e| format!("fetching the {what}: {e}"))?;
+    Ok(bytes)
+}
+
+async fn fetch_result(broker: &Broker, key: &str) -> Result<RenderOutput, RenderError> {
+    let bytes = read_object(&broker.results, key, "result")
+        .await
+        .map_err(RenderError::Internal)?;
+    decode_output(&bytes).map_err(|e| RenderError::Internal(format!("fetching the result: {e}")))
 }
 
 /// Takes render jobs from the broker one at a time and runs them on a renderer.
@@ -795,7 +802,7 @@ impl JetStreamWorker {
             }
         };
         let started = std::time::Instant::now();
-        let result = match self.fetch_photo(&job.photo).await {
+        let result = match read_object(&broker.photos, &job.photo, "photo").await {
             Ok(image) => {
                 let request = RenderRequest {
                     image,
@@ -851,21 +858,6 @@ impl JetStreamWorker {
         // lease and came back finds the record moved on.
         broker.update(&job.key, &ended, revision).await;
         let _ = message.ack().await;
-    }
-
-    async fn fetch_photo(&self, name: &str) -> Result<Vec<u8>, String> {
-        let mut object = self
-            .broker
-            .photos
-            .get(name)
-            .await
-            .map_err(|e| format!("fetching the photo: {e}"))?;
-        let mut bytes = Vec::new();
-        object
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| format!("fetching the photo: {e}"))?;
-        Ok(bytes)
     }
 
     /// Renders on a blocking thread, telling the broker every third of the `lease` that the

@@ -133,8 +133,9 @@ pub struct LoadReport {
     pub flood: Option<FloodReport>,
 }
 
-/// A `nats-server -js` on a free loopback port with an empty store; killed on drop.
-struct Broker {
+/// A `nats-server -js` on a free loopback port with an empty store of its own; killed (and
+/// its store removed) on drop. The load test's broker, and the conformance suite's.
+pub struct LocalNatsServer {
     child: Child,
     url: String,
     binary: PathBuf,
@@ -160,11 +161,12 @@ fn spawn_server(binary: &Path, port: u16, store: &Path) -> Result<Child> {
     Ok(child)
 }
 
-impl Broker {
-    fn start(binary: &Path) -> Result<Self> {
+impl LocalNatsServer {
+    /// Starts `binary` and waits until it takes connections.
+    pub fn start(binary: &Path) -> Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let store =
-            std::env::temp_dir().join(format!("toonbot-loadtest-{}-{port}", std::process::id()));
+            std::env::temp_dir().join(format!("toonbot-nats-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&store)?;
         Ok(Self {
             child: spawn_server(binary, port, &store)?,
@@ -175,8 +177,13 @@ impl Broker {
         })
     }
 
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same port and store.
-    fn restart(&mut self) -> Result<()> {
+    pub fn restart(&mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;
         self.child = spawn_server(&self.binary, self.port, &self.store)?;
@@ -195,20 +202,11 @@ impl Broker {
     }
 
     fn peak_mib(&self) -> Option<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kb / 1024.0)
+        crate::peak_memory_mib(&self.child.id().to_string())
     }
 }
 
-impl Drop for Broker {
+impl Drop for LocalNatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -285,8 +283,8 @@ async fn start_round(
     plan: &LoadPlan,
     workers: usize,
     config: impl FnOnce(&str) -> JetStreamConfig,
-) -> Result<(Broker, Workers, JetStreamQueue)> {
-    let broker = Broker::start(&plan.nats_server)?;
+) -> Result<(LocalNatsServer, Workers, JetStreamQueue)> {
+    let broker = LocalNatsServer::start(&plan.nats_server)?;
     let config = config(&broker.url);
     let queue =
         JetStreamQueue::connect(&config, Arc::new(|_: Option<&str>| Some("stub".into()))).await?;

@@ -281,19 +281,6 @@ fn images(seed: u64, n: usize, size: usize, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (n, 3, size, size), device)?)
 }
 
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
 fn sync(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
@@ -475,7 +462,7 @@ pub fn run(
         size,
         recipes: BTreeMap::new(),
         fast_over_photo2cartoon: None,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: crate::peak_memory_mib("self"),
         reference: BTreeMap::new(),
         candle_over_pytorch: BTreeMap::new(),
         cuda_vs_cpu_max_abs_diff: if device.is_cuda() {
