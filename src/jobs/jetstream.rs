@@ -401,22 +401,18 @@ impl JetStreamQueue {
     /// Whether `user` could submit a job now: under the per-user cap and the capacity.
     pub async fn check_admission(&self, user: u64) -> Result<(), SubmitError> {
         let config = &self.broker.config;
-        let mut stream = self.broker.stream.clone();
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| unavailable("the queue", e))?;
-        if info.state.messages as usize >= config.capacity {
-            return Err(SubmitError::QueueFull {
-                capacity: config.capacity,
-            });
-        }
+        // One request: the stream's state and this user's subject count.
         let mut subjects = self
             .broker
             .stream
             .info_with_subjects(config.user_subject(user))
             .await
             .map_err(|e| unavailable("the queue", e))?;
+        if subjects.info.state.messages as usize >= config.capacity {
+            return Err(SubmitError::QueueFull {
+                capacity: config.capacity,
+            });
+        }
         let mut in_flight = 0;
         while let Some(Ok((_, count))) = subjects.next().await {
             in_flight += count;
