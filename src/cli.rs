@@ -316,12 +316,58 @@ pub fn serve(config: &Config, device: &Device) -> Result<ExitCode> {
             }
         };
     let stylepacks = crate::stylepack::PackSetup::new(config, faces, trainer);
+    let backend = crate::bot::Backend::InProcess {
+        renderer: std::sync::Arc::new(renderer),
+        stylepacks: Some(stylepacks),
+    };
     tokio::runtime::Runtime::new()?.block_on(crate::bot::serve(
         config.bot.clone(),
         token,
-        std::sync::Arc::new(renderer),
-        Some(stylepacks),
+        backend,
     ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `toonbot serve --role gateway`: the Discord gateway for `shards` (all of them when
+/// `None`), queueing jobs on the broker at `nats` (default `broker.url`) for the workers and
+/// handing the replies to the responders. Loads no models: the styles are those the workers
+/// publish.
+pub fn serve_gateway(
+    config: &Config,
+    nats: Option<&str>,
+    shards: Option<crate::bot::ShardRange>,
+) -> Result<ExitCode> {
+    let token = crate::bot::load_token(&config.bot)?;
+    let broker = config.broker.jetstream(nats, config.bot.queue_config())?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let catalog = crate::jobs::StyleCatalog::follow(&broker).await?;
+        let queue = crate::jobs::JetStreamQueue::connect(&broker, catalog.style_version()).await?;
+        let backend = crate::bot::Backend::Gateway {
+            queue,
+            catalog,
+            shards,
+        };
+        crate::bot::serve(config.bot.clone(), token, backend).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `toonbot serve --role responder`: answers the requests the gateways handed over, from the
+/// broker at `nats` (default `broker.url`), until Ctrl-C or SIGTERM.
+pub fn serve_responder(config: &Config, nats: Option<&str>) -> Result<ExitCode> {
+    let token = crate::bot::load_token(&config.bot)?;
+    let broker = config.broker.jetstream(nats, config.bot.queue_config())?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let catalog = crate::jobs::StyleCatalog::follow(&broker).await?;
+        let queue = crate::jobs::JetStreamQueue::connect(&broker, catalog.style_version()).await?;
+        crate::bot::respond(
+            config.bot.clone(),
+            token,
+            queue,
+            crate::bot::shutdown_signal(),
+        )
+        .await
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

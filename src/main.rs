@@ -28,20 +28,29 @@ enum Role {
     All,
     /// Renders jobs from the JetStream broker; holds no bot token.
     Worker,
+    /// The Discord gateway (a shard range): queues jobs on the broker, loads no models.
+    Gateway,
+    /// Answers the jobs the gateways queued: progress, results, late replies.
+    Responder,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the Discord bot (token from DISCORD_TOKEN or `bot.token_file`), or one role of it.
     Serve {
-        /// `all`: the whole bot in one process (the default). `worker`: render the jobs
-        /// queued on the JetStream broker (`[broker]`, or --nats; no bot token).
+        /// `all`: the whole bot in one process (the default). Past one machine, through the
+        /// JetStream broker (`[broker]`, or --nats): `gateway` takes requests from Discord
+        /// and queues them, `worker` renders them (no bot token), `responder` answers them.
         #[arg(long, value_enum, default_value = "all")]
         role: Role,
-        /// The NATS server with JetStream, e.g. nats://127.0.0.1:4222 (for --role worker;
-        /// default `broker.url`).
+        /// The NATS server with JetStream, e.g. nats://127.0.0.1:4222 (for the roles other
+        /// than `all`; default `broker.url`).
         #[arg(long, env = "TOONBOT_NATS")]
         nats: Option<String>,
+        /// For --role gateway: the shards this process connects, START..END/TOTAL (e.g.
+        /// 0..2/4: shards 0 and 1 of 4); default, the bot's only shard.
+        #[arg(long)]
+        shards: Option<toonbot::bot::ShardRange>,
     },
     /// Find every face in each photo and write its aligned, whitened crop and soft mask.
     Faces {
@@ -549,9 +558,11 @@ fn run(args: Args) -> Result<ExitCode> {
             };
             cli::loadtest(&plan)
         }
-        Command::Serve { role, nats } => match role {
+        Command::Serve { role, nats, shards } => match role {
             Role::All => cli::serve(&config, &device),
             Role::Worker => cli::serve_worker(&config, &device, nats.as_deref()),
+            Role::Gateway => cli::serve_gateway(&config, nats.as_deref(), shards),
+            Role::Responder => cli::serve_responder(&config, nats.as_deref()),
         },
         Command::Styles => cli::styles(&config),
         Command::Prepare { photos, out } => cli::prepare(&config, &device, &photos, &out),

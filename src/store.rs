@@ -56,7 +56,7 @@ impl Default for GuildSettings {
 }
 
 /// Where a job came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum JobSource {
     /// The `/cartoon` slash command.
     Slash,

@@ -1,42 +1,55 @@
 //! The cartoon flow shared by `/cartoon`, the Cartoonize menu and DMs.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::time::sleep_until;
 
 use super::download::PhotoRef;
-use super::reply::{batch_files, Reply};
-use super::{texts, BotState};
+use super::reply::{batch_files, Reply, ReplyTarget};
+use super::{texts, BotConfig, BotState};
 use crate::jobs::{
-    image_hash, FileKind, JobStatus, OutputKind, RenderError, RenderRequest, StyleInfo,
+    image_hash, FileKind, JobHandle, JobStatus, OutputKind, RenderError, RenderRequest, StyleInfo,
+    SubmitError,
 };
-use crate::store::{JobEnd, JobSource, NewJob};
+use crate::store::{now_ms, JobEnd, JobSource, NewJob, Store};
 use crate::stylepack::styles_for_guild;
 
 /// Options given with the request itself (they override the user's preset).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Overrides {
+    /// The style asked for.
     pub style: Option<String>,
+    /// The files asked for.
     pub output: Option<OutputKind>,
 }
 
 /// Who asked, and where.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CartoonRequest {
+    /// Who asked.
     pub user_id: u64,
+    /// The guild it was asked in; `None` in DMs.
     pub guild_id: Option<u64>,
+    /// The channel it was asked in.
     pub channel_id: u64,
+    /// Which command or message asked.
     pub source: JobSource,
+    /// Options given with the request.
     pub overrides: Overrides,
 }
 
 /// The options a render uses: request overrides, else the user's preset, else the guild's
 /// default style, else the built-in defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resolved {
+    /// The style (`None`: the renderer's default).
     pub style: Option<String>,
+    /// Which files to make.
     pub output: OutputKind,
+    /// A white outline around stickers.
     pub outline: bool,
+    /// Avatars cropped to a circle.
     pub round_avatar: bool,
 }
 
@@ -78,7 +91,7 @@ pub async fn usable_styles(
     state: &BotState,
     guild_id: Option<u64>,
 ) -> anyhow::Result<Vec<StyleInfo>> {
-    styles_for_guild(&state.store, state.renderer().styles(), guild_id).await
+    styles_for_guild(&state.store, state.styles.styles(), guild_id).await
 }
 
 /// Checks a style name against the styles usable in `guild_id`.
@@ -105,12 +118,13 @@ pub async fn check_style(
     }
 }
 
-/// Runs one request to the end, telling the user how it goes. Logs one line per job.
+/// Runs one request to the end, telling the user how it goes (or, on a gateway, until it is
+/// queued and handed to the responders). Logs one line per job.
 pub async fn run(state: &BotState, request: CartoonRequest, photo: PhotoRef, mut reply: Reply) {
-    let started = Instant::now();
+    let started_ms = now_ms();
     // Checks that need no download answer at once (ephemerally), without a "thinking" response.
     if let Err((text, code)) = early_checks(state, &request, &photo).await {
-        log_refused(&request, code, started);
+        log_refused(&request, code, started_ms);
         if let Err(e) = reply.error(&text).await {
             tracing::warn!(error = %e, "sending an error reply failed");
         }
@@ -120,9 +134,9 @@ pub async fn run(state: &BotState, request: CartoonRequest, photo: PhotoRef, mut
         tracing::warn!(error = %e, user = request.user_id, "acknowledging a request failed");
         return;
     }
-    if let Err(refusal) = work(state, &request, &photo, &mut reply, started).await {
+    if let Err(refusal) = work(state, &request, &photo, &mut reply, started_ms).await {
         if let Some(code) = refusal.unlogged {
-            log_refused(&request, code, started);
+            log_refused(&request, code, started_ms);
         }
         if let Err(e) = reply.error(&refusal.text).await {
             tracing::warn!(error = %e, "sending an error reply failed");
@@ -143,6 +157,7 @@ async fn early_checks(
     state
         .queue
         .check_admission(request.user_id)
+        .await
         .map_err(|e| (texts::submit_error(&e), submit_code(&e)))?;
     check_style(state, request.guild_id, request.overrides.style.as_deref())
         .await
@@ -172,13 +187,48 @@ impl Refusal {
     }
 }
 
-/// After the acknowledgement: options, download, queue, progress, results.
+/// A job on its way to its user: what following it and answering needs, in this process
+/// or, handed over through the broker, in a responder's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The jobs table's row.
+    pub job_id: i64,
+    /// Who asked, and where.
+    pub request: CartoonRequest,
+    /// The options the render uses.
+    pub options: Resolved,
+    /// Where the answer goes.
+    pub target: ReplyTarget,
+    /// The job's key on the broker (empty for the in-process queue).
+    pub key: String,
+    /// Whether the job was attached to an identical one.
+    pub shared: bool,
+    /// When the request arrived (unix ms).
+    pub started_ms: i64,
+    /// The photo's size.
+    pub bytes: usize,
+}
+
+impl Delivery {
+    /// Names this hand-off (the broker drops a repeat): the job and the interaction or
+    /// message it answers, both unique.
+    pub fn handoff_id(&self) -> String {
+        let answers = match &self.target {
+            ReplyTarget::Interaction { id, .. } => *id,
+            ReplyTarget::Dm { source, .. } => *source,
+        };
+        format!("{}.{answers}", self.key)
+    }
+}
+
+/// After the acknowledgement: options, download, queue, then the answer here or a hand-off
+/// to the responders.
 async fn work(
     state: &BotState,
     request: &CartoonRequest,
     photo: &PhotoRef,
     reply: &mut Reply,
-    started: Instant,
+    started_ms: i64,
 ) -> Result<(), Refusal> {
     let internal = |e: anyhow::Error| {
         tracing::error!(error = %format!("{e:#}"), "storage error");
@@ -219,7 +269,18 @@ async fn work(
         outline: options.outline,
         round_avatar: options.round_avatar,
     };
-    let mut handle = match state.queue.submit(request.user_id, render) {
+    let submitted = state.queue.submit(request.user_id, render).await;
+    let mut delivery = Delivery {
+        job_id,
+        request: request.clone(),
+        options,
+        target: reply.target().clone(),
+        key: String::new(),
+        shared: false,
+        started_ms,
+        bytes,
+    };
+    let handle = match submitted {
         Ok(handle) => handle,
         Err(e) => {
             let end = JobEnd {
@@ -227,14 +288,60 @@ async fn work(
                 error: Some(submit_code(&e).into()),
                 ..JobEnd::default()
             };
-            record_end(state, job_id, &end).await;
-            log_job(request, job_id, &options, &end, bytes, started);
+            record_end(&state.store, &delivery, &end).await;
             return Err(Refusal::of_job(texts::submit_error(&e)));
         }
     };
+    delivery.key = handle.broker_key().unwrap_or_default().to_string();
+    delivery.shared = handle.is_shared();
+    match &state.responders {
+        Some(responders) => {
+            let payload = serde_json::to_vec(&delivery).expect("a delivery serialises");
+            if let Err(e) = responders.hand_off(&delivery.handoff_id(), payload).await {
+                tracing::error!(job = job_id, error = %format!("{e:#}"), "handing a reply over failed");
+                let e = SubmitError::Unavailable(format!("{e:#}"));
+                let end = JobEnd {
+                    status: "failed".into(),
+                    error: Some(submit_code(&e).into()),
+                    ..JobEnd::default()
+                };
+                record_end(&state.store, &delivery, &end).await;
+                return Err(Refusal::of_job(texts::submit_error(&e)));
+            }
+            Ok(())
+        }
+        None => deliver(&state.store, &state.config, &delivery, handle, reply).await,
+    }
+}
 
-    // Progress: queue position and "drawing", at most one edit per interval.
-    let interval = Duration::from_millis(state.config.progress_interval_ms);
+/// Answers a delivery handed over by a gateway: follows the job, shows its progress, sends
+/// the results or the error. Logs the job's line.
+pub async fn answer(
+    store: &Store,
+    config: &BotConfig,
+    delivery: &Delivery,
+    handle: JobHandle,
+    http: std::sync::Arc<serenity::all::Http>,
+) {
+    let mut reply = Reply::resume(http, delivery.target.clone());
+    if let Err(refusal) = deliver(store, config, delivery, handle, &mut reply).await {
+        if let Err(e) = reply.error(&refusal.text).await {
+            tracing::warn!(error = %e, "sending an error reply failed");
+        }
+    }
+}
+
+/// From the queue to the user: progress (queue position and "drawing", at most one edit per
+/// interval), then the results.
+async fn deliver(
+    store: &Store,
+    config: &BotConfig,
+    delivery: &Delivery,
+    mut handle: JobHandle,
+    reply: &mut Reply,
+) -> Result<(), Refusal> {
+    let job_id = delivery.job_id;
+    let interval = Duration::from_millis(config.progress_interval_ms);
     let mut status = handle.status();
     let mut shown: Option<String> = None;
     let mut last_edit: Option<tokio::time::Instant> = None;
@@ -245,7 +352,7 @@ async fn work(
         }
         if matches!(status, JobStatus::Running) && !started_recorded {
             started_recorded = true;
-            if let Err(e) = state.store.job_started(job_id).await {
+            if let Err(e) = store.job_started(job_id).await {
                 tracing::warn!(job = job_id, error = %e, "recording a job start failed");
             }
         }
@@ -280,13 +387,12 @@ async fn work(
             error: Some("cancelled".into()),
             ..JobEnd::default()
         };
-        record_end(state, job_id, &end).await;
-        log_job(request, job_id, &options, &end, bytes, started);
+        record_end(store, delivery, &end).await;
         return Err(Refusal::of_job(texts::submit_error(
-            &crate::jobs::SubmitError::ShuttingDown,
+            &SubmitError::ShuttingDown,
         )));
     };
-    let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let total_ms = (now_ms() - delivery.started_ms) as f64;
     let mut end = JobEnd {
         status: "done".into(),
         cached: outcome.cached,
@@ -295,11 +401,12 @@ async fn work(
         total_ms: Some(total_ms),
         ..JobEnd::default()
     };
+    let request = &delivery.request;
     match outcome.result {
         Ok(output) => {
             end.faces = Some(output.faces as u32);
             end.style = Some(output.style.clone());
-            let (batches, too_large) = batch_files(&output.files, state.config.max_upload_bytes);
+            let (batches, too_large) = batch_files(&output.files, config.max_upload_bytes);
             let stickers: Vec<Vec<u8>> = output
                 .files
                 .iter()
@@ -310,24 +417,21 @@ async fn work(
             let skipped: Vec<String> = too_large.iter().map(|f| f.name.clone()).collect();
             let text = texts::result_summary(
                 &output,
-                options.output,
-                outcome.cached,
+                delivery.options.output,
+                end.cached,
                 total_ms / 1000.0,
                 sticker_hint,
                 &skipped,
             );
             if let (Some(guild), false) = (request.guild_id, stickers.is_empty()) {
-                state
-                    .remember_stickers(request.user_id, guild, &stickers)
-                    .await;
+                super::remember_stickers(store, request.user_id, guild, &stickers).await;
             }
             if let Err(e) = reply.results(&text, batches).await {
                 tracing::warn!(job = job_id, error = %e, "sending the results failed");
                 end.status = "failed".into();
                 end.error = Some("discord".into());
             }
-            record_end(state, job_id, &end).await;
-            log_job(request, job_id, &options, &end, bytes, started);
+            record_end(store, delivery, &end).await;
             Ok(())
         }
         Err(e) => {
@@ -336,39 +440,35 @@ async fn work(
             if let RenderError::Internal(detail) = &e {
                 tracing::error!(job = job_id, error = %detail, "render failed");
             }
-            record_end(state, job_id, &end).await;
-            log_job(request, job_id, &options, &end, bytes, started);
+            record_end(store, delivery, &end).await;
             Err(Refusal::of_job(texts::render_error(&e, Some(job_id))))
         }
     }
 }
 
-async fn record_end(state: &BotState, job_id: i64, end: &JobEnd) {
-    if let Err(e) = state.store.finish_job(job_id, end).await {
-        tracing::warn!(job = job_id, error = %e, "recording a job's end failed");
+/// Records how the job ended and logs its line.
+async fn record_end(store: &Store, delivery: &Delivery, end: &JobEnd) {
+    if let Err(e) = store.finish_job(delivery.job_id, end).await {
+        tracing::warn!(job = delivery.job_id, error = %e, "recording a job's end failed");
     }
+    log_job(delivery, end);
 }
 
-fn submit_code(e: &crate::jobs::SubmitError) -> &'static str {
+fn submit_code(e: &SubmitError) -> &'static str {
     match e {
-        crate::jobs::SubmitError::QueueFull { .. } => "queue_full",
-        crate::jobs::SubmitError::UserLimit { .. } => "user_limit",
-        crate::jobs::SubmitError::ShuttingDown => "shutting_down",
-        crate::jobs::SubmitError::Unavailable(_) => "unavailable",
+        SubmitError::QueueFull { .. } => "queue_full",
+        SubmitError::UserLimit { .. } => "user_limit",
+        SubmitError::ShuttingDown => "shutting_down",
+        SubmitError::Unavailable(_) => "unavailable",
     }
 }
 
 /// The one log line of a job.
-fn log_job(
-    request: &CartoonRequest,
-    job_id: i64,
-    options: &Resolved,
-    end: &JobEnd,
-    bytes: usize,
-    started: Instant,
-) {
+fn log_job(delivery: &Delivery, end: &JobEnd) {
+    let request = &delivery.request;
+    let options = &delivery.options;
     tracing::info!(
-        job = job_id,
+        job = delivery.job_id,
         user = request.user_id,
         guild = request.guild_id,
         source = request.source.as_str(),
@@ -378,23 +478,23 @@ fn log_job(
         output = options.output.as_str(),
         faces = end.faces,
         cached = end.cached,
-        bytes,
+        bytes = delivery.bytes,
         queue_ms = end.queue_ms.map(|v| v.round()),
         render_ms = end.render_ms.map(|v| v.round()),
-        total_ms = (started.elapsed().as_secs_f64() * 1000.0).round(),
+        total_ms = now_ms() - delivery.started_ms,
         "job"
     );
 }
 
 /// The log line of a request refused before it became a job.
-fn log_refused(request: &CartoonRequest, code: &'static str, started: Instant) {
+fn log_refused(request: &CartoonRequest, code: &'static str, started_ms: i64) {
     tracing::info!(
         user = request.user_id,
         guild = request.guild_id,
         source = request.source.as_str(),
         status = "refused",
         error = code,
-        total_ms = (started.elapsed().as_secs_f64() * 1000.0).round(),
+        total_ms = now_ms() - started_ms,
         "job"
     );
 }

@@ -13,15 +13,13 @@ use serenity::all::{
 
 use super::cartoon::{self, usable_styles, CartoonRequest, Overrides};
 use super::download::PhotoRef;
-use super::reply::Reply;
+use super::reply::{Reply, TOKEN_LIFETIME_MS};
 use super::{commands, settings, stylepack, texts, BotState};
 use crate::jobs::OutputKind;
 use crate::store::{now_ms, JobSource, ReplyRef};
 
 /// Photos taken from one DM message at most.
 const MAX_DM_PHOTOS: usize = 4;
-/// An interaction token's lifetime, less a margin.
-const TOKEN_LIFETIME_MS: i64 = 14 * 60 * 1000;
 const TELL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Handler {
@@ -172,11 +170,7 @@ impl Handler {
             source,
             overrides,
         };
-        let mut reply = Reply::Interaction {
-            http: Arc::clone(&ctx.http),
-            cmd: Box::new(cmd),
-            deferred: false,
-        };
+        let mut reply = Reply::interaction(Arc::clone(&ctx.http), &cmd);
         match photo {
             Some(photo) => cartoon::run(&self.state, request, photo, reply).await,
             None => {
@@ -264,12 +258,7 @@ impl Handler {
                 source: JobSource::Dm,
                 overrides: Overrides::default(),
             };
-            let reply = Reply::Dm {
-                http: Arc::clone(&ctx.http),
-                channel: message.channel_id,
-                source: message.id,
-                progress: None,
-            };
+            let reply = Reply::dm(Arc::clone(&ctx.http), message.channel_id, message.id);
             let state = Arc::clone(&self.state);
             tasks.push(tokio::spawn(async move {
                 cartoon::run(&state, request, photo, reply).await

@@ -22,6 +22,7 @@ pub mod config;
 pub mod download;
 mod handler;
 mod reply;
+mod responder;
 mod settings;
 mod stylepack;
 mod texts;
@@ -36,9 +37,12 @@ use anyhow::{bail, Context, Result};
 use serenity::all::{ClientBuilder, GatewayIntents, HttpBuilder, ShardManager};
 use tokio::task::JoinHandle;
 
+pub use cartoon::{CartoonRequest, Delivery, Overrides, Resolved};
 pub use config::BotConfig;
+pub use reply::ReplyTarget;
+pub use responder::respond;
 
-use crate::jobs::{JobQueue, Renderer};
+use crate::jobs::{JetStreamQueue, JobQueue, RenderQueue, Renderer, StyleCatalog, StyleInfo};
 use crate::store::{JobRecord, Store};
 use crate::stylepack::{PackSetup, RunEvents, StylePacks};
 use download::Downloader;
@@ -112,11 +116,101 @@ const RECENT_USERS: usize = 256;
 const RECENT_STICKERS: usize = 8;
 pub(crate) const RECENT_TTL: Duration = Duration::from_secs(30 * 60);
 
+/// Remembers the stickers of a user's latest result, for `/sticker add`.
+async fn remember_stickers(store: &Store, user: u64, guild_id: u64, stickers: &[Vec<u8>]) {
+    let stickers = &stickers[..stickers.len().min(RECENT_STICKERS)];
+    if let Err(e) = store
+        .remember_stickers(user, guild_id, stickers, RECENT_TTL, RECENT_USERS)
+        .await
+    {
+        tracing::warn!(user, error = %format!("{e:#}"), "remembering stickers failed");
+    }
+}
+
+/// Where the bot learns which styles exist.
+pub(crate) enum StyleSource {
+    /// The renderer in this process.
+    Renderer(Arc<dyn Renderer>),
+    /// The catalog the workers publish on the broker.
+    Workers(StyleCatalog),
+}
+
+impl StyleSource {
+    pub fn styles(&self) -> Vec<StyleInfo> {
+        match self {
+            Self::Renderer(renderer) => renderer.styles(),
+            Self::Workers(catalog) => catalog.styles(),
+        }
+    }
+}
+
+/// What a bot process does with requests.
+// Made once per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Backend {
+    /// The whole bot (`serve`, `--role all`): the in-process queue on `renderer`, and style
+    /// packs when set up.
+    InProcess {
+        /// Renders on this process's worker threads.
+        renderer: Arc<dyn Renderer>,
+        /// Style packs; `None`: `/stylepack` says they are not enabled.
+        stylepacks: Option<PackSetup>,
+    },
+    /// A gateway (`--role gateway`): jobs are queued on the broker for the workers, and the
+    /// replies handed to the responders (`--role responder`). Loads no models.
+    Gateway {
+        /// The broker's render queue (and the responders' hand-offs).
+        queue: JetStreamQueue,
+        /// The styles the workers render.
+        catalog: StyleCatalog,
+        /// The shards this process connects; `None`: the only one.
+        shards: Option<ShardRange>,
+    },
+}
+
+/// Shards `start..end` of `total`: one gateway process's part of the bot's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardRange {
+    /// The first shard.
+    pub start: u32,
+    /// One past the last shard.
+    pub end: u32,
+    /// The bot's shards in all.
+    pub total: u32,
+}
+
+impl std::str::FromStr for ShardRange {
+    type Err = String;
+
+    /// `START..END/TOTAL`, e.g. `0..2/4` (shards 0 and 1 of 4).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("`{text}`: expected START..END/TOTAL, e.g. 0..2/4");
+        let (range, total) = text.split_once('/').ok_or_else(bad)?;
+        let (start, end) = range.split_once("..").ok_or_else(bad)?;
+        let number = |s: &str| s.trim().parse::<u32>().map_err(|_| bad());
+        let shards = Self {
+            start: number(start)?,
+            end: number(end)?,
+            total: number(total)?,
+        };
+        if shards.start >= shards.end || shards.end > shards.total {
+            return Err(format!(
+                "`{text}`: the range must be non-empty and within 0..{}",
+                shards.total
+            ));
+        }
+        Ok(shards)
+    }
+}
+
 /// What the handlers share.
 pub(crate) struct BotState {
     pub config: BotConfig,
     pub store: Store,
-    pub queue: JobQueue,
+    pub queue: RenderQueue,
+    pub styles: StyleSource,
+    /// On a gateway, where replies are handed over; `None`: answered here.
+    pub responders: Option<JetStreamQueue>,
     pub downloader: Downloader,
     /// Jobs a previous run left unfinished, to tell their users once connected.
     pub interrupted: Mutex<Vec<JobRecord>>,
@@ -129,25 +223,18 @@ pub(crate) struct BotState {
 }
 
 impl BotState {
-    pub fn renderer(&self) -> &Arc<dyn Renderer> {
-        self.queue.renderer()
-    }
-
     /// Least time between two progress edits of a message.
     pub fn progress_interval(&self) -> Duration {
         Duration::from_millis(self.config.progress_interval_ms)
     }
+}
 
-    /// Remembers the stickers of a user's latest result, for `/sticker add`.
-    pub async fn remember_stickers(&self, user: u64, guild_id: u64, stickers: &[Vec<u8>]) {
-        let stickers = &stickers[..stickers.len().min(RECENT_STICKERS)];
-        if let Err(e) = self
-            .store
-            .remember_stickers(user, guild_id, stickers, RECENT_TTL, RECENT_USERS)
-            .await
-        {
-            tracing::warn!(user, error = %format!("{e:#}"), "remembering stickers failed");
-        }
+/// The REST client: Discord's, or the configured proxy (tests' fake Discord).
+fn http_builder(config: &BotConfig, token: &Token) -> HttpBuilder {
+    let http = HttpBuilder::new(token.expose());
+    match &config.api_proxy {
+        Some(proxy) => http.proxy(proxy.clone()).ratelimiter_disabled(true),
+        None => http,
     }
 }
 
@@ -159,11 +246,6 @@ pub struct RunningBot {
 }
 
 impl RunningBot {
-    /// The bot's render queue, e.g. for its counters.
-    pub fn queue(&self) -> &JobQueue {
-        &self.state.queue
-    }
-
     /// The bot's database (jobs, presets, guild settings).
     pub fn store(&self) -> &Store {
         &self.state.store
@@ -185,7 +267,9 @@ impl RunningBot {
         self.shard_manager.shutdown_all().await;
         self.client.abort();
         let _ = self.client.await;
-        self.state.queue.shutdown();
+        if let RenderQueue::InProcess(queue) = &self.state.queue {
+            queue.shutdown();
+        }
         if let Some(packs) = &self.state.stylepacks {
             packs.shutdown().await;
         }
@@ -201,8 +285,53 @@ pub async fn start(
     renderer: Arc<dyn Renderer>,
     stylepacks: Option<PackSetup>,
 ) -> Result<RunningBot> {
+    start_backend(
+        config,
+        token,
+        Backend::InProcess {
+            renderer,
+            stylepacks,
+        },
+    )
+    .await
+}
+
+/// Opens the database and connects to Discord as `backend` says. In-process: starts the
+/// queue, reports jobs a previous run left unfinished and resumes a style pack's training. A
+/// gateway's unfinished jobs live on in the broker, and it has no style packs yet.
+pub async fn start_backend(
+    config: BotConfig,
+    token: Token,
+    backend: Backend,
+) -> Result<RunningBot> {
     let store = Store::open(&config.database).await?;
-    let interrupted = store.interrupt_unfinished().await?;
+    let (queue, styles, responders, stylepacks, shards) = match backend {
+        Backend::InProcess {
+            renderer,
+            stylepacks,
+        } => (
+            RenderQueue::InProcess(JobQueue::new(Arc::clone(&renderer), config.queue_config())),
+            StyleSource::Renderer(renderer),
+            None,
+            stylepacks.map(|setup| StylePacks::new(setup, store.clone())),
+            None,
+        ),
+        Backend::Gateway {
+            queue,
+            catalog,
+            shards,
+        } => (
+            RenderQueue::JetStream(queue.clone()),
+            StyleSource::Workers(catalog),
+            Some(queue),
+            None,
+            shards,
+        ),
+    };
+    let interrupted = match &queue {
+        RenderQueue::InProcess(_) => store.interrupt_unfinished().await?,
+        RenderQueue::JetStream(_) => Vec::new(),
+    };
     for job in &interrupted {
         tracing::warn!(
             job = job.id,
@@ -212,7 +341,6 @@ pub async fn start(
             "job interrupted by a restart"
         );
     }
-    let stylepacks = stylepacks.map(|setup| StylePacks::new(setup, store.clone()));
     let resumed_run = match &stylepacks {
         Some(packs) => packs.resume_unfinished().await.unwrap_or_else(|e| {
             tracing::error!(error = %format!("{e:#}"), "resuming a style pack's training failed");
@@ -220,25 +348,25 @@ pub async fn start(
         }),
         None => None,
     };
-    let queue = JobQueue::new(renderer, config.queue_config());
     let downloader = Downloader::new(
         &config.allowed_cdn_hosts,
         config.max_photo_bytes,
         Duration::from_secs(config.download_timeout_secs),
     )?;
-    let mut http = HttpBuilder::new(token.expose());
-    if let Some(proxy) = &config.api_proxy {
-        http = http.proxy(proxy.clone()).ratelimiter_disabled(true);
-    }
+    let http = http_builder(&config, &token);
+    // The gateway with shard 0 registers the commands; the others leave them be.
+    let registers_commands = shards.is_none_or(|s| s.start == 0);
     let state = Arc::new(BotState {
         config,
         store,
         queue,
+        styles,
+        responders,
         downloader,
         interrupted: Mutex::new(interrupted),
         stylepacks,
         resumed_run: Mutex::new(resumed_run),
-        commands_registered: AtomicBool::new(false),
+        commands_registered: AtomicBool::new(!registers_commands),
     });
     let handler = handler::Handler {
         state: Arc::clone(&state),
@@ -248,7 +376,12 @@ pub async fn start(
         .await
         .context("creating the Discord client")?;
     let shard_manager = Arc::clone(&client.shard_manager);
-    let client = tokio::spawn(async move { client.start().await });
+    let client = tokio::spawn(async move {
+        match shards {
+            Some(s) => client.start_shard_range(s.start..s.end, s.total).await,
+            None => client.start().await,
+        }
+    });
     Ok(RunningBot {
         shard_manager,
         client,
@@ -257,13 +390,8 @@ pub async fn start(
 }
 
 /// `toonbot serve`: runs the bot until Ctrl-C (or SIGTERM) or a fatal gateway error.
-pub async fn serve(
-    config: BotConfig,
-    token: Token,
-    renderer: Arc<dyn Renderer>,
-    stylepacks: Option<PackSetup>,
-) -> Result<()> {
-    let mut bot = start(config, token, renderer, stylepacks).await?;
+pub async fn serve(config: BotConfig, token: Token, backend: Backend) -> Result<()> {
+    let mut bot = start_backend(config, token, backend).await?;
     let result = tokio::select! {
         r = bot.wait() => r,
         _ = shutdown_signal() => {
@@ -301,6 +429,22 @@ pub async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_ranges_parse_and_bad_ones_are_refused() {
+        let shards: ShardRange = "0..2/4".parse().unwrap();
+        assert_eq!(
+            shards,
+            ShardRange {
+                start: 0,
+                end: 2,
+                total: 4
+            }
+        );
+        for bad in ["0..2", "2..2/4", "3..5/4", "a..b/4", "1/4"] {
+            assert!(bad.parse::<ShardRange>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn token_comes_from_env_first_then_file_and_is_never_shown() {

@@ -1,97 +1,187 @@
-//! Where a job's progress, errors and results go: an interaction's response, or a DM.
+//! Where a job's progress, errors and results go: an interaction's response, or a DM. A
+//! [`ReplyTarget`] is plain data: a gateway hands it to a responder process, which answers.
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serenity::all::{
-    ChannelId, CommandInteraction, CreateAttachment, CreateInteractionResponse,
+    Builder, ChannelId, CreateAttachment, CreateInteractionResponse,
     CreateInteractionResponseFollowup, CreateInteractionResponseMessage, CreateMessage,
-    EditInteractionResponse, EditMessage, Http, Message, MessageId,
+    EditInteractionResponse, EditMessage, Http, InteractionId, MessageId, UserId,
 };
 
+use super::texts;
 use crate::jobs::RenderedFile;
-use crate::store::ReplyRef;
+use crate::store::{now_ms, ReplyRef};
 
-pub enum Reply {
+/// An interaction token's lifetime (15 minutes), less a margin.
+pub const TOKEN_LIFETIME_MS: i64 = 14 * 60 * 1000;
+
+/// Where a reply goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyTarget {
     /// A slash command or the message menu: deferred, then the original response is edited.
-    /// Errors go to the user only (ephemeral).
+    /// Errors go to the user only (ephemeral). Once the token has expired, the answer goes to
+    /// the user in a DM, else to the channel.
     Interaction {
-        http: Arc<Http>,
-        cmd: Box<CommandInteraction>,
-        deferred: bool,
+        /// The interaction's id.
+        id: u64,
+        /// The bot's application id.
+        application_id: u64,
+        /// The interaction token, which the response is edited with.
+        token: String,
+        /// Who asked.
+        user: u64,
+        /// Where they asked.
+        channel: u64,
+        /// When the bot received the interaction (unix ms): the token lasts 15 minutes.
+        received_ms: i64,
     },
     /// A photo sent in DM: a progress message replying to it is edited.
     Dm {
-        http: Arc<Http>,
-        channel: ChannelId,
-        source: MessageId,
-        progress: Option<Box<Message>>,
+        /// The DM channel.
+        channel: u64,
+        /// The user's message with the photo.
+        source: u64,
+        /// The bot's progress message, once posted.
+        progress: Option<u64>,
     },
 }
 
+pub struct Reply {
+    http: Arc<Http>,
+    target: ReplyTarget,
+    deferred: bool,
+}
+
 impl Reply {
+    /// The reply to an interaction just received.
+    pub fn interaction(http: Arc<Http>, cmd: &serenity::all::CommandInteraction) -> Self {
+        Self {
+            http,
+            target: ReplyTarget::Interaction {
+                id: cmd.id.get(),
+                application_id: cmd.application_id.get(),
+                token: cmd.token.clone(),
+                user: cmd.user.id.get(),
+                channel: cmd.channel_id.get(),
+                received_ms: now_ms(),
+            },
+            deferred: false,
+        }
+    }
+
+    /// The reply to a photo sent in DM.
+    pub fn dm(http: Arc<Http>, channel: ChannelId, source: MessageId) -> Self {
+        Self {
+            http,
+            target: ReplyTarget::Dm {
+                channel: channel.get(),
+                source: source.get(),
+                progress: None,
+            },
+            deferred: false,
+        }
+    }
+
+    /// A reply acknowledged elsewhere ([`Reply::defer`] done by a gateway), continued here.
+    pub fn resume(http: Arc<Http>, target: ReplyTarget) -> Self {
+        Self {
+            http,
+            target,
+            deferred: true,
+        }
+    }
+
+    /// Where this reply goes, to hand over.
+    pub fn target(&self) -> &ReplyTarget {
+        &self.target
+    }
+
     /// Acknowledges the request: defers the interaction (Discord shows "thinking"), or posts
     /// the DM progress message.
     pub async fn defer(&mut self) -> serenity::Result<()> {
-        match self {
-            Self::Interaction {
-                http,
-                cmd,
-                deferred,
-            } => {
-                cmd.create_response(
-                    http.as_ref(),
-                    CreateInteractionResponse::Defer(CreateInteractionResponseMessage::new()),
-                )
-                .await?;
-                *deferred = true;
+        match &mut self.target {
+            ReplyTarget::Interaction { id, token, .. } => {
+                CreateInteractionResponse::Defer(CreateInteractionResponseMessage::new())
+                    .execute(self.http.as_ref(), (InteractionId::new(*id), token))
+                    .await?;
             }
-            Self::Dm {
-                http,
+            ReplyTarget::Dm {
                 channel,
                 source,
                 progress,
             } => {
+                let channel = ChannelId::new(*channel);
                 let message = CreateMessage::new()
                     .content("⏳ Got it, working on it…")
-                    .reference_message((*channel, *source));
-                *progress = Some(Box::new(
-                    channel.send_message(http.as_ref(), message).await?,
-                ));
+                    .reference_message((channel, MessageId::new(*source)));
+                *progress = Some(
+                    channel
+                        .send_message(self.http.as_ref(), message)
+                        .await?
+                        .id
+                        .get(),
+                );
             }
         }
+        self.deferred = true;
         Ok(())
     }
 
     /// How to reach this reply after a restart.
     pub fn reply_ref(&self) -> Option<ReplyRef> {
-        match self {
-            Self::Interaction { cmd, .. } => Some(ReplyRef::Interaction {
-                application_id: cmd.application_id.get(),
-                token: cmd.token.clone(),
+        match &self.target {
+            ReplyTarget::Interaction {
+                application_id,
+                token,
+                ..
+            } => Some(ReplyRef::Interaction {
+                application_id: *application_id,
+                token: token.clone(),
             }),
-            Self::Dm { progress, .. } => progress.as_ref().map(|m| ReplyRef::Message {
-                message_id: m.id.get(),
-            }),
+            ReplyTarget::Dm { progress, .. } => {
+                progress.map(|message_id| ReplyRef::Message { message_id })
+            }
         }
     }
 
+    /// Whether the interaction's token has expired (never for DMs).
+    fn expired(&self) -> bool {
+        match &self.target {
+            ReplyTarget::Interaction { received_ms, .. } => {
+                now_ms() - received_ms > TOKEN_LIFETIME_MS
+            }
+            ReplyTarget::Dm { .. } => false,
+        }
+    }
+
+    /// Shows how the job goes (nothing once an interaction's token has expired).
     pub async fn progress(&mut self, text: &str) -> serenity::Result<()> {
-        match self {
-            Self::Interaction { http, cmd, .. } => {
-                cmd.edit_response(http.as_ref(), EditInteractionResponse::new().content(text))
+        if self.expired() {
+            return Ok(());
+        }
+        match &self.target {
+            ReplyTarget::Interaction { token, .. } => {
+                EditInteractionResponse::new()
+                    .content(text)
+                    .execute(self.http.as_ref(), token)
                     .await?;
             }
-            Self::Dm {
-                http,
+            ReplyTarget::Dm {
                 channel,
                 progress: Some(message),
                 ..
             } => {
-                channel
-                    .edit_message(http.as_ref(), message.id, EditMessage::new().content(text))
+                ChannelId::new(*channel)
+                    .edit_message(
+                        self.http.as_ref(),
+                        MessageId::new(*message),
+                        EditMessage::new().content(text),
+                    )
                     .await?;
             }
-            Self::Dm { .. } => {}
+            ReplyTarget::Dm { .. } => {}
         }
         Ok(())
     }
@@ -99,52 +189,53 @@ impl Reply {
     /// Tells the user what went wrong: ephemeral for interactions (the public "thinking"
     /// response, if any, is deleted first).
     pub async fn error(&mut self, text: &str) -> serenity::Result<()> {
-        match self {
-            Self::Interaction {
-                http,
-                cmd,
-                deferred: false,
-            } => {
+        if self.expired() {
+            return self.post_late(text, Vec::new()).await;
+        }
+        let http = self.http.as_ref();
+        match &self.target {
+            ReplyTarget::Interaction { id, token, .. } if !self.deferred => {
                 let message = CreateInteractionResponseMessage::new()
                     .content(text)
                     .ephemeral(true);
-                cmd.create_response(http.as_ref(), CreateInteractionResponse::Message(message))
+                CreateInteractionResponse::Message(message)
+                    .execute(http, (InteractionId::new(*id), token))
                     .await?;
             }
-            Self::Interaction {
-                http,
-                cmd,
-                deferred: true,
-            } => {
+            ReplyTarget::Interaction { token, .. } => {
                 // Best effort: the follow-up below is what matters.
-                if let Err(e) = cmd.delete_response(http.as_ref()).await {
+                if let Err(e) = http.delete_original_interaction_response(token).await {
                     tracing::debug!(error = %e, "deleting the deferred response");
                 }
-                let followup = CreateInteractionResponseFollowup::new()
+                CreateInteractionResponseFollowup::new()
                     .content(text)
-                    .ephemeral(true);
-                cmd.create_followup(http.as_ref(), followup).await?;
+                    .ephemeral(true)
+                    .execute(http, (None, token))
+                    .await?;
             }
-            Self::Dm {
-                http,
+            ReplyTarget::Dm {
                 channel,
                 progress: Some(message),
                 ..
             } => {
-                channel
-                    .edit_message(http.as_ref(), message.id, EditMessage::new().content(text))
+                ChannelId::new(*channel)
+                    .edit_message(
+                        http,
+                        MessageId::new(*message),
+                        EditMessage::new().content(text),
+                    )
                     .await?;
             }
-            Self::Dm {
-                http,
+            ReplyTarget::Dm {
                 channel,
                 source,
                 progress: None,
             } => {
+                let channel = ChannelId::new(*channel);
                 let message = CreateMessage::new()
                     .content(text)
-                    .reference_message((*channel, *source));
-                channel.send_message(http.as_ref(), message).await?;
+                    .reference_message((channel, MessageId::new(*source)));
+                channel.send_message(http, message).await?;
             }
         }
         Ok(())
@@ -157,33 +248,40 @@ impl Reply {
         text: &str,
         batches: Vec<Vec<&RenderedFile>>,
     ) -> serenity::Result<()> {
-        let mut batches = batches.into_iter().map(|b| {
-            b.into_iter()
-                .map(|f| CreateAttachment::bytes(f.png.clone(), f.name.clone()))
-                .collect::<Vec<_>>()
-        });
+        let batches: Vec<Vec<CreateAttachment>> = batches
+            .into_iter()
+            .map(|b| {
+                b.into_iter()
+                    .map(|f| CreateAttachment::bytes(f.png.clone(), f.name.clone()))
+                    .collect()
+            })
+            .collect();
+        if self.expired() {
+            return self.post_late(text, batches).await;
+        }
+        let http = self.http.as_ref();
+        let mut batches = batches.into_iter();
         let first = batches.next().unwrap_or_default();
-        match self {
-            Self::Interaction { http, cmd, .. } => {
+        match &self.target {
+            ReplyTarget::Interaction { token, .. } => {
                 let mut edit = EditInteractionResponse::new().content(text);
                 for file in first {
                     edit = edit.new_attachment(file);
                 }
-                cmd.edit_response(http.as_ref(), edit).await?;
+                edit.execute(http, token).await?;
                 for batch in batches {
-                    cmd.create_followup(
-                        http.as_ref(),
-                        CreateInteractionResponseFollowup::new().add_files(batch),
-                    )
-                    .await?;
+                    CreateInteractionResponseFollowup::new()
+                        .add_files(batch)
+                        .execute(http, (None, token))
+                        .await?;
                 }
             }
-            Self::Dm {
-                http,
+            ReplyTarget::Dm {
                 channel,
                 source,
                 progress,
             } => {
+                let channel = ChannelId::new(*channel);
                 match progress {
                     Some(message) => {
                         let mut edit = EditMessage::new().content(text);
@@ -191,26 +289,74 @@ impl Reply {
                             edit = edit.new_attachment(file);
                         }
                         channel
-                            .edit_message(http.as_ref(), message.id, edit)
+                            .edit_message(http, MessageId::new(*message), edit)
                             .await?;
                     }
                     None => {
                         let message = CreateMessage::new()
                             .content(text)
-                            .reference_message((*channel, *source))
+                            .reference_message((channel, MessageId::new(*source)))
                             .add_files(first);
-                        channel.send_message(http.as_ref(), message).await?;
+                        channel.send_message(http, message).await?;
                     }
                 }
-                for batch in batches {
-                    channel
-                        .send_message(http.as_ref(), CreateMessage::new().add_files(batch))
-                        .await?;
-                }
+                send_batches(http, channel, batches).await?;
             }
         }
         Ok(())
     }
+
+    /// An interaction's answer after its token expired: in a DM to the user, else (their DMs
+    /// closed) in the channel, mentioning them.
+    async fn post_late(
+        &self,
+        text: &str,
+        batches: Vec<Vec<CreateAttachment>>,
+    ) -> serenity::Result<()> {
+        let ReplyTarget::Interaction { user, channel, .. } = &self.target else {
+            unreachable!("only interaction tokens expire");
+        };
+        let http = self.http.as_ref();
+        let user = UserId::new(*user);
+        let channel = ChannelId::new(*channel);
+        if let Ok(dm) = user.create_dm_channel(http).await {
+            let text = texts::late_reply(channel, None, text);
+            match send_all(http, dm.id, &text, batches.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::debug!(error = %e, "a late reply by DM failed"),
+            }
+        }
+        let text = texts::late_reply(channel, Some(user), text);
+        send_all(http, channel, &text, batches).await
+    }
+}
+
+/// `text` with the first batch of files, then the other batches, as new messages.
+async fn send_all(
+    http: &Http,
+    channel: ChannelId,
+    text: &str,
+    batches: Vec<Vec<CreateAttachment>>,
+) -> serenity::Result<()> {
+    let mut batches = batches.into_iter();
+    let first = batches.next().unwrap_or_default();
+    channel
+        .send_message(http, CreateMessage::new().content(text).add_files(first))
+        .await?;
+    send_batches(http, channel, batches).await
+}
+
+async fn send_batches(
+    http: &Http,
+    channel: ChannelId,
+    batches: impl Iterator<Item = Vec<CreateAttachment>>,
+) -> serenity::Result<()> {
+    for batch in batches {
+        channel
+            .send_message(http, CreateMessage::new().add_files(batch))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Splits files into messages of at most 10 files and `max_bytes` bytes; files larger than

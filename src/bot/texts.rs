@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use serenity::all::{ChannelId, UserId};
+
 use crate::config::StylePackConfig;
 use crate::jobs::{JobStatus, OutputKind, RenderError, RenderOutput, SubmitError};
 use crate::store::{GuildStyle, StyleStatus, TrainingRun};
@@ -98,6 +100,16 @@ pub const DM_HELP: &str = "Hi! Send me a photo (PNG, JPEG or WebP) and I'll turn
 
 pub const INTERRUPTED: &str = "Sorry, I restarted before your cartoon was ready, so it was \
     lost. Please send the photo again.";
+
+/// An interaction's answer sent after its 15-minute token expired: by DM (`mention`
+/// `None`), else in the channel with a mention.
+pub fn late_reply(channel: ChannelId, mention: Option<UserId>, text: &str) -> String {
+    let lead = match mention {
+        Some(user) => format!("<@{user}>, here is the answer to your request in this channel"),
+        None => format!("Here is the answer to your request in <#{channel}>"),
+    };
+    format!("{lead} (it took longer than Discord keeps a reply open):\n{text}")
+}
 
 pub fn progress(status: &JobStatus) -> Option<String> {
     match status {

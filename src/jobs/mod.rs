@@ -19,7 +19,10 @@ mod jetstream;
 pub mod loadtest;
 
 pub use cartoon_renderer::CartoonRenderer;
-pub use jetstream::{run_workers, JetStreamConfig, JetStreamQueue, JetStreamWorker, StyleVersion};
+pub use jetstream::{
+    run_workers, Handoff, Handoffs, JetStreamConfig, JetStreamQueue, JetStreamWorker, StyleCatalog,
+    StyleVersion,
+};
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -183,7 +186,7 @@ impl RenderError {
 }
 
 /// An installed style.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StyleInfo {
     /// The name requests use to pick the style.
     pub name: String,
@@ -498,6 +501,15 @@ impl JobHandle {
     /// The queue's id for this job (0 for cache hits and shared jobs).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The job's key on the broker, for another process to follow it
+    /// ([`JetStreamQueue::attach`]); `None` for the in-process queue.
+    pub fn broker_key(&self) -> Option<&str> {
+        match &self.canceller {
+            Canceller::JetStream { key, .. } => Some(key),
+            Canceller::InProcess(_) => None,
+        }
     }
 
     /// Whether this handle did not start a render of its own (cache hit or coalesced).

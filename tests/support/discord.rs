@@ -553,6 +553,17 @@ impl FakeDiscord {
                 }
                 ok(m)
             }
+            ("POST", ["users", "@me", "channels"]) => ok(json!({
+                "id": DM_CHANNEL_ID.to_string(),
+                "type": 1,
+                "last_message_id": null,
+                "recipients": [Self::user(
+                    r.json
+                        .as_ref()
+                        .and_then(|j| j["recipient_id"].as_str()?.parse().ok())
+                        .unwrap_or(0)
+                )],
+            })),
             ("POST", ["guilds", guild, "stickers"]) => {
                 if let Some((status, body)) = self.shared.sticker_reply.lock().unwrap().clone() {
                     return (StatusCode::from_u16(status).unwrap(), axum::Json(body))

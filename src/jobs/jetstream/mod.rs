@@ -32,6 +32,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
+mod catalog;
+mod handoff;
+
+pub use catalog::StyleCatalog;
+pub use handoff::{Handoff, Handoffs};
+
 use super::{
     image_hash, CacheKey, FileKind, JobHandle, JobOutcome, JobStatus, RenderError, RenderOutput,
     RenderRequest, RenderedFile, Renderer, SubmitError,
@@ -82,6 +88,10 @@ impl JetStreamConfig {
 
     fn dead_letter_subject(&self) -> String {
         format!("{}.dead.render", self.prefix)
+    }
+
+    fn reply_subject(&self) -> String {
+        format!("{}.reply", self.prefix)
     }
 }
 
@@ -241,6 +251,9 @@ struct Broker {
     jobs: kv::Store,
     photos: ObjectStore,
     results: ObjectStore,
+    /// The workers' style catalog ([`StyleCatalog`]).
+    styles: ObjectStore,
+    replies: stream::Stream,
 }
 
 impl Broker {
@@ -267,6 +280,17 @@ impl Broker {
             })
             .await
             .context("creating the render stream")?;
+        let replies = js
+            .get_or_create_stream(stream::Config {
+                name: format!("{}_REPLIES", config.prefix.to_uppercase()),
+                subjects: vec![config.reply_subject()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .context("creating the reply stream")?;
         js.get_or_create_stream(stream::Config {
             name: format!("{}_DEAD", config.prefix.to_uppercase()),
             subjects: vec![format!("{}.dead.>", config.prefix)],
@@ -298,10 +322,9 @@ impl Broker {
             .get_key_value(&bucket)
             .await
             .context("opening the jobs bucket")?;
-        let object_store = |name: &str| {
+        let object_store = |name: &str, max_age: Duration| {
             let js = js.clone();
             let bucket = format!("{}_{name}", config.prefix);
-            let max_age = config.keep_results;
             async move {
                 match js.get_object_store(&bucket).await {
                     Ok(store) => Ok::<_, anyhow::Error>(store),
@@ -316,12 +339,15 @@ impl Broker {
                 }
             }
         };
-        let photos = object_store("photos")
+        let photos = object_store("photos", config.keep_results)
             .await
             .context("creating the photo store")?;
-        let results = object_store("results")
+        let results = object_store("results", config.keep_results)
             .await
             .context("creating the result store")?;
+        let styles = object_store("styles", Duration::ZERO)
+            .await
+            .context("creating the style catalog store")?;
         stream
             .get_or_create_consumer(
                 "renderers",
@@ -344,6 +370,8 @@ impl Broker {
             jobs,
             photos,
             results,
+            styles,
+            replies,
         })
     }
 
@@ -915,14 +943,21 @@ impl JetStreamWorker {
 }
 
 /// Runs `count` workers on `renderer` (each one job at a time) until `stop` turns true;
-/// each finishes the job in hand first.
+/// each finishes the job in hand first. Publishes the renderer's styles for the gateways
+/// ([`StyleCatalog`]) meanwhile.
 pub async fn run_workers(
     config: &JetStreamConfig,
     renderer: Arc<dyn Renderer>,
     count: usize,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut tasks = Vec::new();
+    let catalog = Broker::connect(config).await?;
+    let catalog_renderer = Arc::clone(&renderer);
+    let catalog_stop = stop.clone();
+    let mut tasks = vec![tokio::spawn(async move {
+        catalog::publish_while_running(&catalog, catalog_renderer.as_ref(), catalog_stop).await;
+        Ok(())
+    })];
     for _ in 0..count.max(1) {
         let worker = JetStreamWorker::connect(config, Arc::clone(&renderer)).await?;
         tasks.push(tokio::spawn(worker.run(stop.clone())));

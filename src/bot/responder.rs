@@ -1,0 +1,91 @@
+//! `serve --role responder`: answers the requests that gateways queued and handed over. It
+//! follows each job on the broker, edits the interaction's reply as the job goes, sends the
+//! results, and records the job's end. It holds the bot token (REST only, no gateway
+//! connection) and loads no models.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serenity::all::{ApplicationId, Http};
+
+use super::cartoon::{self, Delivery};
+use super::{http_builder, BotConfig, ReplyTarget, Token};
+use crate::jobs::{Handoff, JetStreamQueue};
+use crate::store::Store;
+
+/// Answers hand-offs until `stop` completes or the broker is gone for good. Hand-offs in hand
+/// when it stops are dropped unanswered: they go to another responder after their lease.
+pub async fn respond(
+    config: BotConfig,
+    token: Token,
+    queue: JetStreamQueue,
+    stop: impl Future<Output = ()>,
+) -> Result<()> {
+    let store = Store::open(&config.database).await?;
+    let http = Arc::new(http_builder(&config, &token).build());
+    let config = Arc::new(config);
+    let mut handoffs = queue.handoffs().await?;
+    let mut stop = std::pin::pin!(stop);
+    let mut in_hand = tokio::task::JoinSet::new();
+    let ended = loop {
+        let handoff = tokio::select! {
+            handoff = handoffs.next() => handoff,
+            Some(_) = in_hand.join_next(), if !in_hand.is_empty() => continue,
+            _ = &mut stop => break Ok(()),
+        };
+        let Some(handoff) = handoff else {
+            break Err(anyhow::anyhow!("the broker connection ended"));
+        };
+        let delivery: Delivery = match serde_json::from_slice(handoff.payload()) {
+            Ok(delivery) => delivery,
+            Err(e) => {
+                tracing::warn!("dropping a hand-off that does not parse: {e}");
+                handoff.discard().await;
+                continue;
+            }
+        };
+        in_hand.spawn(answer(
+            handoff,
+            delivery,
+            store.clone(),
+            Arc::clone(&config),
+            Arc::clone(&http),
+            queue.clone(),
+        ));
+    };
+    in_hand.shutdown().await;
+    store.close().await;
+    ended.context("taking hand-offs")
+}
+
+async fn answer(
+    handoff: Handoff,
+    delivery: Delivery,
+    store: Store,
+    config: Arc<BotConfig>,
+    http: Arc<Http>,
+    queue: JetStreamQueue,
+) {
+    // A responder that died after answering but before acknowledging: do not answer twice.
+    if handoff.deliveries() > 1 && answered(&store, delivery.job_id).await {
+        handoff.answer(async {}).await;
+        return;
+    }
+    if let ReplyTarget::Interaction { application_id, .. } = &delivery.target {
+        if http.application_id().map(ApplicationId::get) != Some(*application_id) {
+            http.set_application_id(ApplicationId::new(*application_id));
+        }
+    }
+    let job = queue.attach(&delivery.key, delivery.shared);
+    handoff
+        .answer(cartoon::answer(&store, &config, &delivery, job, http))
+        .await;
+}
+
+async fn answered(store: &Store, job_id: i64) -> bool {
+    match store.job(job_id).await {
+        Ok(Some(job)) => job.finished_at.is_some(),
+        _ => false,
+    }
+}

@@ -1,0 +1,397 @@
+//! The bot split into roles over a real `nats-server` (skipped with a message where it is not
+//! installed; `.ci/run` installs it): a gateway that loads no models and takes `/cartoon` from
+//! the fake Discord, a render worker on the test renderer, and responders that answer. The
+//! gateway and the responders share the database, as they would on PostgreSQL.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::discord::{FakeDiscord, Recorded, APP_ID, CHANNEL_ID, DM_CHANNEL_ID, GUILD_ID};
+use support::harness::{png_info, MEMBER};
+use support::renderer::{photo, TestRenderer, Trigger, STYLES};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use toonbot::bot::{
+    self, Backend, BotConfig, CartoonRequest, Delivery, Overrides, ReplyTarget, Resolved,
+    RunningBot, ShardRange, Token,
+};
+use toonbot::jobs::loadtest::LocalNatsServer;
+use toonbot::jobs::{
+    run_workers, JetStreamConfig, JetStreamQueue, OutputKind, RenderRequest, Renderer, StyleCatalog,
+};
+use toonbot::store::{now_ms, JobSource, NewJob};
+
+const T: Duration = Duration::from_secs(20);
+
+fn nats_server() -> Option<LocalNatsServer> {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED the role tests: nats-server is not on the PATH (.ci/run installs it)");
+        return None;
+    }
+    Some(LocalNatsServer::start(Path::new("nats-server")).expect("starting nats-server"))
+}
+
+/// A broker, a worker on the test renderer, a gateway on the fake Discord, and responders
+/// started on demand.
+struct Roles {
+    fake: Arc<FakeDiscord>,
+    renderer: Arc<TestRenderer>,
+    jetstream: JetStreamConfig,
+    config: BotConfig,
+    gateway: Option<RunningBot>,
+    _worker: watch::Sender<bool>,
+    _broker: LocalNatsServer,
+    _dir: tempfile::TempDir,
+}
+
+/// A responder task and its stop switch.
+struct Responder {
+    task: JoinHandle<anyhow::Result<()>>,
+    stop: oneshot::Sender<()>,
+}
+
+impl Roles {
+    async fn start(shards: Option<ShardRange>) -> Option<Self> {
+        let broker = nats_server()?;
+        let mut jetstream = JetStreamConfig::new(broker.url());
+        // Short, so that a dead responder's hand-off moves on quickly.
+        jetstream.ack_wait = Duration::from_secs(1);
+        let renderer = Arc::new(TestRenderer::new());
+        let (worker, stopped) = watch::channel(false);
+        let (config_w, renderer_w) = (jetstream.clone(), Arc::clone(&renderer));
+        tokio::spawn(async move {
+            run_workers(&config_w, renderer_w as Arc<dyn Renderer>, 1, stopped)
+                .await
+                .expect("the worker runs");
+        });
+        let catalog = published_catalog(&jetstream).await;
+        let queue = JetStreamQueue::connect(&jetstream, catalog.style_version())
+            .await
+            .unwrap();
+        let fake = FakeDiscord::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = BotConfig {
+            database: dir.path().join("toonbot.sqlite"),
+            allowed_cdn_hosts: vec!["127.0.0.1".into()],
+            api_proxy: Some(fake.base.clone()),
+            max_photo_bytes: 100_000,
+            progress_interval_ms: 20,
+            ..BotConfig::default()
+        };
+        let gateway = bot::start_backend(
+            config.clone(),
+            Token::new("test-token"),
+            Backend::Gateway {
+                queue,
+                catalog,
+                shards,
+            },
+        )
+        .await
+        .unwrap();
+        fake.wait_ready(1).await;
+        Some(Self {
+            fake,
+            renderer,
+            jetstream,
+            config,
+            gateway: Some(gateway),
+            _worker: worker,
+            _broker: broker,
+            _dir: dir,
+        })
+    }
+
+    fn gateway(&self) -> &RunningBot {
+        self.gateway.as_ref().unwrap()
+    }
+
+    async fn queue(&self) -> JetStreamQueue {
+        let catalog = published_catalog(&self.jetstream).await;
+        JetStreamQueue::connect(&self.jetstream, catalog.style_version())
+            .await
+            .unwrap()
+    }
+
+    async fn responder(&self) -> Responder {
+        let queue = self.queue().await;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(bot::respond(
+            self.config.clone(),
+            Token::new("test-token"),
+            queue,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Responder { task, stop }
+    }
+
+    /// `/cartoon` with a one-face photo, asking for stickers; returns the interaction token.
+    fn cartoon(&self, user: u64, style: Option<&str>) -> String {
+        let image = photo(1, Trigger::Normal, user as u32);
+        let attachment = self.fake.attachment("photo.png", "image/png", image, None);
+        let token = format!("tok{}", self.fake.next_id());
+        let data = FakeDiscord::cartoon_data(&attachment, style, Some("sticker"));
+        self.fake.dispatch(
+            "INTERACTION_CREATE",
+            self.fake.command(&token, user, MEMBER, data),
+        );
+        token
+    }
+
+    async fn wait(&self, what: &str, pred: impl Fn(&Recorded) -> bool) -> Recorded {
+        self.fake.wait_for(what, T, pred).await
+    }
+
+    fn count(&self, pred: impl Fn(&Recorded) -> bool) -> usize {
+        self.fake.requests().iter().filter(|r| pred(r)).count()
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        self.renderer.open_gate();
+    }
+}
+
+/// The catalog once the worker has published its styles.
+async fn published_catalog(config: &JetStreamConfig) -> StyleCatalog {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let catalog = StyleCatalog::follow(config).await.unwrap();
+        if !catalog.styles().is_empty() {
+            return catalog;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker published its styles"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn original(token: &str) -> String {
+    format!("/webhooks/{APP_ID}/{token}/messages/@original")
+}
+
+fn is_result(token: &str) -> impl Fn(&Recorded) -> bool {
+    let path = original(token);
+    move |r| r.is("PATCH", &path) && !r.files.is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_queues_a_worker_renders_and_a_responder_answers() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let responder = roles.responder().await;
+
+    // Style names are checked against the styles the worker published: the gateway has none.
+    let token = roles.cartoon(7, Some("no-such-style"));
+    let refused = roles
+        .wait("the style refusal", |r| {
+            r.method == "POST" && r.path.ends_with(&format!("/{token}/callback"))
+        })
+        .await;
+    assert_eq!(refused.callback_type(), Some(4), "answered at once");
+    for style in STYLES {
+        assert!(refused.content().contains(style), "{}", refused.content());
+    }
+
+    let token = roles.cartoon(7, Some(STYLES[1]));
+    let deferred = roles
+        .wait("the deferral", |r| {
+            r.method == "POST" && r.path.ends_with(&format!("/{token}/callback"))
+        })
+        .await;
+    assert_eq!(deferred.callback_type(), Some(5));
+    let result = roles.wait("the results", is_result(&token)).await;
+    assert_eq!(result.files.len(), 1, "one sticker");
+    assert_eq!(png_info(&result.files[0].bytes), (320, 320, true));
+    assert_eq!(roles.renderer.calls(), 1);
+    assert_eq!(
+        roles.renderer.log()[0].style.as_deref(),
+        Some(STYLES[1]),
+        "the worker rendered the style asked for"
+    );
+
+    // The responder recorded the job's end in the shared database.
+    let deadline = tokio::time::Instant::now() + T;
+    let job = loop {
+        let job = roles
+            .gateway()
+            .store()
+            .recent_jobs(7, 1)
+            .await
+            .unwrap()
+            .pop();
+        if let Some(job) = job.filter(|j| j.finished_at.is_some()) {
+            break job;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the job ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(job.status, "done");
+    assert_eq!(job.faces, Some(1));
+    assert_eq!(roles.count(is_result(&token)), 1);
+
+    let _ = responder.stop.send(());
+    responder.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_responder_that_dies_mid_answer_is_replaced_and_the_user_answered_once() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    roles.renderer.close_gate();
+    let first = roles.responder().await;
+    let token = roles.cartoon(8, None);
+    // The first responder shows the progress, then dies with the hand-off in hand.
+    let path = original(&token);
+    roles
+        .wait("a progress edit", |r| {
+            r.is("PATCH", &path) && r.files.is_empty()
+        })
+        .await;
+    first.task.abort();
+    let _ = first.task.await;
+    let second = roles.responder().await;
+    roles.renderer.open_gate();
+    roles.wait("the results", is_result(&token)).await;
+    // Past another lease: nobody answers again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(roles.count(is_result(&token)), 1, "answered exactly once");
+    assert_eq!(roles.renderer.calls(), 1, "rendered once");
+    let _ = second.stop.send(());
+    second.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_after_the_interaction_token_expired_goes_to_a_dm() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let responder = roles.responder().await;
+    let queue = roles.queue().await;
+    let user = 9;
+    let image = photo(1, Trigger::Normal, 90);
+    let options = Resolved {
+        style: None,
+        output: OutputKind::Sticker,
+        outline: true,
+        round_avatar: false,
+    };
+    let job = queue
+        .submit(
+            user,
+            RenderRequest {
+                image: image.clone(),
+                style: None,
+                output: options.output,
+                outline: options.outline,
+                round_avatar: options.round_avatar,
+            },
+        )
+        .await
+        .unwrap();
+    let request = CartoonRequest {
+        user_id: user,
+        guild_id: Some(GUILD_ID),
+        channel_id: CHANNEL_ID,
+        source: JobSource::Slash,
+        overrides: Overrides::default(),
+    };
+    let job_id = roles
+        .gateway()
+        .store()
+        .insert_job(&NewJob {
+            user_id: user,
+            guild_id: request.guild_id,
+            channel_id: CHANNEL_ID,
+            source: JobSource::Slash,
+            image_sha256: None,
+            style: None,
+            output: "sticker".into(),
+            reply: None,
+        })
+        .await
+        .unwrap();
+    // Received 16 minutes ago: Discord no longer accepts edits with its token.
+    let received_ms = now_ms() - 16 * 60 * 1000;
+    let delivery = Delivery {
+        job_id,
+        request,
+        options,
+        target: ReplyTarget::Interaction {
+            id: 5_000,
+            application_id: APP_ID,
+            token: "expired-token".into(),
+            user,
+            channel: CHANNEL_ID,
+            received_ms,
+        },
+        key: job.broker_key().unwrap().to_string(),
+        shared: false,
+        started_ms: received_ms,
+        bytes: image.len(),
+    };
+    queue
+        .hand_off(
+            &delivery.handoff_id(),
+            serde_json::to_vec(&delivery).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let dm_messages = format!("/channels/{DM_CHANNEL_ID}/messages");
+    let late = roles
+        .wait("the late answer by DM", |r| {
+            r.is("POST", &dm_messages) && !r.files.is_empty()
+        })
+        .await;
+    assert!(
+        late.content().contains(&format!("<#{CHANNEL_ID}>")),
+        "{}",
+        late.content()
+    );
+    assert_eq!(png_info(&late.files[0].bytes), (320, 320, true));
+    assert_eq!(
+        roles.count(|r| r.is("POST", "/users/@me/channels")),
+        1,
+        "one DM channel opened"
+    );
+    assert_eq!(
+        roles.count(|r| r.path.contains("expired-token")),
+        0,
+        "the expired token is not used"
+    );
+    let _ = responder.stop.send(());
+    responder.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_connects_its_shards_only_and_leaves_the_commands_to_shard_zero() {
+    let shards: ShardRange = "1..2/2".parse().unwrap();
+    let Some(roles) = Roles::start(Some(shards)).await else {
+        return;
+    };
+    let identifies = roles.fake.identifies();
+    assert_eq!(identifies.len(), 1);
+    assert_eq!(identifies[0]["shard"], serde_json::json!([1, 2]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        roles.count(|r| r.method == "PUT" && r.path.ends_with("/commands")),
+        0,
+        "shard 0's gateway registers the commands"
+    );
+}
