@@ -4,6 +4,7 @@
 //! Each worker process writes its renderer's styles (names, descriptions, previews, weight
 //! versions) to the object `catalog` of `{prefix}_styles` when it starts and whenever they
 //! change (a style pack published); readers look for a new version every few seconds.
+//! Workers are meant to carry the same styles: the last one to write sets the catalog.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -83,45 +84,19 @@ impl StyleCatalog {
     /// this handle lives.
     pub async fn follow(config: &JetStreamConfig) -> anyhow::Result<Self> {
         let broker = Broker::connect(config).await?;
-        let catalog = Self {
-            current: Arc::new(RwLock::new(Catalog::default())),
-        };
-        let mut seen = catalog.refresh(&broker, None).await;
-        let weak = Arc::downgrade(&catalog.current);
+        let current = Arc::new(RwLock::new(Catalog::default()));
+        let mut seen = refresh(&broker, &current, None).await;
+        let weak = Arc::downgrade(&current);
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(REFRESH).await;
                 let Some(current) = weak.upgrade() else {
                     return;
                 };
-                seen = Self { current }.refresh(&broker, seen).await;
+                seen = refresh(&broker, &current, seen).await;
             }
         });
-        Ok(catalog)
-    }
-
-    /// Reads the catalog if its object changed since `seen` (an object's nuid); returns the
-    /// nuid now read.
-    async fn refresh(&self, broker: &Broker, seen: Option<String>) -> Option<String> {
-        let Ok(info) = broker.styles.info(CATALOG).await else {
-            return seen;
-        };
-        if seen.as_deref() == Some(info.nuid.as_str()) {
-            return seen;
-        }
-        let parsed = read_object(&broker.styles, CATALOG, "style catalog")
-            .await
-            .and_then(|bytes| serde_json::from_slice::<Catalog>(&bytes).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(catalog) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = catalog;
-                Some(info.nuid)
-            }
-            Err(e) => {
-                tracing::warn!("reading the style catalog: {e}");
-                seen
-            }
-        }
+        Ok(Self { current })
     }
 
     /// The styles, as [`Renderer::styles`].
@@ -146,6 +121,34 @@ impl StyleCatalog {
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Catalog> {
         self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads the catalog into `current` if its object changed since `seen` (an object's nuid);
+/// returns the nuid now read.
+async fn refresh(
+    broker: &Broker,
+    current: &RwLock<Catalog>,
+    seen: Option<String>,
+) -> Option<String> {
+    let Ok(info) = broker.styles.info(CATALOG).await else {
+        return seen;
+    };
+    if seen.as_deref() == Some(info.nuid.as_str()) {
+        return seen;
+    }
+    let parsed = read_object(&broker.styles, CATALOG, "style catalog")
+        .await
+        .and_then(|bytes| serde_json::from_slice::<Catalog>(&bytes).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(catalog) => {
+            *current.write().unwrap_or_else(|e| e.into_inner()) = catalog;
+            Some(info.nuid)
+        }
+        Err(e) => {
+            tracing::warn!("reading the style catalog: {e}");
+            seen
+        }
     }
 }
 
