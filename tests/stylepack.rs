@@ -376,7 +376,7 @@ async fn cancel_keeps_the_checkpoint_resume_continues_and_a_restart_resumes() {
 impl Packs {
     /// A pack's latest run, read from the database file while the bot is stopped.
     async fn stored_run(&self, name: &str) -> toonbot::store::TrainingRun {
-        let store = toonbot::store::Store::open(&self.h.config.database)
+        let store = toonbot::store::Store::connect(&self.h.config.database)
             .await
             .unwrap();
         let run = store.latest_run(name).await.unwrap().unwrap();
