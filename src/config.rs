@@ -454,6 +454,26 @@ mod tests {
     }
 
     #[test]
+    fn database_is_a_file_beside_the_config_or_a_postgres_url() {
+        let read = |env: Vec<(String, String)>| {
+            Config::from_toml(DEFAULT_CONFIG, Path::new("/etc/toonbot"), env)
+                .unwrap()
+                .bot
+                .database
+        };
+        assert_eq!(
+            read(vec![]),
+            Database::Sqlite(PathBuf::from("/etc/toonbot/toonbot.sqlite"))
+        );
+        let url = "postgres://toonbot@db.internal:5432/toonbot";
+        assert_eq!(
+            read(vec![("TOONBOT_BOT__DATABASE".into(), url.into())]),
+            Database::Postgres(url.into()),
+            "a URL is not a path"
+        );
+    }
+
+    #[test]
     fn built_in_config_parses() {
         let c = Config::default();
         assert!(c.limits.max_pixels > 1_000_000);

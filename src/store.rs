@@ -767,3 +767,34 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_escape_every_byte_the_url_could_misread() {
+        assert_eq!(
+            sqlite_url(Path::new("/data/toon bot/a%b#c?d.sqlite")),
+            "sqlite:///data/toon%20bot/a%25b%23c%3Fd.sqlite?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn only_a_password_is_hidden() {
+        for (url, shown) in [
+            (
+                "postgres://bot:p@ss@db/toonbot",
+                "postgres://bot:***@db/toonbot",
+            ),
+            ("postgres://bot@db/toonbot", "postgres://bot@db/toonbot"),
+            ("postgresql://db", "postgresql://db"),
+            (
+                "postgres:///toonbot?host=/run/postgresql",
+                "postgres:///toonbot?host=/run/postgresql",
+            ),
+        ] {
+            assert_eq!(Database::parse(url).to_string(), shown);
+        }
+    }
+}
