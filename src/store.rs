@@ -623,9 +623,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         for (i, png) in stickers.iter().enumerate() {
+            // An upsert: on PostgreSQL another process may have stored this user's result
+            // since the delete above (SQLite serialises writers).
             sqlx::query(
                 "INSERT INTO recent_stickers (user_id, face, guild_id, png, created_at) \
-                 VALUES ($1, $2, $3, $4, $5)",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, face) DO UPDATE SET \
+                 guild_id = excluded.guild_id, png = excluded.png, \
+                 created_at = excluded.created_at",
             )
             .bind(id(user_id))
             .bind(i as i64 + 1)

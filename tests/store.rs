@@ -553,6 +553,20 @@ async fn two_stores_on_one_postgres_database_share_their_state() {
     assert_ne!(x, y);
     assert_eq!(b.job(x).await.unwrap().unwrap().user_id, 1);
     assert_eq!(a.job(y).await.unwrap().unwrap().user_id, 2);
+
+    // The same user's stickers remembered through both at once: no error, one result kept.
+    let ttl = std::time::Duration::from_secs(1800);
+    let (one, two) = (vec![vec![1u8; 10]; 2], vec![vec![2u8; 10]; 2]);
+    for _ in 0..20 {
+        let (x, y) = tokio::join!(
+            a.remember_stickers(5, guild, &one, ttl, 10),
+            b.remember_stickers(5, guild, &two, ttl, 10)
+        );
+        x.unwrap();
+        y.unwrap();
+        let kept = a.recent_stickers(5, guild, ttl).await.unwrap();
+        assert!(kept == one || kept == two, "{kept:?}");
+    }
     a.close().await;
     b.close().await;
 }
