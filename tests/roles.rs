@@ -79,7 +79,7 @@ impl Roles {
         let fake = FakeDiscord::start().await;
         let dir = tempfile::tempdir().unwrap();
         let config = BotConfig {
-            database: dir.path().join("toonbot.sqlite"),
+            database: dir.path().join("toonbot.sqlite").into(),
             allowed_cdn_hosts: vec!["127.0.0.1".into()],
             api_proxy: Some(fake.base.clone()),
             max_photo_bytes: 100_000,
