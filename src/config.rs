@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::store::Database;
+
 const DEFAULT_CONFIG: &str = include_str!("../config.toml");
 const ENV_PREFIX: &str = "TOONBOT_";
 
@@ -141,8 +143,10 @@ pub struct BotConfig {
     /// File holding the bot token, read when `DISCORD_TOKEN` is unset. Keep it outside the
     /// repository, readable by the bot's user only.
     pub token_file: Option<PathBuf>,
-    /// SQLite database (presets, jobs, guild settings); created if missing.
-    pub database: PathBuf,
+    /// The database (presets, jobs, guild settings, style packs, audit log): a SQLite file,
+    /// created if missing (a relative path is read from the config's folder), or a
+    /// `postgres://` URL, shared by several gateway processes.
+    pub database: Database,
     /// Hosts photos may be downloaded from (https only, except loopback hosts used by tests).
     pub allowed_cdn_hosts: Vec<String>,
     /// Largest photo accepted, in bytes: checked on the attachment's declared size and again
@@ -178,7 +182,7 @@ impl Default for BotConfig {
     fn default() -> Self {
         Self {
             token_file: None,
-            database: PathBuf::from("toonbot.sqlite"),
+            database: Database::Sqlite(PathBuf::from("toonbot.sqlite")),
             allowed_cdn_hosts: vec!["cdn.discordapp.com".into(), "media.discordapp.net".into()],
             max_photo_bytes: 20_000_000,
             queue_capacity: 64,
@@ -370,14 +374,18 @@ impl Config {
             .context("invalid config")?;
         config.bot.max_photo_bytes = config.limits.max_bytes;
         let bot = &mut config.bot;
+        let database_file = match &mut bot.database {
+            Database::Sqlite(path) => Some(path),
+            Database::Postgres(_) => None,
+        };
         for path in [
             &mut config.models.dir,
             &mut config.styles.dir,
-            &mut bot.database,
             &mut config.stylepacks.dir,
             &mut config.stylepacks.photos,
         ]
         .into_iter()
+        .chain(database_file)
         .chain(bot.token_file.as_mut())
         {
             if path.is_relative() {
@@ -443,6 +451,26 @@ mod tests {
                 "{prefix:?} {ack_wait_s} {max_failures}"
             );
         }
+    }
+
+    #[test]
+    fn database_is_a_file_beside_the_config_or_a_postgres_url() {
+        let read = |env: Vec<(String, String)>| {
+            Config::from_toml(DEFAULT_CONFIG, Path::new("/etc/toonbot"), env)
+                .unwrap()
+                .bot
+                .database
+        };
+        assert_eq!(
+            read(vec![]),
+            Database::Sqlite(PathBuf::from("/etc/toonbot/toonbot.sqlite"))
+        );
+        let url = "postgres://toonbot@db.internal:5432/toonbot";
+        assert_eq!(
+            read(vec![("TOONBOT_BOT__DATABASE".into(), url.into())]),
+            Database::Postgres(url.into()),
+            "a URL is not a path"
+        );
     }
 
     #[test]

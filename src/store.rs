@@ -1,19 +1,23 @@
-//! SQLite storage (sqlx, WAL): user presets, guild settings, the jobs table, an audit log, and
-//! style packs ([`stylepacks`]).
+//! Storage (sqlx): user presets, guild settings, the jobs table, an audit log, and style packs
+//! ([`stylepacks`]), in a SQLite file (WAL; the default) or in PostgreSQL, which several
+//! gateway processes can share ([`Database`]).
 //!
-//! Migrations live in `migrations/` and are embedded at build time. Queries are built at run
-//! time (`sqlx::query`), so building needs no database. Discord ids (`u64` snowflakes) are
-//! stored bit-cast to SQLite's signed 64-bit INTEGER.
+//! Both backends go through sqlx's `Any` driver with one set of queries (`$1`-style
+//! parameters, which SQLite reads too; `RETURNING id` for new rows). Migrations are embedded
+//! at build time: SQLite's in `migrations/`, PostgreSQL's in `migrations/postgres/`, with the
+//! same versions, tables, columns and indexes. Queries are built at run time (`sqlx::query`),
+//! so building needs no database. Discord ids (`u64` snowflakes) are stored bit-cast to signed
+//! 64-bit integers (SQLite INTEGER, PostgreSQL BIGINT), and flags as 0 or 1 in the same.
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{Row, SqliteConnection};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Row};
 
 mod stylepacks;
 
@@ -22,7 +26,83 @@ pub use stylepacks::{
     StyleStatus, TrainingRun,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Where the store lives: `[bot] database` in `config.toml`, a file path or a URL.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
+pub enum Database {
+    /// A SQLite file, created (with its folder) if missing. One process only.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://` or `postgresql://` URL), which must exist; shared
+    /// by every process given the same URL.
+    Postgres(String),
+}
+
+impl Database {
+    /// A `postgres://` or `postgresql://` URL is PostgreSQL; anything else a SQLite path.
+    pub fn parse(s: &str) -> Self {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Self::Postgres(s.to_string())
+        } else {
+            Self::Sqlite(PathBuf::from(s))
+        }
+    }
+}
+
+impl From<String> for Database {
+    fn from(s: String) -> Self {
+        Self::parse(&s)
+    }
+}
+
+impl From<PathBuf> for Database {
+    fn from(path: PathBuf) -> Self {
+        Self::Sqlite(path)
+    }
+}
+
+impl From<&Path> for Database {
+    fn from(path: &Path) -> Self {
+        Self::Sqlite(path.to_path_buf())
+    }
+}
+
+/// The path, or the URL without its password.
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "{}", path.display()),
+            Self::Postgres(url) => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+/// `scheme://user:secret@host/db` as `scheme://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Which database a [`Store`] is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
 
 /// A user's defaults. `output` is one of `sticker`, `avatar`, `both`, `photo` (the bot checks).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,7 +219,7 @@ pub struct JobEnd {
 /// A row of the jobs table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRecord {
-    /// The job's id (SQLite rowid).
+    /// The job's id (the row's, ascending).
     pub id: i64,
     /// Who asked.
     pub user_id: u64,
@@ -182,7 +262,8 @@ pub struct JobRecord {
 /// The database. Cheap to clone (a connection pool).
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    backend: Backend,
 }
 
 /// The columns `job_record` reads, as a literal for `concat!`.
@@ -195,43 +276,93 @@ macro_rules! job_columns {
 }
 
 impl Store {
-    /// Opens (creating it if needed) the database file in WAL mode and applies the migrations.
+    /// Opens (creating it and its folder if needed) the SQLite file in WAL mode and applies
+    /// the migrations.
     pub async fn open(path: &Path) -> Result<Self> {
+        Self::open_sqlite(path)
+            .await
+            .with_context(|| format!("opening the database {}", path.display()))
+    }
+
+    /// Opens the SQLite file or connects to the PostgreSQL database, and applies the
+    /// migrations (PostgreSQL: under an advisory lock, so several processes may start at once).
+    pub async fn connect(database: &Database) -> Result<Self> {
+        match database {
+            Database::Sqlite(path) => Self::open(path).await,
+            Database::Postgres(url) => Self::connect_postgres(url)
+                .await
+                .with_context(|| format!("opening the database {database}")),
+        }
+    }
+
+    async fn open_sqlite(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the database folder {}", dir.display()))?;
         }
-        let options = SqliteConnectOptions::new()
+        // Created, and switched to WAL (which the file keeps), through the SQLite driver's own
+        // options; the pool's connections then set the per-connection pragmas.
+        SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
+            .busy_timeout(Duration::from_secs(5))
+            .connect()
+            .await?
+            .close()
+            .await?;
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
-            .await
-            .with_context(|| format!("opening the database {}", path.display()))?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .with_context(|| format!("migrating the database {}", path.display()))?;
-        Ok(Self { pool })
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(
+                        "PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
+                         PRAGMA busy_timeout = 5000;",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect(&sqlite_url(&std::path::absolute(path)?))
+            .await?;
+        SQLITE_MIGRATOR.run(&pool).await.context("migrating")?;
+        Ok(Self {
+            pool,
+            backend: Backend::Sqlite,
+        })
     }
 
-    /// The connection pool, for queries this type has no method for.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    async fn connect_postgres(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .connect(url)
+            .await?;
+        POSTGRES_MIGRATOR.run(&pool).await.context("migrating")?;
+        Ok(Self {
+            pool,
+            backend: Backend::Postgres,
+        })
     }
 
-    /// Closes the pool (checkpointing the WAL).
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pool (checkpointing SQLite's WAL).
     pub async fn close(&self) {
         self.pool.close().await;
     }
 
-    /// The SQLite journal mode in use (`wal`).
+    /// The SQLite journal mode in use (`wal`); an error on PostgreSQL.
     pub async fn journal_mode(&self) -> Result<String> {
+        if self.backend != Backend::Sqlite {
+            bail!("only SQLite has a journal mode");
+        }
         Ok(sqlx::query_scalar("PRAGMA journal_mode")
             .fetch_one(&self.pool)
             .await?)
@@ -242,7 +373,7 @@ impl Store {
     /// The user's saved defaults, if any.
     pub async fn preset(&self, user_id: u64) -> Result<Option<Preset>> {
         let row = sqlx::query(
-            "SELECT style, output, outline, round_avatar FROM presets WHERE user_id = ?",
+            "SELECT style, output, outline, round_avatar FROM presets WHERE user_id = $1",
         )
         .bind(id(user_id))
         .fetch_optional(&self.pool)
@@ -250,8 +381,8 @@ impl Store {
         Ok(row.map(|r| Preset {
             style: r.get("style"),
             output: r.get("output"),
-            outline: r.get("outline"),
-            round_avatar: r.get("round_avatar"),
+            outline: flag(&r, "outline"),
+            round_avatar: flag(&r, "round_avatar"),
         }))
     }
 
@@ -259,7 +390,7 @@ impl Store {
     pub async fn set_preset(&self, user_id: u64, preset: &Preset) -> Result<()> {
         sqlx::query(
             "INSERT INTO presets (user_id, style, output, outline, round_avatar, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (user_id) DO UPDATE SET style = excluded.style, \
              output = excluded.output, outline = excluded.outline, \
              round_avatar = excluded.round_avatar, updated_at = excluded.updated_at",
@@ -267,8 +398,8 @@ impl Store {
         .bind(id(user_id))
         .bind(preset.style.clone())
         .bind(preset.output.clone())
-        .bind(preset.outline)
-        .bind(preset.round_avatar)
+        .bind(i64::from(preset.outline))
+        .bind(i64::from(preset.round_avatar))
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
@@ -277,7 +408,7 @@ impl Store {
 
     /// Deletes the user's preset; returns whether there was one.
     pub async fn reset_preset(&self, user_id: u64) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM presets WHERE user_id = ?")
+        let done = sqlx::query("DELETE FROM presets WHERE user_id = $1")
             .bind(id(user_id))
             .execute(&self.pool)
             .await?;
@@ -289,7 +420,7 @@ impl Store {
     /// The guild's settings, or the defaults.
     pub async fn guild_settings(&self, guild_id: u64) -> Result<GuildSettings> {
         let row = sqlx::query(
-            "SELECT default_style, stickers_enabled FROM guild_settings WHERE guild_id = ?",
+            "SELECT default_style, stickers_enabled FROM guild_settings WHERE guild_id = $1",
         )
         .bind(id(guild_id))
         .fetch_optional(&self.pool)
@@ -297,7 +428,7 @@ impl Store {
         Ok(row
             .map(|r| GuildSettings {
                 default_style: r.get("default_style"),
-                stickers_enabled: r.get("stickers_enabled"),
+                stickers_enabled: flag(&r, "stickers_enabled"),
             })
             .unwrap_or_default())
     }
@@ -312,13 +443,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO guild_settings (guild_id, default_style, stickers_enabled, updated_at) \
-             VALUES (?, ?, ?, ?) ON CONFLICT (guild_id) DO UPDATE SET \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (guild_id) DO UPDATE SET \
              default_style = excluded.default_style, \
              stickers_enabled = excluded.stickers_enabled, updated_at = excluded.updated_at",
         )
         .bind(id(guild_id))
         .bind(settings.default_style.clone())
-        .bind(settings.stickers_enabled)
+        .bind(i64::from(settings.stickers_enabled))
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
@@ -335,7 +466,7 @@ impl Store {
     /// Audit entries of a guild, newest first: (user id, action, detail, unix ms).
     pub async fn audit_log(&self, guild_id: u64) -> Result<Vec<(u64, String, String, i64)>> {
         let rows = sqlx::query(
-            "SELECT user_id, action, detail, at FROM audit_log WHERE guild_id = ? \
+            "SELECT user_id, action, detail, at FROM audit_log WHERE guild_id = $1 \
              ORDER BY id DESC",
         )
         .bind(id(guild_id))
@@ -366,10 +497,10 @@ impl Store {
             Some(ReplyRef::Message { message_id }) => (None, None, Some(id(*message_id))),
             None => (None, None, None),
         };
-        let done = sqlx::query(
+        let job_id = sqlx::query_scalar(
             "INSERT INTO jobs (user_id, guild_id, channel_id, source, image_sha256, style, \
              output, status, created_at, reply_app_id, reply_token, reply_message_id) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $9, $10, $11) RETURNING id",
         )
         .bind(id(job.user_id))
         .bind(job.guild_id.map(id))
@@ -382,15 +513,15 @@ impl Store {
         .bind(app)
         .bind(token)
         .bind(message)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(done.last_insert_rowid())
+        Ok(job_id)
     }
 
     /// Marks a job as running (a worker took it after `queue_ms`).
     pub async fn job_started(&self, job_id: i64) -> Result<()> {
         sqlx::query(
-            "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
+            "UPDATE jobs SET status = 'running', started_at = $1 WHERE id = $2 AND status = 'queued'",
         )
         .bind(now_ms())
         .bind(job_id)
@@ -402,12 +533,12 @@ impl Store {
     /// Records how a job ended and forgets its reply token.
     pub async fn finish_job(&self, job_id: i64, end: &JobEnd) -> Result<()> {
         sqlx::query(
-            "UPDATE jobs SET status = ?, cached = ?, faces = ?, error = ?, queue_ms = ?, \
-             render_ms = ?, total_ms = ?, style = COALESCE(?, style), finished_at = ?, \
-             reply_app_id = NULL, reply_token = NULL, reply_message_id = NULL WHERE id = ?",
+            "UPDATE jobs SET status = $1, cached = $2, faces = $3, error = $4, queue_ms = $5, \
+             render_ms = $6, total_ms = $7, style = COALESCE($8, style), finished_at = $9, \
+             reply_app_id = NULL, reply_token = NULL, reply_message_id = NULL WHERE id = $10",
         )
         .bind(end.status.clone())
-        .bind(end.cached)
+        .bind(i64::from(end.cached))
         .bind(end.faces.map(i64::from))
         .bind(end.error.clone())
         .bind(end.queue_ms)
@@ -426,7 +557,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "SELECT ",
             job_columns!(),
-            " FROM jobs WHERE id = ?"
+            " FROM jobs WHERE id = $1"
         ))
         .bind(job_id)
         .fetch_optional(&self.pool)
@@ -439,7 +570,7 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             job_columns!(),
-            " FROM jobs WHERE user_id = ? ORDER BY id DESC LIMIT ?"
+            " FROM jobs WHERE user_id = $1 ORDER BY id DESC LIMIT $2"
         ))
         .bind(id(user_id))
         .bind(i64::from(limit))
@@ -460,7 +591,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE jobs SET status = 'interrupted', error = 'restart', finished_at = ?, \
+            "UPDATE jobs SET status = 'interrupted', error = 'restart', finished_at = $1, \
              reply_app_id = NULL, reply_token = NULL, reply_message_id = NULL \
              WHERE status IN ('queued', 'running')",
         )
@@ -486,15 +617,19 @@ impl Store {
     ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM recent_stickers WHERE user_id = ? OR created_at < ?")
+        sqlx::query("DELETE FROM recent_stickers WHERE user_id = $1 OR created_at < $2")
             .bind(id(user_id))
             .bind(now - ttl.as_millis() as i64)
             .execute(&mut *tx)
             .await?;
         for (i, png) in stickers.iter().enumerate() {
+            // An upsert: on PostgreSQL another process may have stored this user's result
+            // since the delete above (SQLite serialises writers).
             sqlx::query(
                 "INSERT INTO recent_stickers (user_id, face, guild_id, png, created_at) \
-                 VALUES (?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (user_id, face) DO UPDATE SET \
+                 guild_id = excluded.guild_id, png = excluded.png, \
+                 created_at = excluded.created_at",
             )
             .bind(id(user_id))
             .bind(i as i64 + 1)
@@ -506,7 +641,7 @@ impl Store {
         }
         sqlx::query(
             "DELETE FROM recent_stickers WHERE user_id NOT IN (SELECT user_id FROM \
-             recent_stickers GROUP BY user_id ORDER BY MAX(created_at) DESC, user_id LIMIT ?)",
+             recent_stickers GROUP BY user_id ORDER BY MAX(created_at) DESC, user_id LIMIT $1)",
         )
         .bind(max_users as i64)
         .execute(&mut *tx)
@@ -524,8 +659,8 @@ impl Store {
         ttl: Duration,
     ) -> Result<Vec<Vec<u8>>> {
         let rows = sqlx::query(
-            "SELECT png FROM recent_stickers WHERE user_id = ? AND guild_id = ? \
-             AND created_at >= ? ORDER BY face",
+            "SELECT png FROM recent_stickers WHERE user_id = $1 AND guild_id = $2 \
+             AND created_at >= $3 ORDER BY face",
         )
         .bind(id(user_id))
         .bind(id(guild_id))
@@ -538,14 +673,14 @@ impl Store {
 
 /// Records who did what, and when, in the audit log.
 async fn insert_audit(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     guild_id: Option<u64>,
     user_id: u64,
     action: &str,
     detail: &str,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO audit_log (guild_id, user_id, action, detail, at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO audit_log (guild_id, user_id, action, detail, at) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(guild_id.map(id))
     .bind(id(user_id))
@@ -557,7 +692,7 @@ async fn insert_audit(
     Ok(())
 }
 
-fn job_record(r: &SqliteRow) -> JobRecord {
+fn job_record(r: &AnyRow) -> JobRecord {
     let reply = match (
         r.get::<Option<i64>, _>("reply_app_id"),
         r.get::<Option<String>, _>("reply_token"),
@@ -582,8 +717,8 @@ fn job_record(r: &SqliteRow) -> JobRecord {
         style: r.get("style"),
         output: r.get("output"),
         status: r.get("status"),
-        cached: r.get("cached"),
-        faces: r.get::<Option<i64>, _>("faces").map(|f| f as u32),
+        cached: flag(r, "cached"),
+        faces: r.get::<Option<i64>, _>("faces").map(count),
         error: r.get("error"),
         created_at: r.get("created_at"),
         started_at: r.get("started_at"),
@@ -593,6 +728,31 @@ fn job_record(r: &SqliteRow) -> JobRecord {
         total_ms: r.get("total_ms"),
         reply,
     }
+}
+
+/// A 0 or 1 column as a bool (SQLite has no boolean type; PostgreSQL's columns are BIGINT too).
+fn flag(r: &AnyRow, column: &str) -> bool {
+    r.get::<i64, _>(column) != 0
+}
+
+/// A count stored as a signed 64-bit integer (written from a `u32`).
+fn count(stored: i64) -> u32 {
+    u32::try_from(stored).unwrap_or(u32::MAX)
+}
+
+/// `sqlite://` URL of an absolute path, every byte but unreserved ones percent-encoded (the
+/// SQLite driver decodes it).
+fn sqlite_url(path: &Path) -> String {
+    let mut url = String::from("sqlite://");
+    for &b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            url.push(char::from(b));
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url.push_str("?mode=rwc");
+    url
 }
 
 /// A snowflake as stored.
@@ -610,4 +770,35 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_escape_every_byte_the_url_could_misread() {
+        assert_eq!(
+            sqlite_url(Path::new("/data/toon bot/a%b#c?d.sqlite")),
+            "sqlite:///data/toon%20bot/a%25b%23c%3Fd.sqlite?mode=rwc"
+        );
+    }
+
+    #[test]
+    fn only_a_password_is_hidden() {
+        for (url, shown) in [
+            (
+                "postgres://bot:p@ss@db/toonbot",
+                "postgres://bot:***@db/toonbot",
+            ),
+            ("postgres://bot@db/toonbot", "postgres://bot@db/toonbot"),
+            ("postgresql://db", "postgresql://db"),
+            (
+                "postgres:///toonbot?host=/run/postgresql",
+                "postgres:///toonbot?host=/run/postgresql",
+            ),
+        ] {
+            assert_eq!(Database::parse(url).to_string(), shown);
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! The bot split into roles over a real `nats-server` (skipped with a message where it is not
 //! installed; `.ci/run` installs it): a gateway that loads no models and takes `/cartoon` from
 //! the fake Discord, a render worker on the test renderer, and responders that answer. The
-//! gateway and the responders share the database, as they would on PostgreSQL.
+//! gateway and the responders share the database: a SQLite file, and in one run PostgreSQL
+//! (`tests/common/postgres.rs`; skipped, saying so, where there is none).
 
+mod common;
 mod support;
 
 use std::path::Path;
@@ -23,7 +25,7 @@ use toonbot::jobs::loadtest::LocalNatsServer;
 use toonbot::jobs::{
     run_workers, JetStreamConfig, JetStreamQueue, OutputKind, RenderRequest, Renderer, StyleCatalog,
 };
-use toonbot::store::{now_ms, JobSource, NewJob};
+use toonbot::store::{now_ms, Database, JobSource, NewJob};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -60,6 +62,11 @@ struct Responder {
 
 impl Roles {
     async fn start(shards: Option<ShardRange>) -> Option<Self> {
+        Self::start_on(shards, None).await
+    }
+
+    /// [`Roles::start`] with the database at `database` (else a SQLite file).
+    async fn start_on(shards: Option<ShardRange>, database: Option<Database>) -> Option<Self> {
         let broker = nats_server()?;
         let mut jetstream = JetStreamConfig::new(broker.url());
         // Short, so that a dead responder's hand-off moves on quickly.
@@ -79,7 +86,7 @@ impl Roles {
         let fake = FakeDiscord::start().await;
         let dir = tempfile::tempdir().unwrap();
         let config = BotConfig {
-            database: dir.path().join("toonbot.sqlite"),
+            database: database.unwrap_or_else(|| dir.path().join("toonbot.sqlite").into()),
             allowed_cdn_hosts: vec!["127.0.0.1".into()],
             api_proxy: Some(fake.base.clone()),
             max_photo_bytes: 100_000,
@@ -190,9 +197,25 @@ fn is_result(token: &str) -> impl Fn(&Recorded) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_gateway_queues_a_worker_renders_and_a_responder_answers() {
-    let Some(roles) = Roles::start(None).await else {
+    if let Some(roles) = Roles::start(None).await {
+        queue_render_answer(roles).await;
+    }
+}
+
+/// The same with the gateway's and the responder's database on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_and_a_responder_share_the_job_on_postgres() {
+    let test = "a_gateway_and_a_responder_share_the_job_on_postgres";
+    let Some(pg) = common::postgres::database(test).await else {
         return;
     };
+    let database = Database::Postgres(pg.url().to_string());
+    if let Some(roles) = Roles::start_on(None, Some(database)).await {
+        queue_render_answer(roles).await;
+    }
+}
+
+async fn queue_render_answer(roles: Roles) {
     let responder = roles.responder().await;
 
     // Style names are checked against the styles the worker published: the gateway has none.

@@ -1,8 +1,13 @@
-//! The SQLite store against a real database file.
+//! The store against real databases: every test below runs on a SQLite file and on a fresh
+//! PostgreSQL database (`tests/common/postgres.rs`: `TOONBOT_TEST_POSTGRES_URL`, else a
+//! throwaway local cluster; skipped, with a `SKIPPED` line, where there is neither).
 
+mod common;
+
+use common::postgres::{self, TestDatabase};
 use toonbot::store::{
-    GuildSettings, JobEnd, JobSource, NewGuildStyle, NewJob, NewRun, Preset, ReplyRef, RunFinish,
-    RunProgressRecord, RunStatus, Store, StyleEval, StyleStatus,
+    Backend, Database, GuildSettings, JobEnd, JobSource, NewGuildStyle, NewJob, NewRun, Preset,
+    ReplyRef, RunFinish, RunProgressRecord, RunStatus, Store, StyleEval, StyleStatus,
 };
 
 fn job(user: u64, reply: Option<ReplyRef>) -> NewJob {
@@ -18,10 +23,73 @@ fn job(user: u64, reply: Option<ReplyRef>) -> NewJob {
     }
 }
 
+/// One test's database: a file in a new folder, or a new PostgreSQL database.
+enum Db {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+impl Db {
+    /// `None` (with a message) for PostgreSQL where there is none.
+    async fn new(backend: Backend, test: &str) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => Some(Self::Sqlite(tempfile::tempdir().unwrap())),
+            Backend::Postgres => postgres::database(test).await.map(Self::Postgres),
+        }
+    }
+
+    fn location(&self) -> Database {
+        match self {
+            Self::Sqlite(dir) => Database::Sqlite(dir.path().join("db.sqlite")),
+            Self::Postgres(db) => Database::Postgres(db.url().to_string()),
+        }
+    }
+
+    /// Opens (again) the store on this database.
+    async fn open(&self) -> Store {
+        Store::connect(&self.location()).await.unwrap()
+    }
+}
+
+/// A `sqlite` and a `postgres` test for each `async fn(Db)` named.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            use super::*;
+
+            #[tokio::test]
+            async fn sqlite() {
+                let db = Db::new(Backend::Sqlite, "").await.unwrap();
+                super::$test(db).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(db) =
+                    Db::new(Backend::Postgres, concat!(stringify!($test), "::postgres")).await
+                {
+                    super::$test(db).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    opens_and_migrates_once,
+    presets_survive_reopening,
+    guild_settings_default_and_are_audited,
+    jobs_record_their_lifecycle,
+    unfinished_jobs_are_marked_interrupted_on_restart,
+    style_packs_record_runs_and_deleting_one_forgets_it_everywhere,
+    recent_stickers_are_replaced_expire_and_are_capped_per_user,
+);
+
 #[tokio::test]
-async fn opens_in_wal_mode_and_migrates_once() {
+async fn sqlite_opens_in_wal_mode_and_migrates_once() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sub/toonbot.sqlite");
+    // A folder to create, and a name the driver's URL must escape.
+    let path = dir.path().join("sub dir/toon%bot #1?.sqlite");
     let store = Store::open(&path).await.unwrap();
     assert_eq!(store.journal_mode().await.unwrap(), "wal");
     store.close().await;
@@ -31,10 +99,56 @@ async fn opens_in_wal_mode_and_migrates_once() {
     assert!(path.exists());
 }
 
-#[tokio::test]
-async fn presets_survive_reopening() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
+async fn opens_and_migrates_once(db: Db) {
+    let store = db.open().await;
+    let backend = store.backend();
+    assert_eq!(backend == Backend::Sqlite, matches!(db, Db::Sqlite(_)));
+    assert_eq!(
+        store.journal_mode().await.is_ok(),
+        backend == Backend::Sqlite
+    );
+    store
+        .set_preset(
+            1,
+            &Preset {
+                style: None,
+                output: "photo".into(),
+                outline: true,
+                round_avatar: false,
+            },
+        )
+        .await
+        .unwrap();
+    store.close().await;
+    // Opening again re-applies nothing and keeps the rows.
+    let store = db.open().await;
+    assert_eq!(store.preset(1).await.unwrap().unwrap().output, "photo");
+}
+
+#[test]
+fn database_setting_is_a_path_or_a_url() {
+    assert_eq!(
+        Database::parse("data/toonbot.sqlite"),
+        Database::Sqlite("data/toonbot.sqlite".into())
+    );
+    for url in ["postgres://bot@db/toonbot", "postgresql://db:5433/toonbot"] {
+        assert_eq!(Database::parse(url), Database::Postgres(url.into()));
+    }
+    assert_eq!(
+        Database::parse("postgres://bot:hunter2@db:5432/toonbot?sslmode=require").to_string(),
+        "postgres://bot:***@db:5432/toonbot?sslmode=require"
+    );
+    assert_eq!(
+        postgres::with_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t1"),
+        "postgres://u:p@h:5432/t1?sslmode=disable"
+    );
+    assert_eq!(
+        postgres::with_database("postgresql://h", "t2"),
+        "postgresql://h/t2"
+    );
+}
+
+async fn presets_survive_reopening(db: Db) {
     // Snowflakes above i64::MAX round-trip.
     let user = u64::MAX - 5;
     let preset = Preset {
@@ -44,7 +158,7 @@ async fn presets_survive_reopening() {
         round_avatar: true,
     };
     {
-        let store = Store::open(&path).await.unwrap();
+        let store = db.open().await;
         store.set_preset(user, &preset).await.unwrap();
         let changed = Preset {
             output: "avatar".into(),
@@ -53,7 +167,7 @@ async fn presets_survive_reopening() {
         store.set_preset(7, &changed).await.unwrap();
         store.close().await;
     }
-    let store = Store::open(&path).await.unwrap();
+    let store = db.open().await;
     assert_eq!(store.preset(user).await.unwrap(), Some(preset));
     assert_eq!(store.preset(7).await.unwrap().unwrap().output, "avatar");
     assert!(store.reset_preset(user).await.unwrap());
@@ -61,10 +175,8 @@ async fn presets_survive_reopening() {
     assert_eq!(store.preset(user).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn guild_settings_default_and_are_audited() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+async fn guild_settings_default_and_are_audited(db: Db) {
+    let store = db.open().await;
     assert_eq!(
         store.guild_settings(9).await.unwrap(),
         GuildSettings::default()
@@ -81,10 +193,8 @@ async fn guild_settings_default_and_are_audited() {
     assert!(log[0].2.contains("stickers_enabled=false"));
 }
 
-#[tokio::test]
-async fn jobs_record_their_lifecycle() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+async fn jobs_record_their_lifecycle(db: Db) {
+    let store = db.open().await;
     let reply = ReplyRef::Interaction {
         application_id: 100,
         token: "tok".into(),
@@ -124,13 +234,10 @@ async fn jobs_record_their_lifecycle() {
     assert_eq!(store.recent_jobs(5, 10).await.unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn unfinished_jobs_are_marked_interrupted_on_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
+async fn unfinished_jobs_are_marked_interrupted_on_restart(db: Db) {
     let (queued, running, finished);
     {
-        let store = Store::open(&path).await.unwrap();
+        let store = db.open().await;
         queued = store
             .insert_job(&job(1, Some(ReplyRef::Message { message_id: 55 })))
             .await
@@ -160,7 +267,7 @@ async fn unfinished_jobs_are_marked_interrupted_on_restart() {
             .unwrap();
         // No close: as if the process died.
     }
-    let store = Store::open(&path).await.unwrap();
+    let store = db.open().await;
     let lost = store.interrupt_unfinished().await.unwrap();
     assert_eq!(
         lost.iter().map(|j| j.id).collect::<Vec<_>>(),
@@ -179,10 +286,8 @@ async fn unfinished_jobs_are_marked_interrupted_on_restart() {
     assert!(store.interrupt_unfinished().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn style_packs_record_runs_and_deleting_one_forgets_it_everywhere() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("db.sqlite")).await.unwrap();
+async fn style_packs_record_runs_and_deleting_one_forgets_it_everywhere(db: Db) {
+    let store = db.open().await;
     let guild = u64::MAX - 3;
     let style = NewGuildStyle {
         name: "anime".into(),
@@ -291,12 +396,9 @@ async fn style_packs_record_runs_and_deleting_one_forgets_it_everywhere() {
     );
 }
 
-#[tokio::test]
-async fn recent_stickers_are_replaced_expire_and_are_capped_per_user() {
+async fn recent_stickers_are_replaced_expire_and_are_capped_per_user(db: Db) {
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
-    let store = Store::open(&path).await.unwrap();
+    let store = db.open().await;
     let ttl = Duration::from_secs(1800);
     let guild = u64::MAX - 7;
     let (a, b, c) = (u64::MAX - 1, 2, 3);
@@ -313,7 +415,7 @@ async fn recent_stickers_are_replaced_expire_and_are_capped_per_user() {
     store.close().await;
 
     // Kept across a reopening, for the guild it was made in only, face 1 first.
-    let store = Store::open(&path).await.unwrap();
+    let store = db.open().await;
     assert_eq!(
         store.recent_stickers(a, guild, ttl).await.unwrap(),
         stickers
@@ -362,4 +464,109 @@ async fn recent_stickers_are_replaced_expire_and_are_capped_per_user() {
         store.recent_stickers(c, guild, ttl).await.unwrap(),
         stickers
     );
+}
+
+/// Two gateway processes on one PostgreSQL database: each sees what the other writes, at once.
+#[tokio::test]
+async fn two_stores_on_one_postgres_database_share_their_state() {
+    let test = "two_stores_on_one_postgres_database_share_their_state";
+    let Some(pg) = postgres::database(test).await else {
+        return;
+    };
+    let location = Database::Postgres(pg.url().to_string());
+    // Both start at once: the migrations run once, under PostgreSQL's advisory lock.
+    let (a, b) = tokio::join!(Store::connect(&location), Store::connect(&location));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let guild = u64::MAX - 11;
+
+    // A user's preset saved through one is the other's, and so is its reset.
+    let preset = Preset {
+        style: Some("ink".into()),
+        output: "avatar".into(),
+        outline: true,
+        round_avatar: true,
+    };
+    a.set_preset(u64::MAX, &preset).await.unwrap();
+    assert_eq!(b.preset(u64::MAX).await.unwrap(), Some(preset));
+    assert!(b.reset_preset(u64::MAX).await.unwrap());
+    assert_eq!(a.preset(u64::MAX).await.unwrap(), None);
+
+    // Guild settings changed on one apply on the other.
+    let settings = GuildSettings {
+        default_style: Some("classic".into()),
+        stickers_enabled: false,
+    };
+    b.set_guild_settings(guild, &settings, 70).await.unwrap();
+    assert_eq!(a.guild_settings(guild).await.unwrap(), settings);
+
+    // A pack uploaded through one, published through the other, is published for both.
+    let style = NewGuildStyle {
+        name: "shared".into(),
+        guild_id: guild,
+        base: "classic".into(),
+        images: 10,
+        held_out: 2,
+        created_by: 71,
+    };
+    let run = NewRun {
+        user_id: 71,
+        channel_id: 9,
+        total_steps: 6,
+    };
+    let run_id = a.create_guild_style(&style, &run).await.unwrap();
+    assert_eq!(b.unfinished_runs().await.unwrap()[0].id, run_id);
+    b.publish_guild_style("shared", guild, 72).await.unwrap();
+    for store in [&a, &b] {
+        let published = store.published_guild_styles().await.unwrap();
+        assert_eq!(
+            published
+                .iter()
+                .map(|s| (s.name.as_str(), s.status))
+                .collect::<Vec<_>>(),
+            [("shared", StyleStatus::Published)]
+        );
+    }
+
+    // One audit log, newest first, whichever process wrote each entry.
+    for store in [&a, &b] {
+        let log: Vec<(u64, String)> = store
+            .audit_log(guild)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(user, action, _, _)| (user, action))
+            .collect();
+        assert_eq!(
+            log,
+            [
+                (72, "stylepack_publish".to_string()),
+                (71, "stylepack_upload".to_string()),
+                (70, "guild_settings".to_string()),
+            ]
+        );
+    }
+
+    // Ids of rows inserted by both at once never collide.
+    let (one, two) = (job(1, None), job(2, None));
+    let (x, y) = tokio::join!(a.insert_job(&one), b.insert_job(&two));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_ne!(x, y);
+    assert_eq!(b.job(x).await.unwrap().unwrap().user_id, 1);
+    assert_eq!(a.job(y).await.unwrap().unwrap().user_id, 2);
+
+    // The same user's stickers remembered through both at once: no error, one result kept.
+    let ttl = std::time::Duration::from_secs(1800);
+    let (one, two) = (vec![vec![1u8; 10]; 2], vec![vec![2u8; 10]; 2]);
+    for _ in 0..20 {
+        let (x, y) = tokio::join!(
+            a.remember_stickers(5, guild, &one, ttl, 10),
+            b.remember_stickers(5, guild, &two, ttl, 10)
+        );
+        x.unwrap();
+        y.unwrap();
+        let kept = a.recent_stickers(5, guild, ttl).await.unwrap();
+        assert!(kept == one || kept == two, "{kept:?}");
+    }
+    a.close().await;
+    b.close().await;
 }

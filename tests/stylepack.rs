@@ -1,6 +1,8 @@
 //! Style packs end to end: the real bot against the fake Discord, the real face pipeline
 //! preparing the packs, a test trainer writing real style folders, and the test renderer
 //! drawing with the installed styles. Every refused upload must leave no file and no row.
+//! The upload-to-publish and the cancel-resume-restart runs also run with the bot's database on
+//! PostgreSQL (`tests/common/postgres.rs`; skipped, saying so, where there is none).
 
 mod common;
 #[path = "support/packs.rs"]
@@ -13,13 +15,14 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::postgres;
 use image::{Rgb, RgbImage};
 use serde_json::json;
 use support::discord::{FakeDiscord, Recorded, CHANNEL_ID, GUILD_ID};
 use support::harness::{assert_immediate_ephemeral, png_info, Harness, MEMBER};
 use support::trainer::{TestTrainer, EVAL};
 use toonbot::config::{PackRecipe, StylePackConfig};
-use toonbot::store::{RunStatus, StyleStatus};
+use toonbot::store::{Database, RunStatus, StyleStatus};
 use toonbot::stylepack::archive::PackImage;
 use toonbot::stylepack::prepare;
 use zip::write::SimpleFileOptions;
@@ -28,7 +31,27 @@ use packs::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_trains_with_progress_previews_and_eval_then_publish_lets_members_use_it() {
-    let p = Packs::start(TestTrainer::new(Duration::from_millis(60)), |_| {}).await;
+    upload_train_publish(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_train_publish_on_postgres() {
+    if let Some(pg) = postgres::database("upload_train_publish_on_postgres").await {
+        upload_train_publish(Some(Database::Postgres(pg.url().into()))).await;
+    }
+}
+
+/// Sets the bot's database to `database`, when given (else its SQLite file).
+fn on(database: Option<Database>) -> impl FnOnce(&mut toonbot::bot::BotConfig) {
+    move |config| {
+        if let Some(database) = database {
+            config.database = database;
+        }
+    }
+}
+
+async fn upload_train_publish(database: Option<Database>) {
+    let p = Packs::start(TestTrainer::new(Duration::from_millis(60)), on(database)).await;
     let zip = pack_zip(
         12,
         &[
@@ -291,7 +314,18 @@ async fn autocomplete(h: &Harness, perms: Option<u64>, typed: &str) -> Vec<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_keeps_the_checkpoint_resume_continues_and_a_restart_resumes() {
-    let mut p = Packs::start(TestTrainer::new(Duration::from_millis(10)), |_| {}).await;
+    cancel_resume_restart(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_resume_restart_on_postgres() {
+    if let Some(pg) = postgres::database("cancel_resume_restart_on_postgres").await {
+        cancel_resume_restart(Some(Database::Postgres(pg.url().into()))).await;
+    }
+}
+
+async fn cancel_resume_restart(database: Option<Database>) {
+    let mut p = Packs::start(TestTrainer::new(Duration::from_millis(10)), on(database)).await;
     p.trainer.hold_before(3);
     let token = p.upload(ADMIN_PERMS, pack_zip(10, &[]), "ink2", Some("classic"));
     p.upload_answer(&token, "images accepted").await;
@@ -374,9 +408,9 @@ async fn cancel_keeps_the_checkpoint_resume_continues_and_a_restart_resumes() {
 }
 
 impl Packs {
-    /// A pack's latest run, read from the database file while the bot is stopped.
+    /// A pack's latest run, read from the database while the bot is stopped.
     async fn stored_run(&self, name: &str) -> toonbot::store::TrainingRun {
-        let store = toonbot::store::Store::open(&self.h.config.database)
+        let store = toonbot::store::Store::connect(&self.h.config.database)
             .await
             .unwrap();
         let run = store.latest_run(name).await.unwrap().unwrap();

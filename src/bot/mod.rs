@@ -9,9 +9,9 @@
 //! - `/stylepack upload|cancel|resume|publish|delete|list` ([`stylepack`]): server admins turn
 //!   a .zip of cartoon faces into a style of their server ([`crate::stylepack::StylePacks`]);
 //!   the training's progress is one public message, edited as it goes.
-//! - Presets, jobs, guild settings and style packs live in SQLite ([`crate::store::Store`]). On
-//!   start, jobs left unfinished by a previous run are marked `interrupted` and their users
-//!   told; a style pack that was training resumes.
+//! - Presets, jobs, guild settings and style packs live in SQLite or PostgreSQL
+//!   ([`crate::store::Store`]). On start, jobs left unfinished by a previous run are marked
+//!   `interrupted` and their users told; a style pack that was training resumes.
 //!
 //! Gateway intents: `DIRECT_MESSAGES` only (interactions need none; in DMs with the bot,
 //! message content and attachments come without the privileged MESSAGE_CONTENT intent).
@@ -304,7 +304,7 @@ pub async fn start_backend(
     token: Token,
     backend: Backend,
 ) -> Result<RunningBot> {
-    let store = Store::open(&config.database).await?;
+    let store = Store::connect(&config.database).await?;
     let (queue, styles, responders, stylepacks, shards) = match backend {
         Backend::InProcess {
             renderer,

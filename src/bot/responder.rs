@@ -22,7 +22,7 @@ pub async fn respond(
     queue: JetStreamQueue,
     stop: impl Future<Output = ()>,
 ) -> Result<()> {
-    let store = Store::open(&config.database).await?;
+    let store = Store::connect(&config.database).await?;
     let http = Arc::new(http_builder(&config, &token).build());
     let config = Arc::new(config);
     let mut handoffs = queue.handoffs().await?;

@@ -1,14 +1,15 @@
-//! Style packs in SQLite: the guild styles, their training runs, and the audit entries of the
-//! admin actions on them (`migrations/0002_stylepacks.sql`).
+//! Style packs in the store: the guild styles, their training runs, and the audit entries of
+//! the admin actions on them (`migrations/0002_stylepacks.sql`, and its PostgreSQL twin in
+//! `migrations/postgres/`).
 
 use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{anyhow, Result};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
 
-use super::{id, insert_audit, now_ms, snowflake, Store};
+use super::{count, id, insert_audit, now_ms, snowflake, Store};
 
 /// Where a guild style stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +169,7 @@ pub struct NewRun {
 /// A row of `training_runs`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainingRun {
-    /// The run's id (SQLite rowid).
+    /// The run's id (the row's, ascending).
     pub id: i64,
     /// Name of the guild style it trains.
     pub style: String,
@@ -257,13 +258,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO guild_styles (name, guild_id, base, status, images, held_out, \
-             created_by, created_at) VALUES (?, ?, ?, 'training', ?, ?, ?, ?)",
+             created_by, created_at) VALUES ($1, $2, $3, 'training', $4, $5, $6, $7)",
         )
         .bind(&style.name)
         .bind(id(style.guild_id))
         .bind(&style.base)
-        .bind(style.images)
-        .bind(style.held_out)
+        .bind(i64::from(style.images))
+        .bind(i64::from(style.held_out))
         .bind(id(style.created_by))
         .bind(now_ms())
         .execute(&mut *tx)
@@ -289,7 +290,7 @@ impl Store {
     /// and audits it; returns the run's id.
     pub async fn resume_guild_style(&self, name: &str, guild_id: u64, run: &NewRun) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE guild_styles SET status = 'training' WHERE name = ?")
+        sqlx::query("UPDATE guild_styles SET status = 'training' WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
@@ -311,7 +312,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "SELECT ",
             style_columns!(),
-            " FROM guild_styles WHERE name = ?"
+            " FROM guild_styles WHERE name = $1"
         ))
         .bind(name)
         .fetch_optional(&self.pool)
@@ -324,7 +325,7 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             style_columns!(),
-            " FROM guild_styles WHERE guild_id = ? \
+            " FROM guild_styles WHERE guild_id = $1 \
              ORDER BY created_at, name"
         ))
         .bind(id(guild_id))
@@ -349,7 +350,7 @@ impl Store {
     pub async fn publish_guild_style(&self, name: &str, guild_id: u64, by_user: u64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "UPDATE guild_styles SET status = 'published', published_at = ? WHERE name = ?",
+            "UPDATE guild_styles SET status = 'published', published_at = $1 WHERE name = $2",
         )
         .bind(now_ms())
         .bind(name)
@@ -370,13 +371,13 @@ impl Store {
     /// Forgets a pack and its runs, clears it as the guild's default style, and audits it.
     pub async fn delete_guild_style(&self, name: &str, guild_id: u64, by_user: u64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM guild_styles WHERE name = ?")
+        sqlx::query("DELETE FROM guild_styles WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "UPDATE guild_settings SET default_style = NULL, updated_at = ? \
-             WHERE guild_id = ? AND default_style = ?",
+            "UPDATE guild_settings SET default_style = NULL, updated_at = $1 \
+             WHERE guild_id = $2 AND default_style = $3",
         )
         .bind(now_ms())
         .bind(id(guild_id))
@@ -412,7 +413,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "SELECT ",
             run_columns!(),
-            " FROM training_runs WHERE id = ?"
+            " FROM training_runs WHERE id = $1"
         ))
         .bind(run_id)
         .fetch_optional(&self.pool)
@@ -425,7 +426,7 @@ impl Store {
         let row = sqlx::query(concat!(
             "SELECT ",
             run_columns!(),
-            " FROM training_runs WHERE style = ? ORDER BY id DESC LIMIT 1"
+            " FROM training_runs WHERE style = $1 ORDER BY id DESC LIMIT 1"
         ))
         .bind(style)
         .fetch_optional(&self.pool)
@@ -447,8 +448,8 @@ impl Store {
 
     /// Records how many of a pack's images were aligned on a face, once it is prepared.
     pub async fn record_prepared(&self, name: &str, faces_found: u32) -> Result<()> {
-        sqlx::query("UPDATE guild_styles SET faces_found = ? WHERE name = ?")
-            .bind(faces_found)
+        sqlx::query("UPDATE guild_styles SET faces_found = $1 WHERE name = $2")
+            .bind(i64::from(faces_found))
             .bind(name)
             .execute(&self.pool)
             .await?;
@@ -457,7 +458,7 @@ impl Store {
 
     /// The message the bot edits with the run's progress.
     pub async fn set_run_message(&self, run_id: i64, message_id: u64) -> Result<()> {
-        sqlx::query("UPDATE training_runs SET message_id = ? WHERE id = ?")
+        sqlx::query("UPDATE training_runs SET message_id = $1 WHERE id = $2")
             .bind(id(message_id))
             .bind(run_id)
             .execute(&self.pool)
@@ -472,10 +473,10 @@ impl Store {
         progress: &RunProgressRecord,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE training_runs SET step = ?, losses = ?, images_per_sec = ?, train_ms = ?, \
-             updated_at = ? WHERE id = ?",
+            "UPDATE training_runs SET step = $1, losses = $2, images_per_sec = $3, train_ms = $4, \
+             updated_at = $5 WHERE id = $6",
         )
-        .bind(progress.step)
+        .bind(i64::from(progress.step))
         .bind(serde_json::to_string(&progress.losses)?)
         .bind(progress.images_per_sec)
         .bind(progress.train_ms)
@@ -491,13 +492,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
         sqlx::query(
-            "UPDATE training_runs SET status = ?, error = ?, step = ?, losses = ?, \
-             images_per_sec = ?, train_ms = ?, eval_ms = ?, updated_at = ?, finished_at = ? \
-             WHERE id = ?",
+            "UPDATE training_runs SET status = $1, error = $2, step = $3, losses = $4, \
+             images_per_sec = $5, train_ms = $6, eval_ms = $7, updated_at = $8, finished_at = $9 \
+             WHERE id = $10",
         )
         .bind(end.status.as_str())
         .bind(&end.error)
-        .bind(end.progress.step)
+        .bind(i64::from(end.progress.step))
         .bind(serde_json::to_string(&end.progress.losses)?)
         .bind(end.progress.images_per_sec)
         .bind(end.progress.train_ms)
@@ -508,8 +509,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE guild_styles SET status = ?, kid_x100_mean = ?, kid_x100_std = ?, \
-             identity_cosine = ?, eval_error = ? WHERE name = ?",
+            "UPDATE guild_styles SET status = $1, kid_x100_mean = $2, kid_x100_std = $3, \
+             identity_cosine = $4, eval_error = $5 WHERE name = $6",
         )
         .bind(end.style_status.as_str())
         .bind(end.eval.map(|e| e.kid_x100_mean))
@@ -524,24 +525,24 @@ impl Store {
     }
 }
 
-async fn insert_run(conn: &mut SqliteConnection, style: &str, run: &NewRun) -> Result<i64> {
+async fn insert_run(conn: &mut AnyConnection, style: &str, run: &NewRun) -> Result<i64> {
     let now = now_ms();
-    let done = sqlx::query(
+    let run_id = sqlx::query_scalar(
         "INSERT INTO training_runs (style, user_id, channel_id, status, total_steps, \
-         created_at, updated_at) VALUES (?, ?, ?, 'running', ?, ?, ?)",
+         created_at, updated_at) VALUES ($1, $2, $3, 'running', $4, $5, $6) RETURNING id",
     )
     .bind(style)
     .bind(id(run.user_id))
     .bind(id(run.channel_id))
-    .bind(run.total_steps)
+    .bind(i64::from(run.total_steps))
     .bind(now)
     .bind(now)
-    .execute(conn)
+    .fetch_one(conn)
     .await?;
-    Ok(done.last_insert_rowid())
+    Ok(run_id)
 }
 
-fn guild_style(r: &SqliteRow) -> Result<GuildStyle> {
+fn guild_style(r: &AnyRow) -> Result<GuildStyle> {
     let eval = match (
         r.get::<Option<f64>, _>("kid_x100_mean"),
         r.get::<Option<f64>, _>("kid_x100_std"),
@@ -559,9 +560,9 @@ fn guild_style(r: &SqliteRow) -> Result<GuildStyle> {
         guild_id: snowflake(r.get("guild_id")),
         base: r.get("base"),
         status: r.get::<String, _>("status").parse()?,
-        images: r.get("images"),
-        held_out: r.get("held_out"),
-        faces_found: r.get("faces_found"),
+        images: count(r.get("images")),
+        held_out: count(r.get("held_out")),
+        faces_found: r.get::<Option<i64>, _>("faces_found").map(count),
         created_by: snowflake(r.get("created_by")),
         created_at: r.get("created_at"),
         published_at: r.get("published_at"),
@@ -570,7 +571,7 @@ fn guild_style(r: &SqliteRow) -> Result<GuildStyle> {
     })
 }
 
-fn training_run(r: &SqliteRow) -> Result<TrainingRun> {
+fn training_run(r: &AnyRow) -> Result<TrainingRun> {
     let losses = match r.get::<Option<String>, _>("losses") {
         Some(json) => serde_json::from_str(&json)?,
         None => Vec::new(),
@@ -582,8 +583,8 @@ fn training_run(r: &SqliteRow) -> Result<TrainingRun> {
         channel_id: snowflake(r.get("channel_id")),
         message_id: r.get::<Option<i64>, _>("message_id").map(snowflake),
         status: r.get::<String, _>("status").parse()?,
-        step: r.get("step"),
-        total_steps: r.get("total_steps"),
+        step: count(r.get("step")),
+        total_steps: count(r.get("total_steps")),
         losses,
         images_per_sec: r.get("images_per_sec"),
         error: r.get("error"),

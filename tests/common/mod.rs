@@ -8,6 +8,8 @@ use candle_nn::{VarBuilder, VarMap};
 use toonbot::config::Config;
 use toonbot::nets::generator::{self, Generator};
 
+pub mod postgres;
+
 /// `../shared/data`, or `None` (with a message) where it is absent.
 pub fn shared_data() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");

@@ -49,7 +49,7 @@ impl Harness {
     ) -> Self {
         let fake = FakeDiscord::start().await;
         let mut config = BotConfig {
-            database: dir.path().join("toonbot.sqlite"),
+            database: dir.path().join("toonbot.sqlite").into(),
             allowed_cdn_hosts: vec!["127.0.0.1".into()],
             api_proxy: Some(fake.base.clone()),
             max_photo_bytes: 100_000,

@@ -21,7 +21,7 @@ pub async fn real_pipeline_bot(dir: &Path) -> (Arc<FakeDiscord>, RunningBot) {
     let renderer = CartoonRenderer::new(cartoonizer, config.limits.clone(), "test".into());
     let fake = FakeDiscord::start().await;
     let bot_config = BotConfig {
-        database: dir.join("toonbot.sqlite"),
+        database: dir.join("toonbot.sqlite").into(),
         allowed_cdn_hosts: vec!["127.0.0.1".into()],
         api_proxy: Some(fake.base.clone()),
         ..BotConfig::default()
