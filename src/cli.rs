@@ -358,8 +358,8 @@ pub fn serve_responder(config: &Config, nats: Option<&str>) -> Result<ExitCode> 
     let token = crate::bot::load_token(&config.bot)?;
     let broker = config.broker.jetstream(nats, config.bot.queue_config())?;
     tokio::runtime::Runtime::new()?.block_on(async {
-        let catalog = crate::jobs::StyleCatalog::follow(&broker).await?;
-        let queue = crate::jobs::JetStreamQueue::connect(&broker, catalog.style_version()).await?;
+        // It follows jobs by key and submits none: no style versions needed.
+        let queue = crate::jobs::JetStreamQueue::connect(&broker, Arc::new(|_| None)).await?;
         crate::bot::respond(
             config.bot.clone(),
             token,

@@ -559,6 +559,9 @@ fn run(args: Args) -> Result<ExitCode> {
             cli::loadtest(&plan)
         }
         Command::Serve { role, nats, shards } => match role {
+            _ if shards.is_some() && !matches!(role, Role::Gateway) => {
+                anyhow::bail!("--shards is for --role gateway only")
+            }
             Role::All => cli::serve(&config, &device),
             Role::Worker => cli::serve_worker(&config, &device, nats.as_deref()),
             Role::Gateway => cli::serve_gateway(&config, nats.as_deref(), shards),

@@ -248,24 +248,16 @@ async fn queue_render_answer(roles: Roles) {
     );
 
     // The responder recorded the job's end in the shared database.
-    let deadline = tokio::time::Instant::now() + T;
-    let job = loop {
-        let job = roles
-            .gateway()
-            .store()
-            .recent_jobs(7, 1)
-            .await
-            .unwrap()
-            .pop();
-        if let Some(job) = job.filter(|j| j.finished_at.is_some()) {
-            break job;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the job ended");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let job = ended_job(&roles, 7).await;
     assert_eq!(job.status, "done");
     assert_eq!(job.faces, Some(1));
+    // Past another lease: the hand-off was acknowledged, nobody answers again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(roles.count(is_result(&token)), 1);
+    assert!(
+        roles.count(|r| r.method == "PUT" && r.path.ends_with("/commands")) >= 1,
+        "the gateway of shard 0 registered the commands"
+    );
 
     let _ = responder.stop.send(());
     responder.task.await.unwrap().unwrap();
@@ -299,34 +291,43 @@ async fn a_responder_that_dies_mid_answer_is_replaced_and_the_user_answered_once
     second.task.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_answer_after_the_interaction_token_expired_goes_to_a_dm() {
-    let Some(roles) = Roles::start(None).await else {
-        return;
-    };
-    let responder = roles.responder().await;
-    let queue = roles.queue().await;
-    let user = 9;
-    let image = photo(1, Trigger::Normal, 90);
+/// What a gateway does for `/cartoon` with a one-face photo, done by hand: the job queued
+/// (unless `key` names one), its row, and the reply handed over for an interaction received
+/// at `received_ms` with `token`. Returns the job's row id.
+async fn hand_over(
+    roles: &Roles,
+    queue: &JetStreamQueue,
+    user: u64,
+    key: Option<&str>,
+    token: &str,
+    received_ms: i64,
+) -> i64 {
+    let image = photo(1, Trigger::Normal, user as u32);
     let options = Resolved {
         style: None,
         output: OutputKind::Sticker,
         outline: true,
         round_avatar: false,
     };
-    let job = queue
-        .submit(
-            user,
-            RenderRequest {
-                image: image.clone(),
-                style: None,
-                output: options.output,
-                outline: options.outline,
-                round_avatar: options.round_avatar,
-            },
-        )
-        .await
-        .unwrap();
+    let key = match key {
+        Some(key) => key.to_string(),
+        None => {
+            let job = queue
+                .submit(
+                    user,
+                    RenderRequest {
+                        image: image.clone(),
+                        style: None,
+                        output: options.output,
+                        outline: options.outline,
+                        round_avatar: options.round_avatar,
+                    },
+                )
+                .await
+                .unwrap();
+            job.broker_key().unwrap().to_string()
+        }
+    };
     let request = CartoonRequest {
         user_id: user,
         guild_id: Some(GUILD_ID),
@@ -349,21 +350,19 @@ async fn an_answer_after_the_interaction_token_expired_goes_to_a_dm() {
         })
         .await
         .unwrap();
-    // Received 16 minutes ago: Discord no longer accepts edits with its token.
-    let received_ms = now_ms() - 16 * 60 * 1000;
     let delivery = Delivery {
         job_id,
         request,
         options,
         target: ReplyTarget::Interaction {
-            id: 5_000,
+            id: 5_000 + user,
             application_id: APP_ID,
-            token: "expired-token".into(),
+            token: token.into(),
             user,
             channel: CHANNEL_ID,
             received_ms,
         },
-        key: job.broker_key().unwrap().to_string(),
+        key,
         shared: false,
         started_ms: received_ms,
         bytes: image.len(),
@@ -375,6 +374,38 @@ async fn an_answer_after_the_interaction_token_expired_goes_to_a_dm() {
         )
         .await
         .unwrap();
+    job_id
+}
+
+/// The job's row once the responder has recorded its end.
+async fn ended_job(roles: &Roles, user: u64) -> toonbot::store::JobRecord {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let job = roles
+            .gateway()
+            .store()
+            .recent_jobs(user, 1)
+            .await
+            .unwrap()
+            .pop();
+        if let Some(job) = job.filter(|j| j.finished_at.is_some()) {
+            return job;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the job ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_after_the_interaction_token_expired_goes_to_a_dm() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let responder = roles.responder().await;
+    let queue = roles.queue().await;
+    // Received 16 minutes ago: Discord no longer accepts edits with its token.
+    let received_ms = now_ms() - 16 * 60 * 1000;
+    hand_over(&roles, &queue, 9, None, "expired-token", received_ms).await;
 
     let dm_messages = format!("/channels/{DM_CHANNEL_ID}/messages");
     let late = roles
@@ -398,6 +429,28 @@ async fn an_answer_after_the_interaction_token_expired_goes_to_a_dm() {
         0,
         "the expired token is not used"
     );
+    assert_eq!(ended_job(&roles, 9).await.status, "done");
+    let _ = responder.stop.send(());
+    responder.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reply_whose_job_expired_tells_the_user_instead_of_waiting_forever() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let responder = roles.responder().await;
+    let queue = roles.queue().await;
+    hand_over(&roles, &queue, 10, Some("gone"), "tok-gone", now_ms()).await;
+    let followup = roles
+        .wait("the error follow-up", |r| {
+            r.is("POST", &format!("/webhooks/{APP_ID}/tok-gone"))
+        })
+        .await;
+    assert_eq!(followup.flags() & 64, 64, "ephemeral");
+    let job = ended_job(&roles, 10).await;
+    assert_eq!(job.status, "failed");
+    assert_eq!(job.error.as_deref(), Some("internal"));
     let _ = responder.stop.send(());
     responder.task.await.unwrap().unwrap();
 }

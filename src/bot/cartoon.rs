@@ -125,9 +125,7 @@ pub async fn run(state: &BotState, request: CartoonRequest, photo: PhotoRef, mut
     // Checks that need no download answer at once (ephemerally), without a "thinking" response.
     if let Err((text, code)) = early_checks(state, &request, &photo).await {
         log_refused(&request, code, started_ms);
-        if let Err(e) = reply.error(&text).await {
-            tracing::warn!(error = %e, "sending an error reply failed");
-        }
+        send_error(&mut reply, &text).await;
         return;
     }
     if let Err(e) = reply.defer().await {
@@ -138,9 +136,7 @@ pub async fn run(state: &BotState, request: CartoonRequest, photo: PhotoRef, mut
         if let Some(code) = refusal.unlogged {
             log_refused(&request, code, started_ms);
         }
-        if let Err(e) = reply.error(&refusal.text).await {
-            tracing::warn!(error = %e, "sending an error reply failed");
-        }
+        send_error(&mut reply, &refusal.text).await;
     }
 }
 
@@ -299,6 +295,8 @@ async fn work(
             let payload = serde_json::to_vec(&delivery).expect("a delivery serialises");
             if let Err(e) = responders.hand_off(&delivery.handoff_id(), payload).await {
                 tracing::error!(job = job_id, error = %format!("{e:#}"), "handing a reply over failed");
+                // Nobody would answer it: do not render it for nobody.
+                handle.cancel().await;
                 let e = SubmitError::Unavailable(format!("{e:#}"));
                 let end = JobEnd {
                     status: "failed".into(),
@@ -310,7 +308,10 @@ async fn work(
             }
             Ok(())
         }
-        None => deliver(&state.store, &state.config, &delivery, handle, reply).await,
+        None => {
+            deliver(&state.store, &state.config, &delivery, handle, reply).await;
+            Ok(())
+        }
     }
 }
 
@@ -324,22 +325,20 @@ pub async fn answer(
     http: std::sync::Arc<serenity::all::Http>,
 ) {
     let mut reply = Reply::resume(http, delivery.target.clone());
-    if let Err(refusal) = deliver(store, config, delivery, handle, &mut reply).await {
-        if let Err(e) = reply.error(&refusal.text).await {
-            tracing::warn!(error = %e, "sending an error reply failed");
-        }
-    }
+    deliver(store, config, delivery, handle, &mut reply).await;
 }
 
 /// From the queue to the user: progress (queue position and "drawing", at most one edit per
-/// interval), then the results.
+/// interval), then the results or the error. The job's end is recorded once the user has
+/// been answered: a responder that takes the delivery again after a crash answers only jobs
+/// not recorded as ended.
 async fn deliver(
     store: &Store,
     config: &BotConfig,
     delivery: &Delivery,
     mut handle: JobHandle,
     reply: &mut Reply,
-) -> Result<(), Refusal> {
+) {
     let job_id = delivery.job_id;
     let interval = Duration::from_millis(config.progress_interval_ms);
     let mut status = handle.status();
@@ -382,15 +381,14 @@ async fn deliver(
     }
 
     let Some(outcome) = handle.wait().await else {
+        send_error(reply, &texts::submit_error(&SubmitError::ShuttingDown)).await;
         let end = JobEnd {
             status: "failed".into(),
             error: Some("cancelled".into()),
             ..JobEnd::default()
         };
         record_end(store, delivery, &end).await;
-        return Err(Refusal::of_job(texts::submit_error(
-            &SubmitError::ShuttingDown,
-        )));
+        return;
     };
     let total_ms = (now_ms() - delivery.started_ms) as f64;
     let mut end = JobEnd {
@@ -432,7 +430,6 @@ async fn deliver(
                 end.error = Some("discord".into());
             }
             record_end(store, delivery, &end).await;
-            Ok(())
         }
         Err(e) => {
             end.status = "failed".into();
@@ -440,9 +437,15 @@ async fn deliver(
             if let RenderError::Internal(detail) = &e {
                 tracing::error!(job = job_id, error = %detail, "render failed");
             }
+            send_error(reply, &texts::render_error(&e, Some(job_id))).await;
             record_end(store, delivery, &end).await;
-            Err(Refusal::of_job(texts::render_error(&e, Some(job_id))))
         }
+    }
+}
+
+async fn send_error(reply: &mut Reply, text: &str) {
+    if let Err(e) = reply.error(text).await {
+        tracing::warn!(error = %e, "sending an error reply failed");
     }
 }
 

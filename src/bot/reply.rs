@@ -190,7 +190,8 @@ impl Reply {
     /// response, if any, is deleted first).
     pub async fn error(&mut self, text: &str) -> serenity::Result<()> {
         if self.expired() {
-            return self.post_late(text, Vec::new()).await;
+            // By DM only: an error is not for the channel to see.
+            return self.post_late(text, Vec::new(), false).await;
         }
         let http = self.http.as_ref();
         match &self.target {
@@ -257,7 +258,7 @@ impl Reply {
             })
             .collect();
         if self.expired() {
-            return self.post_late(text, batches).await;
+            return self.post_late(text, batches, true).await;
         }
         let http = self.http.as_ref();
         let mut batches = batches.into_iter();
@@ -307,11 +308,12 @@ impl Reply {
     }
 
     /// An interaction's answer after its token expired: in a DM to the user, else (their DMs
-    /// closed) in the channel, mentioning them.
+    /// closed), when `in_channel`, in the channel, mentioning them.
     async fn post_late(
         &self,
         text: &str,
         batches: Vec<Vec<CreateAttachment>>,
+        in_channel: bool,
     ) -> serenity::Result<()> {
         let ReplyTarget::Interaction { user, channel, .. } = &self.target else {
             unreachable!("only interaction tokens expire");
@@ -319,31 +321,32 @@ impl Reply {
         let http = self.http.as_ref();
         let user = UserId::new(*user);
         let channel = ChannelId::new(*channel);
-        if let Ok(dm) = user.create_dm_channel(http).await {
-            let text = texts::late_reply(channel, None, text);
-            match send_all(http, dm.id, &text, batches.clone()).await {
-                Ok(()) => return Ok(()),
-                Err(e) => tracing::debug!(error = %e, "a late reply by DM failed"),
+        let mut batches = batches.into_iter();
+        let first = batches.next().unwrap_or_default();
+        let by_dm = match user.create_dm_channel(http).await {
+            Ok(dm) => {
+                let message = CreateMessage::new()
+                    .content(texts::late_reply(channel, None, text))
+                    .add_files(first.clone());
+                dm.id.send_message(http, message).await.map(|_| dm.id)
             }
-        }
-        let text = texts::late_reply(channel, Some(user), text);
-        send_all(http, channel, &text, batches).await
+            Err(e) => Err(e),
+        };
+        // Only when the first message could not go by DM: the rest follow where it went.
+        let to = match by_dm {
+            Ok(dm) => dm,
+            Err(e) if !in_channel => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "a late reply by DM failed");
+                let message = CreateMessage::new()
+                    .content(texts::late_reply(channel, Some(user), text))
+                    .add_files(first);
+                channel.send_message(http, message).await?;
+                channel
+            }
+        };
+        send_batches(http, to, batches).await
     }
-}
-
-/// `text` with the first batch of files, then the other batches, as new messages.
-async fn send_all(
-    http: &Http,
-    channel: ChannelId,
-    text: &str,
-    batches: Vec<Vec<CreateAttachment>>,
-) -> serenity::Result<()> {
-    let mut batches = batches.into_iter();
-    let first = batches.next().unwrap_or_default();
-    channel
-        .send_message(http, CreateMessage::new().content(text).add_files(first))
-        .await?;
-    send_batches(http, channel, batches).await
 }
 
 async fn send_batches(

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serenity::all::{ApplicationId, Http};
@@ -14,8 +15,12 @@ use super::{http_builder, BotConfig, ReplyTarget, Token};
 use crate::jobs::{Handoff, JetStreamQueue};
 use crate::store::Store;
 
-/// Answers hand-offs until `stop` completes or the broker is gone for good. Hand-offs in hand
-/// when it stops are dropped unanswered: they go to another responder after their lease.
+/// How long a stopping responder lets the answers in hand finish.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Answers hand-offs until `stop` completes or the broker ends the stream. On `stop`, takes
+/// no more and lets the answers in hand finish for a few seconds; those still waiting for
+/// their job then go to another responder after their lease.
 pub async fn respond(
     config: BotConfig,
     token: Token,
@@ -31,7 +36,10 @@ pub async fn respond(
     let ended = loop {
         let handoff = tokio::select! {
             handoff = handoffs.next() => handoff,
-            Some(_) = in_hand.join_next(), if !in_hand.is_empty() => continue,
+            Some(done) = in_hand.join_next(), if !in_hand.is_empty() => {
+                log_panic(done);
+                continue;
+            }
             _ = &mut stop => break Ok(()),
         };
         let Some(handoff) = handoff else {
@@ -54,7 +62,14 @@ pub async fn respond(
             queue.clone(),
         ));
     };
-    in_hand.shutdown().await;
+    let finish = async {
+        while let Some(done) = in_hand.join_next().await {
+            log_panic(done);
+        }
+    };
+    if tokio::time::timeout(STOP_GRACE, finish).await.is_err() {
+        in_hand.shutdown().await;
+    }
     store.close().await;
     ended.context("taking hand-offs")
 }
@@ -77,10 +92,18 @@ async fn answer(
             http.set_application_id(ApplicationId::new(*application_id));
         }
     }
-    let job = queue.attach(&delivery.key, delivery.shared);
+    let job = queue.attach(&delivery.key, delivery.shared).await;
     handoff
         .answer(cartoon::answer(&store, &config, &delivery, job, http))
         .await;
+}
+
+fn log_panic(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!("answering a hand-off panicked: {e}");
+        }
+    }
 }
 
 async fn answered(store: &Store, job_id: i64) -> bool {

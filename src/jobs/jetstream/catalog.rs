@@ -17,6 +17,9 @@ use crate::jobs::{Renderer, StyleInfo};
 const CATALOG: &str = "catalog";
 /// How often readers look for a new catalog, and workers for changed styles.
 const REFRESH: Duration = Duration::from_secs(5);
+/// How often a worker writes its catalog even when unchanged: a worker that restarted with
+/// other styles does not hold the catalog for long.
+const REPUBLISH: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Catalog {
@@ -55,13 +58,16 @@ pub(super) async fn publish_while_running(
     renderer: &dyn Renderer,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut published: Option<Catalog> = None;
+    let mut published: Option<(Catalog, tokio::time::Instant)> = None;
     while !*stop.borrow() {
         let catalog = Catalog::of(renderer);
-        if published.as_ref() != Some(&catalog) {
+        let due = published
+            .as_ref()
+            .is_none_or(|(last, at)| *last != catalog || at.elapsed() >= REPUBLISH);
+        if due {
             let bytes = serde_json::to_vec(&catalog).expect("a style catalog serialises");
             match broker.styles.put(CATALOG, &mut bytes.as_slice()).await {
-                Ok(_) => published = Some(catalog),
+                Ok(_) => published = Some((catalog, tokio::time::Instant::now())),
                 Err(e) => tracing::warn!("publishing the style catalog: {e}"),
             }
         }

@@ -20,30 +20,62 @@ use crate::jobs::JobHandle;
 const CONSUMER: &str = "responders";
 /// Hand-offs a responder process works on at once.
 const IN_HAND: i64 = 1024;
+/// Times a hand-off is given to a responder before it is dropped.
+const MAX_DELIVERIES: i64 = 5;
+/// Attempts at handing a reply over (the broker stores a repeat of the same id once).
+const HAND_OFF_ATTEMPTS: u32 = 3;
 
 impl JetStreamQueue {
-    /// Hands a reply over to the responders. `id` names the request: a hand-off retried with
-    /// the same id within two minutes is stored once.
+    /// Hands a reply over to the responders, trying again on a broker error. `id` names the
+    /// request: the broker stores the tries of one id (within two minutes) once.
     pub async fn hand_off(&self, id: &str, payload: Vec<u8>) -> anyhow::Result<()> {
         let broker = &self.broker;
-        broker
-            .js
-            .send_publish(
-                broker.config.reply_subject(),
-                jetstream::message::PublishMessage::build()
-                    .payload(Bytes::from(payload))
-                    .message_id(id),
-            )
-            .await
-            .context("handing the reply over")?
-            .await
-            .context("handing the reply over")?;
-        Ok(())
+        let payload = Bytes::from(payload);
+        let mut attempt = 1;
+        loop {
+            let sent = async {
+                broker
+                    .js
+                    .send_publish(
+                        broker.config.reply_subject(),
+                        jetstream::message::PublishMessage::build()
+                            .payload(payload.clone())
+                            .message_id(id),
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            match sent {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt >= HAND_OFF_ATTEMPTS => {
+                    return Err(e).context("handing the reply over")
+                }
+                Err(e) => {
+                    tracing::warn!("handing a reply over (attempt {attempt}): {e}");
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                    attempt += 1;
+                }
+            }
+        }
     }
 
     /// Follows the job `key` that another process submitted ([`JobHandle::broker_key`]);
-    /// `shared` as that process's [`JobHandle::is_shared`].
-    pub fn attach(&self, key: &str, shared: bool) -> JobHandle {
+    /// `shared` as that process's [`JobHandle::is_shared`]. A job whose record is gone (kept
+    /// `keep_results`) ends at once with an error.
+    pub async fn attach(&self, key: &str, shared: bool) -> JobHandle {
+        if let Ok(None) = self.broker.record(key).await {
+            let (_, rx) = tokio::sync::watch::channel(super::gone());
+            return JobHandle {
+                id: 0,
+                rx,
+                shared,
+                canceller: crate::jobs::Canceller::JetStream {
+                    queue: self.clone(),
+                    key: key.to_string(),
+                },
+            };
+        }
         self.follow(key.to_string(), 0, shared)
     }
 
@@ -59,6 +91,8 @@ impl JetStreamQueue {
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: broker.config.ack_wait,
                     max_ack_pending: IN_HAND,
+                    // An answer that keeps failing (a responder panicking on it) is dropped.
+                    max_deliver: MAX_DELIVERIES,
                     ..Default::default()
                 },
             )
@@ -77,7 +111,7 @@ pub struct Handoffs {
 }
 
 impl Handoffs {
-    /// The next hand-off; `None` once the broker connection is gone for good.
+    /// The next hand-off; `None` once the broker ends the stream (the consumer was deleted).
     pub async fn next(&mut self) -> Option<Handoff> {
         loop {
             match self.messages.next().await? {

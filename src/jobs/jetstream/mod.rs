@@ -285,6 +285,8 @@ impl Broker {
                 name: format!("{}_REPLIES", config.prefix.to_uppercase()),
                 subjects: vec![config.reply_subject()],
                 retention: stream::RetentionPolicy::WorkQueue,
+                // A reply is no use once its job's record is gone.
+                max_age: config.keep_results,
                 storage: stream::StorageType::File,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
@@ -628,9 +630,14 @@ async fn follow_job(broker: Arc<Broker>, key: String, tx: watch::Sender<JobStatu
                     Some(Ok(entry)) if entry.operation == kv::Operation::Put => {
                         serde_json::from_slice::<JobRecord>(&entry.value).ok()
                     }
-                    Some(Ok(_)) => None,
+                    Some(Ok(_)) => {
+                        tx.send_replace(gone());
+                        return;
+                    }
                     _ => break,
                 },
+                // Nobody follows the job here any more (a gateway handed it over).
+                _ = tx.closed() => return,
                 _ = position_every.tick() => {
                     if let Some(record) = &waiting {
                         publish_position(&broker, record, &tx).await;
@@ -675,6 +682,18 @@ async fn follow_job(broker: Arc<Broker>, key: String, tx: watch::Sender<JobStatu
             return;
         }
     }
+}
+
+/// The end of a job whose record was removed (it expired) before it ended here.
+fn gone() -> JobStatus {
+    JobStatus::Done(JobOutcome {
+        result: Err(RenderError::Internal(
+            "the job's record expired before it was answered".into(),
+        )),
+        cached: false,
+        wait_ms: 0.0,
+        render_ms: 0.0,
+    })
 }
 
 /// A queued job's place: messages before it that no worker has taken yet, plus one.
