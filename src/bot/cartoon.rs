@@ -278,15 +278,7 @@ async fn work(
     };
     let handle = match submitted {
         Ok(handle) => handle,
-        Err(e) => {
-            let end = JobEnd {
-                status: "failed".into(),
-                error: Some(submit_code(&e).into()),
-                ..JobEnd::default()
-            };
-            record_end(&state.store, &delivery, &end).await;
-            return Err(Refusal::of_job(texts::submit_error(&e)));
-        }
+        Err(e) => return Err(refuse_submission(&state.store, &delivery, &e).await),
     };
     delivery.key = handle.broker_key().unwrap_or_default().to_string();
     delivery.shared = handle.is_shared();
@@ -298,13 +290,7 @@ async fn work(
                 // Nobody would answer it: do not render it for nobody.
                 handle.cancel().await;
                 let e = SubmitError::Unavailable(format!("{e:#}"));
-                let end = JobEnd {
-                    status: "failed".into(),
-                    error: Some(submit_code(&e).into()),
-                    ..JobEnd::default()
-                };
-                record_end(&state.store, &delivery, &end).await;
-                return Err(Refusal::of_job(texts::submit_error(&e)));
+                return Err(refuse_submission(&state.store, &delivery, &e).await);
             }
             Ok(())
         }
@@ -313,6 +299,17 @@ async fn work(
             Ok(())
         }
     }
+}
+
+/// Records a job that could not be queued or handed over as failed; the refusal to tell.
+async fn refuse_submission(store: &Store, delivery: &Delivery, e: &SubmitError) -> Refusal {
+    let end = JobEnd {
+        status: "failed".into(),
+        error: Some(submit_code(e).into()),
+        ..JobEnd::default()
+    };
+    record_end(store, delivery, &end).await;
+    Refusal::of_job(texts::submit_error(e))
 }
 
 /// Answers a delivery handed over by a gateway: follows the job, shows its progress, sends
