@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -342,10 +342,16 @@ pub fn serve_gateway(
     tokio::runtime::Runtime::new()?.block_on(async {
         let catalog = crate::jobs::StyleCatalog::follow(&broker).await?;
         let queue = crate::jobs::JetStreamQueue::connect(&broker, catalog.style_version()).await?;
+        let stylepacks = crate::stylepack::GatewayPacks {
+            queue: crate::jobs::TrainingQueue::connect(&broker).await?,
+            config: config.stylepacks.clone(),
+            default_base: config.styles.default.clone(),
+        };
         let backend = crate::bot::Backend::Gateway {
             queue,
             catalog,
             shards,
+            stylepacks: Some(stylepacks),
         };
         crate::bot::serve(config.bot.clone(), token, backend).await
     })?;
@@ -360,10 +366,12 @@ pub fn serve_responder(config: &Config, nats: Option<&str>) -> Result<ExitCode> 
     tokio::runtime::Runtime::new()?.block_on(async {
         // It follows jobs by key and submits none: no style versions needed.
         let queue = crate::jobs::JetStreamQueue::connect(&broker, Arc::new(|_| None)).await?;
+        let training = crate::jobs::TrainingQueue::connect(&broker).await?;
         crate::bot::respond(
             config.bot.clone(),
             token,
             queue,
+            training,
             crate::bot::shutdown_signal(),
         )
         .await
@@ -371,17 +379,50 @@ pub fn serve_responder(config: &Config, nats: Option<&str>) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// `toonbot serve --role worker`: renders the jobs queued on the JetStream broker at `nats`
-/// (default `broker.url`; `bot.workers` at a time) until Ctrl-C or SIGTERM. Holds no bot
-/// token.
-pub fn serve_worker(config: &Config, device: &Device, nats: Option<&str>) -> Result<ExitCode> {
+/// What a `serve --role worker` process takes from the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Work {
+    /// Render jobs (`bot.workers` at a time).
+    Render,
+    /// Style-pack trainings, one at a time (needs the bot's database).
+    Train,
+    /// Both: trainings on their own thread beside the renders.
+    Both,
+}
+
+/// `toonbot serve --role worker`: takes render jobs (`bot.workers` at a time) and/or style-pack
+/// trainings (one at a time) from the JetStream broker at `nats` (default `broker.url`) until
+/// Ctrl-C or SIGTERM. Holds no bot token; a trainer records its runs in the bot's database.
+pub fn serve_worker(
+    config: &Config,
+    device: &Device,
+    nats: Option<&str>,
+    work: Work,
+) -> Result<ExitCode> {
     let queue = config.bot.queue_config();
     let broker = config.broker.jetstream(nats, queue)?;
-    let renderer = crate::jobs::CartoonRenderer::new(
-        Cartoonizer::load(config, device)?,
-        config.limits.clone(),
-        config.styles.default.clone(),
-    );
+    let renderer = match work {
+        Work::Train => None,
+        Work::Render | Work::Both => Some(crate::jobs::CartoonRenderer::new(
+            Cartoonizer::load(config, device)?,
+            config.limits.clone(),
+            config.styles.default.clone(),
+        )),
+    };
+    let packs = match work {
+        Work::Render => None,
+        Work::Train | Work::Both => {
+            config.stylepacks.check_training()?;
+            let faces = std::sync::Arc::new(FacePipeline::load(config, device)?);
+            let trainer =
+                crate::stylepack::finetuner::CandleTrainer::new(config, faces.clone(), device);
+            Some(crate::stylepack::PackSetup::new(
+                config,
+                faces,
+                Some(std::sync::Arc::new(trainer)),
+            ))
+        }
+    };
     tokio::runtime::Runtime::new()?.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -389,13 +430,26 @@ pub fn serve_worker(config: &Config, device: &Device, nats: Option<&str>) -> Res
             tracing::info!("stopping after the jobs in hand");
             stop.send_replace(true);
         });
-        crate::jobs::run_workers(
-            &broker,
-            std::sync::Arc::new(renderer),
-            queue.workers,
-            stopped,
-        )
-        .await
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(renderer) = renderer {
+            let (broker, stopped) = (broker.clone(), stopped.clone());
+            tasks.spawn(async move {
+                crate::jobs::run_workers(&broker, Arc::new(renderer), queue.workers, stopped).await
+            });
+        }
+        if let Some(setup) = packs {
+            let store = crate::store::Store::connect(&config.bot.database).await?;
+            let packs = crate::stylepack::StylePacks::new(setup, store);
+            let training = crate::jobs::TrainingQueue::connect(&broker).await?;
+            let every = Duration::from_millis(config.bot.progress_interval_ms);
+            tasks.spawn(crate::stylepack::train_from_queue(
+                packs, training, every, stopped,
+            ));
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
 }

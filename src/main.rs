@@ -51,6 +51,10 @@ enum Command {
         /// 0..2/4: shards 0 and 1 of 4); default, the bot's only shard.
         #[arg(long)]
         shards: Option<toonbot::bot::ShardRange>,
+        /// For --role worker: render jobs, style-pack trainings (one at a time; needs the
+        /// bot's database), or both.
+        #[arg(long, value_enum)]
+        work: Option<cli::Work>,
     },
     /// Find every face in each photo and write its aligned, whitened crop and soft mask.
     Faces {
@@ -558,12 +562,25 @@ fn run(args: Args) -> Result<ExitCode> {
             };
             cli::loadtest(&plan)
         }
-        Command::Serve { role, nats, shards } => match role {
+        Command::Serve {
+            role,
+            nats,
+            shards,
+            work,
+        } => match role {
             _ if shards.is_some() && !matches!(role, Role::Gateway) => {
                 anyhow::bail!("--shards is for --role gateway only")
             }
+            _ if work.is_some() && !matches!(role, Role::Worker) => {
+                anyhow::bail!("--work is for --role worker only")
+            }
             Role::All => cli::serve(&config, &device),
-            Role::Worker => cli::serve_worker(&config, &device, nats.as_deref()),
+            Role::Worker => cli::serve_worker(
+                &config,
+                &device,
+                nats.as_deref(),
+                work.unwrap_or(cli::Work::Render),
+            ),
             Role::Gateway => cli::serve_gateway(&config, nats.as_deref(), shards),
             Role::Responder => cli::serve_responder(&config, nats.as_deref()),
         },

@@ -6,7 +6,9 @@
 //! Common properties: the per-user cap, a light user served within the cap, identical
 //! requests rendered once, cancelling a waiting job, positions, a faulty render ending with
 //! a clear error, a 10 MiB photo. JetStream only: a worker killed mid-job, a broker
-//! restart, the dead-letter subject, a job longer than the lease.
+//! restart, the dead-letter subject, a job longer than the lease; and the training stream: a
+//! training job longer than the lease, a trainer killed mid-run, one job per server, failing
+//! trainings set aside, renders served while a pack trains, training news in order.
 
 mod common;
 mod support;
@@ -23,6 +25,7 @@ use toonbot::jobs::loadtest::LocalNatsServer;
 use toonbot::jobs::{
     JetStreamConfig, JetStreamQueue, JetStreamWorker, JobHandle, JobOutcome, JobQueue, JobStatus,
     OutputKind, QueueConfig, RenderError, RenderQueue, RenderRequest, Renderer, SubmitError,
+    TrainingJob, TrainingJobEnd, TrainingJobs, TrainingQueue, TrainingSubmitError,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -580,4 +583,238 @@ async fn loadtest_answers_every_job_once() {
         report.broker_peak_mib.iter().all(|m| *m > 1.0),
         "{report:?}"
     );
+}
+
+/// A training queue on the setup's broker.
+async fn training_queue(s: &Setup) -> TrainingQueue {
+    TrainingQueue::connect(s.config.as_ref().expect("a JetStream setup"))
+        .await
+        .expect("connecting the training queue")
+}
+
+/// The next training job, waiting (bounded) for one.
+async fn take_training(jobs: &mut TrainingJobs) -> TrainingJob {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(job) = jobs.next(Duration::from_millis(300)).await {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "no training job came");
+    }
+}
+
+/// Messages on a stream (training jobs, dead letters).
+async fn stream_messages(url: &str, stream: &str) -> u64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// A training job that runs past its lease stays with its trainer; its archive comes back
+/// intact and is removed with the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_training_job_longer_than_the_lease_is_not_redelivered() {
+    let Some(s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
+    else {
+        return;
+    };
+    let url = s.config.as_ref().unwrap().url.clone();
+    let queue = training_queue(&s).await;
+    let archive: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    queue
+        .submit(7, b"pack one".to_vec(), Some(&archive))
+        .await
+        .expect("queued");
+    let mut first = queue.jobs().await.unwrap();
+    let mut second = queue.jobs().await.unwrap();
+    let job = take_training(&mut first).await;
+    assert_eq!(job.payload(), b"pack one");
+    assert_eq!(job.deliveries(), 1);
+    assert_eq!(job.archive().await.unwrap().as_deref(), Some(&archive[..]));
+    let other = tokio::spawn(async move { second.next(Duration::from_millis(3500)).await });
+    let end = job
+        .hold(async {
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            TrainingJobEnd::Finished
+        })
+        .await;
+    assert_eq!(end, TrainingJobEnd::Finished);
+    assert!(other.await.unwrap().is_none(), "delivered a second time");
+    assert_eq!(stream_messages(&url, "TOONBOT_TRAINING").await, 0);
+    assert!(queue
+        .file(&format!(
+            "archive.7.{}",
+            toonbot::jobs::image_hash(&archive)
+        ))
+        .await
+        .is_err());
+}
+
+/// A trainer that dies holding a job leaves it to another after the lease, archive and all;
+/// a trainer that stops hands it on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_killed_trainer_s_job_goes_to_another() {
+    let Some(s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
+    else {
+        return;
+    };
+    let queue = training_queue(&s).await;
+    queue
+        .submit(3, b"pack".to_vec(), Some(b"zip"))
+        .await
+        .unwrap();
+    let mut jobs = queue.jobs().await.unwrap();
+    let job = take_training(&mut jobs).await;
+    let (started, mut running) = watch::channel(false);
+    let dying = tokio::spawn(job.hold(async move {
+        started.send_replace(true);
+        std::future::pending::<()>().await;
+        TrainingJobEnd::Finished
+    }));
+    running.wait_for(|r| *r).await.unwrap();
+    dying.abort();
+    let mut others = queue.jobs().await.unwrap();
+    let again = take_training(&mut others).await;
+    assert_eq!(again.deliveries(), 2);
+    assert_eq!(again.archive().await.unwrap().as_deref(), Some(&b"zip"[..]));
+    let stopped = Instant::now();
+    let end = again.hold(async { TrainingJobEnd::Interrupted }).await;
+    assert_eq!(end, TrainingJobEnd::Interrupted);
+    let third = take_training(&mut others).await;
+    assert!(
+        stopped.elapsed() < Duration::from_millis(900),
+        "waited for the lease"
+    );
+    assert_eq!(third.deliveries(), 3);
+    third.hold(async { TrainingJobEnd::Finished }).await;
+}
+
+/// A server has one pack queued or training at a time; other servers are not held up, and
+/// the server may queue again once its job ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_one_training_job_per_server() {
+    let Some(s) = Setup::new(Backend::JetStream, |_| {}).await else {
+        return;
+    };
+    let queue = training_queue(&s).await;
+    queue
+        .submit(1, b"a".to_vec(), Some(b"zip a"))
+        .await
+        .unwrap();
+    assert!(queue.is_busy(1).await.unwrap());
+    assert!(!queue.is_busy(2).await.unwrap());
+    let again = queue.submit(1, b"b".to_vec(), Some(b"zip b")).await;
+    assert!(matches!(again, Err(TrainingSubmitError::Busy)), "{again:?}");
+    queue.submit(2, b"c".to_vec(), None).await.unwrap();
+    let mut jobs = queue.jobs().await.unwrap();
+    let first = take_training(&mut jobs).await;
+    assert_eq!(first.payload(), b"a");
+    assert!(queue.is_busy(1).await.unwrap(), "busy while it trains");
+    first.hold(async { TrainingJobEnd::Finished }).await;
+    assert!(!queue.is_busy(1).await.unwrap());
+    queue.submit(1, b"d".to_vec(), None).await.unwrap();
+    let mut payloads = Vec::new();
+    for _ in 0..2 {
+        let job = take_training(&mut jobs).await;
+        assert_eq!(job.archive().await.unwrap(), None);
+        payloads.push(job.payload().to_vec());
+        job.hold(async { TrainingJobEnd::Finished }).await;
+    }
+    assert_eq!(payloads, vec![b"c".to_vec(), b"d".to_vec()]);
+}
+
+/// A training that keeps failing is retried, then set aside on `{prefix}.dead.train` with
+/// its payload and archive name; nothing is left queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_failing_trainings_are_set_aside() {
+    let Some(s) = Setup::new(Backend::JetStream, |c| c.max_failures = 2).await else {
+        return;
+    };
+    let url = s.config.as_ref().unwrap().url.clone();
+    let queue = training_queue(&s).await;
+    queue
+        .submit(9, b"bad pack".to_vec(), Some(b"zip"))
+        .await
+        .unwrap();
+    let mut jobs = queue.jobs().await.unwrap();
+    for attempt in 1..=2 {
+        let job = take_training(&mut jobs).await;
+        assert_eq!(job.deliveries(), attempt);
+        assert!(!job.failed_too_often());
+        job.hold(async { TrainingJobEnd::Failed("out of memory".into()) })
+            .await;
+    }
+    assert!(jobs.next(Duration::from_millis(1500)).await.is_none());
+    assert_eq!(stream_messages(&url, "TOONBOT_TRAINING").await, 0);
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let dead = js.get_stream("TOONBOT_DEAD").await.unwrap();
+    let message = dead
+        .get_last_raw_message_by_subject("toonbot.dead.train")
+        .await
+        .unwrap();
+    assert_eq!(&message.payload[..], b"bad pack");
+    assert!(!queue.is_busy(9).await.unwrap());
+}
+
+/// Stickers are served while a training job holds a trainer: the streams are separate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_renders_go_on_while_a_pack_trains() {
+    let Some(s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
+    else {
+        return;
+    };
+    let queue = training_queue(&s).await;
+    queue.submit(4, b"long pack".to_vec(), None).await.unwrap();
+    let mut jobs = queue.jobs().await.unwrap();
+    let job = take_training(&mut jobs).await;
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let training = tokio::spawn(job.hold(async move {
+        let _ = finished.await;
+        TrainingJobEnd::Finished
+    }));
+    for user in 1..=3 {
+        let outcome = done(s.submit(user, tagged(user as u32)).await.unwrap()).await;
+        assert!(outcome.result.is_ok());
+    }
+    assert!(!training.is_finished(), "the training still runs");
+    finish.send(()).unwrap();
+    assert_eq!(training.await.unwrap(), TrainingJobEnd::Finished);
+}
+
+/// Training news reaches the responders in the order it was told, each piece once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_training_news_comes_in_order() {
+    let Some(s) = Setup::new(Backend::JetStream, |_| {}).await else {
+        return;
+    };
+    let queue = training_queue(&s).await;
+    for n in 0..5u8 {
+        queue.tell(u64::from(n % 2), vec![n]).await.unwrap();
+    }
+    // Two responders, each telling what it takes (slowly) before taking more.
+    let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut responders = Vec::new();
+    for _ in 0..2 {
+        let mut feed = queue.news().await.unwrap();
+        let told = Arc::clone(&told);
+        responders.push(tokio::spawn(async move {
+            while let Some(item) = feed.next().await {
+                let n = item.payload()[0];
+                let told = Arc::clone(&told);
+                item.tell(async move {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    told.lock().unwrap().push(n);
+                })
+                .await;
+            }
+        }));
+    }
+    until("all the news told", || told.lock().unwrap().len() >= 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*told.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+    for responder in responders {
+        responder.abort();
+    }
 }

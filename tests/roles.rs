@@ -5,6 +5,8 @@
 //! (`tests/common/postgres.rs`; skipped, saying so, where there is none).
 
 mod common;
+#[path = "support/packs.rs"]
+mod packs;
 mod support;
 
 use std::path::Path;
@@ -15,17 +17,21 @@ use std::time::Duration;
 use support::discord::{FakeDiscord, Recorded, APP_ID, CHANNEL_ID, DM_CHANNEL_ID, GUILD_ID};
 use support::harness::{png_info, MEMBER};
 use support::renderer::{photo, TestRenderer, Trigger, STYLES};
+use support::trainer::TestTrainer;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use toonbot::bot::{
     self, Backend, BotConfig, CartoonRequest, Delivery, Overrides, ReplyTarget, Resolved,
     RunningBot, ShardRange, Token,
 };
+use toonbot::cartoon::styles::StyleRegistry;
 use toonbot::jobs::loadtest::LocalNatsServer;
 use toonbot::jobs::{
-    run_workers, JetStreamConfig, JetStreamQueue, OutputKind, RenderRequest, Renderer, StyleCatalog,
+    run_workers, JetStreamConfig, JetStreamQueue, OutputKind, RenderRequest, Renderer,
+    StyleCatalog, TrainingQueue,
 };
-use toonbot::store::{now_ms, Database, JobSource, NewJob};
+use toonbot::store::{now_ms, Database, JobSource, NewJob, Store, StyleStatus};
+use toonbot::stylepack::{train_from_queue, GatewayPacks, PackSetup, StylePacks};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -52,6 +58,23 @@ struct Roles {
     _worker: watch::Sender<bool>,
     _broker: LocalNatsServer,
     _dir: tempfile::TempDir,
+}
+
+/// A trainer task and its stop switch.
+struct Trainer {
+    task: JoinHandle<anyhow::Result<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Trainer {
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        tokio::time::timeout(packs::SLOW, self.task)
+            .await
+            .expect("the trainer stops")
+            .unwrap()
+            .expect("the trainer ran");
+    }
 }
 
 /// A responder task and its stop switch.
@@ -93,6 +116,11 @@ impl Roles {
             progress_interval_ms: 20,
             ..BotConfig::default()
         };
+        let stylepacks = GatewayPacks {
+            queue: TrainingQueue::connect(&jetstream).await.unwrap(),
+            config: packs::pack_config(dir.path()),
+            default_base: "classic".into(),
+        };
         let gateway = bot::start_backend(
             config.clone(),
             Token::new("test-token"),
@@ -100,6 +128,7 @@ impl Roles {
                 queue,
                 catalog,
                 shards,
+                stylepacks: Some(stylepacks),
             },
         )
         .await
@@ -131,10 +160,12 @@ impl Roles {
     async fn responder(&self) -> Responder {
         let queue = self.queue().await;
         let (stop, stopped) = oneshot::channel::<()>();
+        let training = TrainingQueue::connect(&self.jetstream).await.unwrap();
         let task = tokio::spawn(bot::respond(
             self.config.clone(),
             Token::new("test-token"),
             queue,
+            training,
             async move {
                 let _ = stopped.await;
             },
@@ -153,6 +184,61 @@ impl Roles {
             self.fake.command(&token, user, MEMBER, data),
         );
         token
+    }
+
+    /// A trainer process's part (`--work train`): style packs on the roles' database, trained
+    /// by `trainer` from `classic` (random weights) in `<dir>/shipped`, in `<dir>/packs`.
+    async fn trainer(&self, trainer: &Arc<TestTrainer>) -> Trainer {
+        let dir = self._dir.path();
+        if !dir.join("shipped/classic").exists() {
+            common::install_random_style(&dir.join("shipped"), "classic");
+        }
+        let setup = PackSetup {
+            config: packs::pack_config(dir),
+            registry: StyleRegistry::new(dir.join("shipped"), dir.join("styles")),
+            default_base: "classic".into(),
+            faces: packs::faces(),
+            trainer: Some(Arc::clone(trainer) as _),
+        };
+        let store = Store::connect(&self.config.database).await.unwrap();
+        let training = TrainingQueue::connect(&self.jetstream).await.unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(train_from_queue(
+            StylePacks::new(setup, store),
+            training,
+            Duration::from_millis(20),
+            stopped,
+        ));
+        Trainer { task, stop }
+    }
+
+    /// `/stylepack upload` of `images` drawn faces as `name`; the interaction token.
+    fn upload(&self, name: &str, images: u32) -> String {
+        let zip = packs::zip_of(&packs::faces_entries(images));
+        let interaction =
+            packs::upload_interaction(&self.fake, packs::ADMIN_PERMS, zip, name, None);
+        let token = interaction["token"].as_str().unwrap().to_string();
+        self.fake.dispatch("INTERACTION_CREATE", interaction);
+        token
+    }
+
+    /// What the bot posted or edited in the channel.
+    fn channel_posts(&self) -> Vec<Recorded> {
+        let messages = format!("/channels/{CHANNEL_ID}/messages");
+        self.fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with(&messages))
+            .collect()
+    }
+
+    async fn wait_post(&self, what: &str, pred: impl Fn(&Recorded) -> bool) -> Recorded {
+        let messages = format!("/channels/{CHANNEL_ID}/messages");
+        self.fake
+            .wait_for(what, packs::SLOW, |r| {
+                r.path.starts_with(&messages) && pred(r)
+            })
+            .await
     }
 
     async fn wait(&self, what: &str, pred: impl Fn(&Recorded) -> bool) -> Recorded {
@@ -470,4 +556,150 @@ async fn a_gateway_connects_its_shards_only_and_leaves_the_commands_to_shard_zer
         0,
         "shard 0's gateway registers the commands"
     );
+}
+
+/// A pack uploaded to a gateway (no models there) is checked and queued; a trainer takes it,
+/// prepares and trains it, recording the run in the shared database; a responder posts the
+/// progress message, the previews and the end in the channel. Renders go on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_queues_a_pack_a_trainer_trains_it_and_a_responder_tells_the_channel() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let _responder = roles.responder().await;
+    let test_trainer = Arc::new(TestTrainer::new(Duration::from_millis(30)));
+    test_trainer.hold_before(3);
+    let trainer = roles.trainer(&test_trainer).await;
+    let token = roles.upload("neon", 12);
+    let original = original(&token);
+    let answer = roles
+        .wait("the upload's answer", |r| {
+            r.is("PATCH", &original) && r.content().contains("Queued to train")
+        })
+        .await;
+    assert!(
+        answer.content().contains("12 images accepted"),
+        "{}",
+        answer.content()
+    );
+    let busy = roles.upload("other", 12);
+    let refused = roles
+        .wait("the second upload's answer", |r| {
+            r.path.contains(&busy) && r.content().contains("already has a style pack")
+        })
+        .await;
+    assert!(refused.content().contains("one per server"));
+    tokio::task::spawn_blocking({
+        let t = Arc::clone(&test_trainer);
+        move || t.wait_holding(3)
+    })
+    .await
+    .unwrap();
+    let sticker = roles.cartoon(41, None);
+    roles
+        .wait("a sticker while the pack trains", is_result(&sticker))
+        .await;
+    test_trainer.release();
+    let end = roles
+        .wait_post("the evaluation", |r| {
+            r.content().contains("is ready as a draft")
+        })
+        .await;
+    assert!(end.content().contains("KID×100 4.25"), "{}", end.content());
+    assert_eq!(end.files.len(), 1, "the latest preview");
+    let posts = roles.channel_posts();
+    let started: Vec<_> = posts
+        .iter()
+        .filter(|r| r.method == "POST" && r.content().contains("neon"))
+        .collect();
+    assert!(
+        started[0].content().contains("Training"),
+        "{}",
+        started[0].content()
+    );
+    assert!(
+        posts
+            .iter()
+            .any(|r| r.method == "PATCH" && r.content().contains("trained from")),
+        "the progress message's last edit"
+    );
+    assert!(
+        posts.iter().filter(|r| !r.files.is_empty()).count() >= 2,
+        "previews posted"
+    );
+    let store = Store::connect(&roles.config.database).await.unwrap();
+    let style = store.guild_style("neon").await.unwrap().unwrap();
+    assert_eq!(style.status, StyleStatus::Draft);
+    assert_eq!(test_trainer.starts(), vec![0]);
+    trainer.stop().await;
+}
+
+/// `/stylepack cancel` on a gateway reaches the trainer running the pack; a trainer that
+/// stops mid-run leaves the pack to the next trainer, which resumes it from its checkpoint
+/// and edits the same progress message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_packs_are_cancelled_from_a_gateway_and_taken_over_by_the_next_trainer() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let _responder = roles.responder().await;
+    let test_trainer = Arc::new(TestTrainer::new(Duration::from_millis(30)));
+    test_trainer.hold_before(3);
+    let first = roles.trainer(&test_trainer).await;
+    roles.upload("mint", 12);
+    let wait_holding = |step: u32| {
+        let t = Arc::clone(&test_trainer);
+        tokio::task::spawn_blocking(move || t.wait_holding(step))
+    };
+    wait_holding(3).await.unwrap();
+    roles
+        .wait_post("the progress message", |r| {
+            r.method == "POST" && r.content().contains("Training **mint**")
+        })
+        .await;
+    first.stop().await;
+    test_trainer.hold_before(5);
+    let second = roles.trainer(&test_trainer).await;
+    wait_holding(5).await.unwrap();
+    let starts = test_trainer.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert!(starts[1] >= 2, "resumed from the checkpoint: {starts:?}");
+    let cancel = roles.fake.command(
+        &format!("tok{}", roles.fake.next_id()),
+        packs::ADMIN,
+        packs::ADMIN_PERMS,
+        FakeDiscord::sub_command_data("stylepack", "cancel", serde_json::json!([])),
+    );
+    let token = cancel["token"].as_str().unwrap().to_string();
+    roles.fake.dispatch("INTERACTION_CREATE", cancel);
+    roles
+        .wait("the cancel's answer", |r| {
+            r.path.contains(&token) && r.content().contains("Stopping **mint**")
+        })
+        .await;
+    test_trainer.release();
+    roles
+        .wait_post("the cancelled end", |r| {
+            r.method == "PATCH" && r.content().contains("was cancelled")
+        })
+        .await;
+    let posts = roles.channel_posts();
+    let progress_posts = posts
+        .iter()
+        .filter(|r| r.method == "POST" && r.content().contains("Training **mint**"))
+        .count();
+    assert_eq!(
+        progress_posts, 1,
+        "one progress message, edited by both trainers"
+    );
+    assert!(
+        posts
+            .iter()
+            .any(|r| r.method == "PATCH" && r.content().contains("resumes at step")),
+        "the second trainer's start edits the same message"
+    );
+    let store = Store::connect(&roles.config.database).await.unwrap();
+    let style = store.guild_style("mint").await.unwrap().unwrap();
+    assert_eq!(style.status, StyleStatus::Cancelled);
+    second.stop().await;
 }

@@ -44,7 +44,7 @@ pub use responder::respond;
 
 use crate::jobs::{JetStreamQueue, JobQueue, RenderQueue, Renderer, StyleCatalog, StyleInfo};
 use crate::store::{JobRecord, Store};
-use crate::stylepack::{PackSetup, RunEvents, StylePacks};
+use crate::stylepack::{GatewayPacks, PackIntake, PackSetup, RunEvents, StylePacks};
 use download::Downloader;
 
 /// Log filter directives for `main` to add to its `EnvFilter` (after `RUST_LOG`, so that they
@@ -165,6 +165,9 @@ pub enum Backend {
         catalog: StyleCatalog,
         /// The shards this process connects; `None`: the only one.
         shards: Option<ShardRange>,
+        /// Style-pack uploads queued for the trainers; `None`: `/stylepack` says they are
+        /// not enabled.
+        stylepacks: Option<GatewayPacks>,
     },
 }
 
@@ -214,8 +217,10 @@ pub(crate) struct BotState {
     pub downloader: Downloader,
     /// Jobs a previous run left unfinished, to tell their users once connected.
     pub interrupted: Mutex<Vec<JobRecord>>,
-    /// `None` when style packs are not set up.
+    /// `None` when style packs are not set up (or trained elsewhere: a gateway).
     pub stylepacks: Option<StylePacks>,
+    /// On a gateway, where style-pack uploads are queued for the trainers.
+    pub pack_intake: Option<PackIntake>,
     /// The training run resumed at start, to follow once connected.
     pub resumed_run: Mutex<Option<RunEvents>>,
     /// Set once the commands are registered (not again on reconnects).
@@ -305,7 +310,7 @@ pub async fn start_backend(
     backend: Backend,
 ) -> Result<RunningBot> {
     let store = Store::connect(&config.database).await?;
-    let (queue, styles, responders, stylepacks, shards) = match backend {
+    let (queue, styles, responders, stylepacks, pack_intake, shards) = match backend {
         Backend::InProcess {
             renderer,
             stylepacks,
@@ -315,16 +320,19 @@ pub async fn start_backend(
             None,
             stylepacks.map(|setup| StylePacks::new(setup, store.clone())),
             None,
+            None,
         ),
         Backend::Gateway {
             queue,
             catalog,
             shards,
+            stylepacks,
         } => (
             RenderQueue::JetStream(queue.clone()),
             StyleSource::Workers(catalog),
             Some(queue),
             None,
+            stylepacks.map(|setup| PackIntake::new(setup, store.clone())),
             shards,
         ),
     };
@@ -365,6 +373,7 @@ pub async fn start_backend(
         downloader,
         interrupted: Mutex::new(interrupted),
         stylepacks,
+        pack_intake,
         resumed_run: Mutex::new(resumed_run),
         commands_registered: AtomicBool::new(!registers_commands),
     });

@@ -11,26 +11,33 @@ use anyhow::{Context, Result};
 use serenity::all::{ApplicationId, Http};
 
 use super::cartoon::{self, Delivery};
+use super::stylepack;
 use super::{http_builder, BotConfig, ReplyTarget, Token};
-use crate::jobs::{Handoff, JetStreamQueue};
+use crate::jobs::{Handoff, JetStreamQueue, TrainingNews, TrainingQueue};
 use crate::store::Store;
+use crate::stylepack::PackNews;
 
 /// How long a stopping responder lets the answers in hand finish.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// Answers hand-offs until `stop` completes or the broker ends the stream. On `stop`, takes
-/// no more and lets the answers in hand finish for a few seconds; those still waiting for
-/// their job then go to another responder after their lease.
+/// Answers hand-offs, and tells the channels what the trainers report of queued style packs
+/// (one piece of news at a time across the responders, in order), until `stop` completes or
+/// the broker ends the stream. On `stop`, takes no more and lets the answers in hand finish
+/// for a few seconds; those still waiting for their job then go to another responder after
+/// their lease.
 pub async fn respond(
     config: BotConfig,
     token: Token,
     queue: JetStreamQueue,
+    training: TrainingQueue,
     stop: impl Future<Output = ()>,
 ) -> Result<()> {
     let store = Store::connect(&config.database).await?;
     let http = Arc::new(http_builder(&config, &token).build());
     let config = Arc::new(config);
     let mut handoffs = queue.handoffs().await?;
+    let news = training.news().await?;
+    let relay = tokio::spawn(relay_news(news, store.clone(), Arc::clone(&http), training));
     let mut stop = std::pin::pin!(stop);
     let mut in_hand = tokio::task::JoinSet::new();
     let ended = loop {
@@ -70,6 +77,8 @@ pub async fn respond(
     if tokio::time::timeout(STOP_GRACE, finish).await.is_err() {
         in_hand.shutdown().await;
     }
+    // A piece of news cut short is told again by the next responder.
+    relay.abort();
     store.close().await;
     ended.context("taking hand-offs")
 }
@@ -96,6 +105,27 @@ async fn answer(
     handoff
         .answer(cartoon::answer(&store, &config, &delivery, job, http))
         .await;
+}
+
+/// Tells each piece of training news in its channel, then takes the next.
+async fn relay_news(
+    mut news: TrainingNews,
+    store: Store,
+    http: Arc<Http>,
+    training: TrainingQueue,
+) {
+    while let Some(item) = news.next().await {
+        match serde_json::from_slice::<PackNews>(item.payload()) {
+            Ok(told) => {
+                item.tell(stylepack::relay_news(&http, &store, &training, told))
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!("dropping training news that does not parse: {e}");
+                item.tell(async {}).await;
+            }
+        }
+    }
 }
 
 fn log_panic(done: Result<(), tokio::task::JoinError>) {

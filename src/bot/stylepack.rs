@@ -16,7 +16,12 @@ use tokio::time::{sleep_until, Instant};
 use super::download::PhotoRef;
 use super::settings::{is_server_admin, say, sub_command};
 use super::{texts, BotState};
-use crate::stylepack::{Milestone, PackError, Requester, RunEnd, RunEvents, StylePacks};
+use crate::jobs::TrainingQueue;
+use crate::store::{GuildStyle, Store, TrainingRun};
+use crate::stylepack::{
+    Milestone, PackError, PackEvent, PackIntake, PackNews, PackWarning, QueuedPack, Requester,
+    RunEnd, RunEvents, StylePacks,
+};
 
 pub async fn command(
     state: &Arc<BotState>,
@@ -26,14 +31,18 @@ pub async fn command(
     let Some(guild) = cmd.guild_id.map(|g| g.get()) else {
         return say(http, cmd, texts::STYLEPACK_IN_SERVER).await;
     };
-    let Some(packs) = state.stylepacks.clone() else {
+    if state.stylepacks.is_none() && state.pack_intake.is_none() {
         return say(http, cmd, texts::STYLEPACKS_OFF).await;
-    };
+    }
     if !is_server_admin(state, cmd) {
         return say(http, cmd, texts::admins_only("manage style packs")).await;
     }
     let Some((sub, options)) = sub_command(cmd) else {
         return say(http, cmd, texts::STYLEPACK_USAGE).await;
+    };
+    let Some(packs) = state.stylepacks.clone() else {
+        let intake = state.pack_intake.clone().expect("checked above");
+        return queued_command(state, http, cmd, &intake, guild, (sub, &options)).await;
     };
     let user = cmd.user.id.get();
     let name = string_option(&options, "name").map(|n| n.to_lowercase());
@@ -152,36 +161,111 @@ async fn upload(
     Ok(())
 }
 
+/// `/stylepack` on a gateway: uploads are checked here and trained by the trainers
+/// (`serve --role worker --work train`); cancels reach the trainer that runs the pack.
+async fn queued_command(
+    state: &Arc<BotState>,
+    http: &Arc<Http>,
+    cmd: &CommandInteraction,
+    intake: &PackIntake,
+    guild: u64,
+    (sub, options): (&str, &[ResolvedOption<'_>]),
+) -> Result<()> {
+    let refusal = |e: PackError| {
+        if let PackError::Internal(detail) = &e {
+            tracing::error!(error = %format!("{detail:#}"), "style pack action failed");
+        }
+        texts::pack_error(&e, guild, intake.config())
+    };
+    let text = match (
+        sub,
+        string_option(options, "name").map(|n| n.to_lowercase()),
+    ) {
+        ("upload", name) => {
+            return queue_upload(state, http, cmd, intake, guild, options, name).await
+        }
+        ("cancel", _) => match intake.cancel(guild, cmd.user.id.get()).await {
+            Ok(name) => texts::cancelling(&name),
+            Err(e) => refusal(e),
+        },
+        ("list", _) => match intake.list(guild).await {
+            Ok(list) => texts::pack_list(&list),
+            Err(e) => refusal(e),
+        },
+        ("resume" | "publish" | "delete", Some(_)) => texts::not_on_gateway(sub),
+        _ => texts::STYLEPACK_USAGE.to_string(),
+    };
+    say(http, cmd, text).await
+}
+
+/// An upload on a gateway: the checks that need no archive (answered at once), then an
+/// ephemeral deferral: download, check the archive, queue it, and say what was accepted.
+async fn queue_upload(
+    state: &Arc<BotState>,
+    http: &Arc<Http>,
+    cmd: &CommandInteraction,
+    intake: &PackIntake,
+    guild: u64,
+    options: &[ResolvedOption<'_>],
+    name: Option<String>,
+) -> Result<()> {
+    let file = options.iter().find_map(|o| match o.value {
+        ResolvedValue::Attachment(a) if o.name == "file" => Some(PhotoRef::from_attachment(a)),
+        _ => None,
+    });
+    let (Some(file), Some(name)) = (file, name) else {
+        return say(http, cmd, texts::STYLEPACK_NO_FILE).await;
+    };
+    let base = string_option(options, "base").filter(|b| !b.is_empty());
+    let installed: Vec<String> = state.styles.styles().into_iter().map(|s| s.name).collect();
+    let base = match intake
+        .check(&installed, guild, &name, base.as_deref())
+        .await
+    {
+        Ok(base) => base,
+        Err(e) => return say(http, cmd, texts::pack_error(&e, guild, intake.config())).await,
+    };
+    let max_bytes = intake.config().max_zip_bytes;
+    if let Err(e) = state.downloader.check_file(&file, max_bytes) {
+        return say(http, cmd, texts::pack_download_error(&e)).await;
+    }
+    let defer =
+        CreateInteractionResponse::Defer(CreateInteractionResponseMessage::new().ephemeral(true));
+    cmd.create_response(http.as_ref(), defer).await?;
+    let text = match state.downloader.fetch_file(&file, max_bytes).await {
+        Err(e) => texts::pack_download_error(&e),
+        Ok(zip) => {
+            let pack = QueuedPack {
+                guild_id: guild,
+                name: name.clone(),
+                base: Some(base),
+                by: Requester {
+                    user_id: cmd.user.id.get(),
+                    channel_id: cmd.channel_id.get(),
+                },
+            };
+            match intake.queue(pack, zip).await {
+                Ok(queued) => texts::pack_queued(&name, &queued),
+                Err(e) => {
+                    if let PackError::Internal(detail) = &e {
+                        tracing::error!(error = %format!("{detail:#}"), "queueing a style pack failed");
+                    }
+                    texts::pack_error(&e, guild, intake.config())
+                }
+            }
+        }
+    };
+    cmd.edit_response(http.as_ref(), EditInteractionResponse::new().content(text))
+        .await?;
+    Ok(())
+}
+
 /// Follows a run to its end: posts (or, after a restart, reuses) the progress message and
 /// edits it at most once per interval; posts each preview grid, then the end.
 pub async fn follow_run(state: Arc<BotState>, http: Arc<Http>, mut events: RunEvents) {
     let channel = ChannelId::new(events.run.channel_id);
     let style = events.style.clone();
-    let started = texts::training_started(&style, &events.run);
-    let message = match events.run.message_id {
-        Some(id) => {
-            let id = MessageId::new(id);
-            edit(&http, channel, id, &started).await;
-            Some(id)
-        }
-        None => match channel
-            .send_message(http.as_ref(), CreateMessage::new().content(started))
-            .await
-        {
-            Ok(m) => {
-                if let Some(packs) = &state.stylepacks {
-                    if let Err(e) = packs.set_progress_message(events.run.id, m.id.get()).await {
-                        tracing::warn!(error = %e, "recording the progress message");
-                    }
-                }
-                Some(m.id)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "posting a training progress message failed");
-                None
-            }
-        },
-    };
+    let message = open_progress(&http, &state.store, &style, &events.run).await;
     let interval = state.progress_interval();
     let mut next_edit = Instant::now();
     let mut changed = false;
@@ -194,33 +278,17 @@ pub async fn follow_run(state: Arc<BotState>, http: Arc<Http>, mut events: RunEv
             },
             milestone = events.milestones.recv() => match milestone {
                 Some(Milestone::Preview { step, total, png }) => {
-                    let post = CreateMessage::new()
-                        .content(texts::preview_caption(&style, step, total))
-                        .add_file(CreateAttachment::bytes(png, format!("{}-step{step}.png", style.name)));
-                    if let Err(e) = channel.send_message(http.as_ref(), post).await {
-                        tracing::warn!(error = %e, "posting a preview failed");
-                    }
+                    post(&http, channel, preview_post(&style, step, total, png)).await;
                 }
                 Some(Milestone::Warning(warning)) => {
-                    let post = CreateMessage::new().content(texts::pack_warning(&style, &warning));
-                    if let Err(e) = channel.send_message(http.as_ref(), post).await {
-                        tracing::warn!(error = %e, "posting a pack warning failed");
-                    }
+                    post(&http, channel, warning_post(&style, &warning)).await;
                 }
-                Some(Milestone::Finished(end)) => {
-                    if let Some(id) = message {
-                        edit(&http, channel, id, &texts::training_ended(&style, &end)).await;
-                    }
-                    if let RunEnd::Trained { faces_found, eval, preview, .. } = &end {
-                        let text = texts::trained(&style, *faces_found, eval);
-                        let mut post = CreateMessage::new().content(text);
-                        if let Some(png) = preview {
-                            post = post.add_file(CreateAttachment::bytes(png.clone(), format!("{}-preview.png", style.name)));
-                        }
-                        if let Err(e) = channel.send_message(http.as_ref(), post).await {
-                            tracing::warn!(error = %e, "posting the evaluation failed");
-                        }
-                    }
+                Some(Milestone::Finished(mut end)) => {
+                    let preview = match &mut end {
+                        RunEnd::Trained { preview, .. } => preview.take(),
+                        _ => None,
+                    };
+                    announce_end(&http, channel, message, &style, &end, preview).await;
                     return;
                 }
                 // A shutdown: the next start resumes the run.
@@ -242,6 +310,165 @@ pub async fn follow_run(state: Arc<BotState>, http: Arc<Http>, mut events: RunEv
             changed = false;
             next_edit = Instant::now() + interval;
         }
+    }
+}
+
+/// Tells the channel what a trainer reported about a queued pack (`serve --role responder`):
+/// the same messages as [`follow_run`], from the run's rows in the shared database.
+pub async fn relay_news(http: &Http, store: &Store, training: &TrainingQueue, news: PackNews) {
+    let channel = ChannelId::new(news.by.channel_id);
+    let style = match store.guild_style(&news.name).await {
+        Ok(style) => style.filter(|s| s.guild_id == news.guild_id),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "reading a pack's row");
+            None
+        }
+    };
+    let run = |run_id: i64| async move {
+        match store.training_run(run_id).await {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading a training run's row");
+                None
+            }
+        }
+    };
+    match (news.event, style) {
+        (PackEvent::Refused(why), _) => {
+            let text = texts::pack_refused_by_trainer(news.by.user_id, &news.name, &why);
+            post(http, channel, CreateMessage::new().content(text)).await;
+        }
+        (PackEvent::Started { run_id }, Some(style)) => {
+            if let Some(run) = run(run_id).await {
+                open_progress(http, store, &style, &run).await;
+            }
+        }
+        (PackEvent::Progress { run_id, progress }, Some(style)) => {
+            if let Some(id) = run(run_id).await.and_then(|r| r.message_id) {
+                let text = texts::training_progress(&style, &progress);
+                edit(http, channel, MessageId::new(id), &text).await;
+            }
+        }
+        (PackEvent::Preview { step, total, file }, style) => {
+            let png = training.file(&file).await;
+            training.remove_file(&file).await;
+            match (png, style) {
+                (Ok(png), Some(style)) => {
+                    post(http, channel, preview_post(&style, step, total, png)).await;
+                }
+                (Err(e), _) => tracing::warn!(error = %e, "fetching a preview"),
+                (Ok(_), None) => {}
+            }
+        }
+        (PackEvent::Warning(warning), Some(style)) => {
+            post(http, channel, warning_post(&style, &warning)).await;
+        }
+        (
+            PackEvent::Finished {
+                run_id,
+                end,
+                preview,
+            },
+            style,
+        ) => {
+            let png = match &preview {
+                Some(file) => {
+                    let png = training.file(file).await.ok();
+                    training.remove_file(file).await;
+                    png
+                }
+                None => None,
+            };
+            if let Some(style) = style {
+                let message = run(run_id)
+                    .await
+                    .and_then(|r| r.message_id)
+                    .map(MessageId::new);
+                announce_end(http, channel, message, &style, &end, png).await;
+            }
+        }
+        (event, None) => {
+            tracing::warn!(pack = %news.name, ?event, "news of a pack without a row");
+        }
+    }
+}
+
+/// Posts a run's progress message, or edits the one it has (after a restart, or when another
+/// trainer took the run over), and records it on the run; its id.
+async fn open_progress(
+    http: &Http,
+    store: &Store,
+    style: &GuildStyle,
+    run: &TrainingRun,
+) -> Option<MessageId> {
+    let channel = ChannelId::new(run.channel_id);
+    let started = texts::training_started(style, run);
+    if let Some(id) = run.message_id {
+        let id = MessageId::new(id);
+        edit(http, channel, id, &started).await;
+        return Some(id);
+    }
+    match channel
+        .send_message(http, CreateMessage::new().content(started))
+        .await
+    {
+        Ok(m) => {
+            if let Err(e) = store.set_run_message(run.id, m.id.get()).await {
+                tracing::warn!(error = %e, "recording the progress message");
+            }
+            Some(m.id)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "posting a training progress message failed");
+            None
+        }
+    }
+}
+
+fn preview_post(style: &GuildStyle, step: u32, total: u32, png: Vec<u8>) -> CreateMessage {
+    CreateMessage::new()
+        .content(texts::preview_caption(style, step, total))
+        .add_file(CreateAttachment::bytes(
+            png,
+            format!("{}-step{step}.png", style.name),
+        ))
+}
+
+fn warning_post(style: &GuildStyle, warning: &PackWarning) -> CreateMessage {
+    CreateMessage::new().content(texts::pack_warning(style, warning))
+}
+
+/// The progress message's last edit, and for a trained pack its evaluation and latest
+/// preview grid.
+async fn announce_end(
+    http: &Http,
+    channel: ChannelId,
+    message: Option<MessageId>,
+    style: &GuildStyle,
+    end: &RunEnd,
+    preview: Option<Vec<u8>>,
+) {
+    if let Some(id) = message {
+        edit(http, channel, id, &texts::training_ended(style, end)).await;
+    }
+    if let RunEnd::Trained {
+        faces_found, eval, ..
+    } = end
+    {
+        let mut post_end = CreateMessage::new().content(texts::trained(style, *faces_found, eval));
+        if let Some(png) = preview {
+            post_end = post_end.add_file(CreateAttachment::bytes(
+                png,
+                format!("{}-preview.png", style.name),
+            ));
+        }
+        post(http, channel, post_end).await;
+    }
+}
+
+async fn post(http: &Http, channel: ChannelId, message: CreateMessage) {
+    if let Err(e) = channel.send_message(http, message).await {
+        tracing::warn!(error = %e, "posting in a style pack's channel failed");
     }
 }
 

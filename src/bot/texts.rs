@@ -8,7 +8,8 @@ use crate::config::StylePackConfig;
 use crate::jobs::{JobStatus, OutputKind, RenderError, RenderOutput, SubmitError};
 use crate::store::{GuildStyle, StyleStatus, TrainingRun};
 use crate::stylepack::{
-    Accepted, ArchiveError, EvalReport, PackError, PackWarning, RunEnd, RunProgress, Skipped,
+    Accepted, ArchiveError, EvalReport, PackError, PackWarning, QueuedUpload, RunEnd, RunProgress,
+    Skipped,
 };
 
 use super::download::PhotoError;
@@ -358,6 +359,10 @@ pub fn pack_error(e: &PackError, guild_id: u64, config: &StylePackConfig) -> Str
             status_hint(name, *status)
         ),
         PackError::NothingTraining => "Nothing is training on this server.".into(),
+        PackError::Queued => "This server already has a style pack waiting or training, and \
+             the bot trains one per server at a time. Wait for it to finish, or stop it with \
+             `/stylepack cancel`."
+            .into(),
         PackError::Internal(_) => "Something went wrong on my side with that style pack. \
              Please try again; if it keeps happening, tell the bot's admin."
             .into(),
@@ -382,24 +387,54 @@ pub fn pack_download_error(e: &PhotoError) -> String {
 }
 
 pub fn pack_accepted(name: &str, accepted: &Accepted) -> String {
-    let mut text = format!(
-        "📦 **{name}**: {} images accepted, {} to train on and {} kept aside to evaluate the \
-         style.",
-        accepted.train + accepted.held_out,
-        accepted.train,
-        accepted.held_out,
-    );
-    let skipped = skipped_files(&accepted.skipped);
-    if !skipped.is_empty() {
-        text.push('\n');
-        text.push_str(&skipped);
-    }
+    let counts = (accepted.train, accepted.held_out);
+    let mut text = pack_summary(name, counts, &accepted.skipped);
     text.push_str(&format!(
         "\nPreparing the faces and training from **{}** now: follow it in this channel, stop \
          it with `/stylepack cancel`.",
         accepted.base()
     ));
     text
+}
+
+/// An upload a gateway queued for the trainers.
+pub fn pack_queued(name: &str, queued: &QueuedUpload) -> String {
+    let mut text = pack_summary(name, (queued.train, queued.held_out), &queued.skipped);
+    text.push_str(&format!(
+        "\nQueued to train from **{}**: the progress will be posted in this channel; stop it \
+         with `/stylepack cancel`.",
+        queued.base
+    ));
+    text
+}
+
+/// The images accepted from an archive, and those skipped.
+fn pack_summary(name: &str, (train, held_out): (usize, usize), skipped: &[Skipped]) -> String {
+    let mut text = format!(
+        "📦 **{name}**: {} images accepted, {train} to train on and {held_out} kept aside to \
+         evaluate the style.",
+        train + held_out,
+    );
+    let skipped = skipped_files(skipped);
+    if !skipped.is_empty() {
+        text.push('\n');
+        text.push_str(&skipped);
+    }
+    text
+}
+
+/// `/stylepack resume|publish|delete` where the bot runs as several processes.
+pub fn not_on_gateway(sub: &str) -> String {
+    format!(
+        "`/stylepack {sub}` isn't available yet on this bot (it runs as several processes); \
+         ask the bot's admin."
+    )
+}
+
+/// A queued pack its trainer would not train (told in the channel: the upload's reply may
+/// be past its 15 minutes).
+pub fn pack_refused_by_trainer(user_id: u64, name: &str, why: &str) -> String {
+    format!("<@{user_id}> Your style pack **{name}** couldn't be trained: {why}.")
 }
 
 /// "40 s", "9 min", "2 h 05 min".

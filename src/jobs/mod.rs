@@ -20,8 +20,9 @@ pub mod loadtest;
 
 pub use cartoon_renderer::CartoonRenderer;
 pub use jetstream::{
-    run_workers, Handoff, Handoffs, JetStreamConfig, JetStreamQueue, JetStreamWorker, StyleCatalog,
-    StyleVersion,
+    run_workers, CancelRequest, CancelRequests, Handoff, Handoffs, JetStreamConfig, JetStreamQueue,
+    JetStreamWorker, NewsItem, StyleCatalog, StyleVersion, TrainingJob, TrainingJobEnd,
+    TrainingJobs, TrainingNews, TrainingQueue, TrainingSubmitError,
 };
 
 use std::collections::{HashMap, VecDeque};

@@ -15,7 +15,7 @@ use crate::face::FacePipeline;
 use crate::train::data::ImageFolder;
 
 /// Why a prepared pack is not trained.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum PackRefusal {
     /// Fewer than `min_face_share` of the images show a face the face pipeline finds.
     #[error("a face was found in only {found} of its {images} images")]
@@ -28,7 +28,7 @@ pub enum PackRefusal {
 }
 
 /// What a pack trains despite.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum PackWarning {
     /// The images are drawn in very different ways ([`style_spread`]).
     MixedStyles {

@@ -8,7 +8,7 @@ use super::{EvalReport, PackRefusal, PackWarning};
 use crate::store::{GuildStyle, TrainingRun};
 
 /// Where a running job is, as the bot shows it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum RunProgress {
     /// Preparing the pack's images: `done` of `total`.
     Preparing {
@@ -53,7 +53,7 @@ pub enum Milestone {
 }
 
 /// How a run ended, as the bot announces it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum RunEnd {
     /// Trained: the style is a draft. `faces_found` of its images were aligned on a face;
     /// `eval` is the evaluation or why it failed; `preview` the latest preview grid.

@@ -16,12 +16,17 @@
 //! A cancel keeps the last checkpoint ([`StylePacks::resume`] continues from it); a restart
 //! resumes a run that was training ([`StylePacks::resume_unfinished`]). Publish, delete,
 //! cancel and resume are audited with who did it and when.
+//!
+//! A bot of several processes (DESIGN.md §6b) trains packs on its trainers instead: a
+//! gateway checks an upload and queues it ([`PackIntake`]), a trainer takes it from the
+//! broker and runs the same flow ([`train_from_queue`]), and the responders post its news.
 
 pub mod archive;
 pub mod check;
 mod events;
 pub mod finetuner;
 pub mod prepare;
+mod queued;
 mod run;
 pub mod trainer;
 
@@ -37,6 +42,9 @@ pub use archive::{ArchiveError, PackArchive, SkipReason, Skipped};
 pub use check::{PackRefusal, PackWarning};
 pub use events::{Milestone, RunEnd, RunEvents, RunProgress};
 pub use prepare::PreparedPack;
+pub use queued::{
+    train_from_queue, GatewayPacks, PackEvent, PackIntake, PackNews, QueuedPack, QueuedUpload,
+};
 pub use trainer::{
     EvalReport, FinetuneJob, FinetuneOutcome, StyleTrainer, TrainError, TrainEvent, TrainProgress,
 };
@@ -139,13 +147,17 @@ pub enum PackError {
     /// A cancel found no run of this guild training.
     #[error("nothing is training on this server")]
     NothingTraining,
+    /// The guild already has a pack queued for the trainers or training (a bot of several
+    /// processes trains one pack per server at a time).
+    #[error("this server already has a pack queued or training")]
+    Queued,
     /// The database, the file system or a background task failed.
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
 
 /// Who starts a training (an upload or a resume), and where the bot talks about it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Requester {
     /// The Discord user who asked; recorded on the run (and as a new pack's creator).
     pub user_id: u64,
@@ -233,39 +245,14 @@ impl StylePacks {
         if setup.trainer.is_none() {
             return Err(PackError::NoTrainer);
         }
-        if !styles::is_valid_name(name) {
-            return Err(PackError::InvalidName(name.to_string()));
-        }
         let installed = setup.registry.list();
-        if installed.iter().any(|s| s.name == name)
-            || self.inner.store.guild_style(name).await?.is_some()
-        {
-            return Err(PackError::NameTaken(name.to_string()));
-        }
+        let names: Vec<String> = installed.iter().map(|s| s.name.clone()).collect();
         let base = base.unwrap_or(&setup.default_base);
-        let foreign: Vec<String> = self
-            .inner
-            .store
-            .published_guild_styles()
-            .await?
+        let base = check_new_pack(&self.inner.store, &names, guild_id, name, base).await?;
+        let base = installed
             .into_iter()
-            .filter(|s| s.guild_id != guild_id)
-            .map(|s| s.name)
-            .collect();
-        let Some(base) = installed
-            .iter()
-            .find(|s| s.name == base && !foreign.contains(&s.name))
-            .cloned()
-        else {
-            return Err(PackError::BaseMissing {
-                name: base.to_string(),
-                available: installed
-                    .into_iter()
-                    .map(|s| s.name)
-                    .filter(|n| !foreign.contains(n))
-                    .collect(),
-            });
-        };
+            .find(|s| s.name == base)
+            .context("the base style went away")?;
         self.take_slot(guild_id, name, base)
     }
 
@@ -412,9 +399,20 @@ impl StylePacks {
         self.inner.store.finish_run(run.id, &run.style, &end).await
     }
 
-    /// Records the message the bot edits with the run's progress.
-    pub async fn set_progress_message(&self, run_id: i64, message_id: u64) -> anyhow::Result<()> {
-        self.inner.store.set_run_message(run_id, message_id).await
+    /// Marks a queued pack's unfinished run failed with `error` (a pack set aside).
+    pub async fn fail_queued(&self, pack: &QueuedPack, error: &str) -> anyhow::Result<()> {
+        let store = &self.inner.store;
+        let training = store
+            .guild_style(&pack.name)
+            .await?
+            .is_some_and(|s| s.guild_id == pack.guild_id && s.status == StyleStatus::Training);
+        if !training {
+            return Ok(());
+        }
+        match store.latest_run(&pack.name).await? {
+            Some(run) if run.status == RunStatus::Running => self.fail_run(&run, error).await,
+            _ => Ok(()),
+        }
     }
 
     /// Stops the guild's training at its next step (the checkpoint is kept); returns the
@@ -515,13 +513,7 @@ impl StylePacks {
         &self,
         guild_id: u64,
     ) -> Result<Vec<(GuildStyle, Option<TrainingRun>)>, PackError> {
-        let store = &self.inner.store;
-        let mut packs = Vec::new();
-        for style in store.guild_styles(guild_id).await? {
-            let run = store.latest_run(&style.name).await?;
-            packs.push((style, run));
-        }
-        Ok(packs)
+        Ok(list_packs(&self.inner.store, guild_id).await?)
     }
 
     /// Stops a running training so that the next start resumes it: the run stays `running`.
@@ -742,6 +734,55 @@ impl Drop for PackDirGuard<'_> {
             tracing::warn!(error = %format!("{e:#}"), "removing a refused pack's folder");
         }
     }
+}
+
+/// The guild's packs, oldest first, each with its latest run.
+async fn list_packs(
+    store: &Store,
+    guild_id: u64,
+) -> anyhow::Result<Vec<(GuildStyle, Option<TrainingRun>)>> {
+    let mut packs = Vec::new();
+    for style in store.guild_styles(guild_id).await? {
+        let run = store.latest_run(&style.name).await?;
+        packs.push((style, run));
+    }
+    Ok(packs)
+}
+
+/// Checks a new pack's name (valid, and neither an `installed` style's nor another pack's)
+/// and its `base` (installed, and not another guild's pack); the base's name.
+pub async fn check_new_pack(
+    store: &Store,
+    installed: &[String],
+    guild_id: u64,
+    name: &str,
+    base: &str,
+) -> Result<String, PackError> {
+    if !styles::is_valid_name(name) {
+        return Err(PackError::InvalidName(name.to_string()));
+    }
+    if installed.iter().any(|s| s == name) || store.guild_style(name).await?.is_some() {
+        return Err(PackError::NameTaken(name.to_string()));
+    }
+    let foreign: Vec<String> = store
+        .published_guild_styles()
+        .await?
+        .into_iter()
+        .filter(|s| s.guild_id != guild_id)
+        .map(|s| s.name)
+        .collect();
+    let allowed: Vec<String> = installed
+        .iter()
+        .filter(|s| !foreign.contains(s))
+        .cloned()
+        .collect();
+    if !allowed.iter().any(|s| s == base) {
+        return Err(PackError::BaseMissing {
+            name: base.to_string(),
+            available: allowed,
+        });
+    }
+    Ok(base.to_string())
 }
 
 /// The styles a guild's members may use: the installed styles less the other guilds' packs,

@@ -72,7 +72,7 @@ pub enum FinetuneOutcome {
 }
 
 /// The new style measured on the pack's held-out images.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalReport {
     /// KID x100 (as U-GAT-IT reports it) between the style's cartoons of the evaluation photos
     /// and the held-out pack images: mean and standard deviation over the subsets.

@@ -137,25 +137,7 @@ impl Packs {
         name: &str,
         base: Option<&str>,
     ) -> Value {
-        let attachment = self
-            .h
-            .fake
-            .attachment("pack.zip", "application/zip", zip, None);
-        let id = attachment["id"].as_str().unwrap().to_string();
-        let mut options = vec![
-            json!({ "name": "file", "type": 11, "value": id }),
-            json!({ "name": "name", "type": 3, "value": name }),
-        ];
-        if let Some(base) = base {
-            options.push(json!({ "name": "base", "type": 3, "value": base }));
-        }
-        let data = json!({
-            "id": "905", "name": "stylepack", "type": 1,
-            "options": [{ "name": "upload", "type": 1, "options": options }],
-            "resolved": { "attachments": { id.clone(): attachment } },
-        });
-        let token = format!("tok{}", self.h.fake.next_id());
-        self.h.fake.command(&token, ADMIN, perms, data)
+        upload_interaction(&self.h.fake, perms, zip, name, base)
     }
 
     /// `/stylepack <sub> [name]` by the admin; returns the interaction token.
@@ -231,6 +213,32 @@ impl Packs {
             .wait_for(what, SLOW, |r| r.path.starts_with(&messages) && pred(r))
             .await
     }
+}
+
+/// `/stylepack upload file:<zip> name:<name> [base]` by the admin, with `perms`.
+pub fn upload_interaction(
+    fake: &FakeDiscord,
+    perms: Option<u64>,
+    zip: Vec<u8>,
+    name: &str,
+    base: Option<&str>,
+) -> Value {
+    let attachment = fake.attachment("pack.zip", "application/zip", zip, None);
+    let id = attachment["id"].as_str().unwrap().to_string();
+    let mut options = vec![
+        json!({ "name": "file", "type": 11, "value": id }),
+        json!({ "name": "name", "type": 3, "value": name }),
+    ];
+    if let Some(base) = base {
+        options.push(json!({ "name": "base", "type": 3, "value": base }));
+    }
+    let data = json!({
+        "id": "905", "name": "stylepack", "type": 1,
+        "options": [{ "name": "upload", "type": 1, "options": options }],
+        "resolved": { "attachments": { id.clone(): attachment } },
+    });
+    let token = format!("tok{}", fake.next_id());
+    fake.command(&token, ADMIN, perms, data)
 }
 
 /// Every file under `dir` (none when it is absent).

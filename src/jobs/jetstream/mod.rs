@@ -34,9 +34,14 @@ use tokio::sync::watch;
 
 mod catalog;
 mod handoff;
+mod training;
 
 pub use catalog::StyleCatalog;
 pub use handoff::{Handoff, Handoffs};
+pub use training::{
+    CancelRequest, CancelRequests, NewsItem, TrainingJob, TrainingJobEnd, TrainingJobs,
+    TrainingNews, TrainingQueue, TrainingSubmitError,
+};
 
 use super::{
     image_hash, CacheKey, FileKind, JobHandle, JobOutcome, JobStatus, RenderError, RenderOutput,
@@ -293,15 +298,7 @@ impl Broker {
             })
             .await
             .context("creating the reply stream")?;
-        js.get_or_create_stream(stream::Config {
-            name: format!("{}_DEAD", config.prefix.to_uppercase()),
-            subjects: vec![format!("{}.dead.>", config.prefix)],
-            storage: stream::StorageType::File,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            ..Default::default()
-        })
-        .await
-        .context("creating the dead-letter stream")?;
+        dead_letter_stream(&js, config).await?;
         // The bucket's stream as `create_key_value` would make it: that call first asks for
         // the account's limits, an answer this client cannot read from a 2.9 server.
         let bucket = format!("{}_jobs", config.prefix);
@@ -324,30 +321,13 @@ impl Broker {
             .get_key_value(&bucket)
             .await
             .context("opening the jobs bucket")?;
-        let object_store = |name: &str, max_age: Duration| {
-            let js = js.clone();
-            let bucket = format!("{}_{name}", config.prefix);
-            async move {
-                match js.get_object_store(&bucket).await {
-                    Ok(store) => Ok::<_, anyhow::Error>(store),
-                    Err(_) => Ok(js
-                        .create_object_store(object_store::Config {
-                            bucket,
-                            max_age,
-                            storage: stream::StorageType::File,
-                            ..Default::default()
-                        })
-                        .await?),
-                }
-            }
-        };
-        let photos = object_store("photos", config.keep_results)
+        let photos = object_store(&js, config, "photos", config.keep_results)
             .await
             .context("creating the photo store")?;
-        let results = object_store("results", config.keep_results)
+        let results = object_store(&js, config, "results", config.keep_results)
             .await
             .context("creating the result store")?;
-        let styles = object_store("styles", Duration::ZERO)
+        let styles = object_store(&js, config, "styles", Duration::ZERO)
             .await
             .context("creating the style catalog store")?;
         stream
@@ -402,6 +382,42 @@ impl Broker {
             .get_consumer("renderers")
             .await
             .map_err(|e| anyhow::anyhow!(e))
+    }
+}
+
+/// The stream of set-aside jobs, `{prefix}.dead.>`, kept a week for the host to look at.
+async fn dead_letter_stream(js: &Context, config: &JetStreamConfig) -> anyhow::Result<()> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("{}_DEAD", config.prefix.to_uppercase()),
+        subjects: vec![format!("{}.dead.>", config.prefix)],
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .context("creating the dead-letter stream")?;
+    Ok(())
+}
+
+/// The object store `{prefix}_{name}`, created when missing; objects older than `max_age`
+/// (zero: none) are removed.
+async fn object_store(
+    js: &Context,
+    config: &JetStreamConfig,
+    name: &str,
+    max_age: Duration,
+) -> anyhow::Result<ObjectStore> {
+    let bucket = format!("{}_{name}", config.prefix);
+    match js.get_object_store(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => Ok(js
+            .create_object_store(object_store::Config {
+                bucket,
+                max_age,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await?),
     }
 }
 
