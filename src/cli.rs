@@ -431,16 +431,26 @@ pub fn serve_worker(
             stop.send_replace(true);
         });
         let mut tasks = tokio::task::JoinSet::new();
+        let training = crate::jobs::TrainingQueue::connect(&broker).await?;
         if let Some(renderer) = renderer {
-            let (broker, stopped) = (broker.clone(), stopped.clone());
+            let (broker, render_stop) = (broker.clone(), stopped.clone());
             tasks.spawn(async move {
-                crate::jobs::run_workers(&broker, Arc::new(renderer), queue.workers, stopped).await
+                crate::jobs::run_workers(&broker, Arc::new(renderer), queue.workers, render_stop)
+                    .await
+            });
+            let installer = crate::stylepack::install_published_styles(
+                training.clone(),
+                StyleRegistry::from_config(config),
+                stopped.clone(),
+            );
+            tasks.spawn(async move {
+                installer.await;
+                Ok(())
             });
         }
         if let Some(setup) = packs {
             let store = crate::store::Store::connect(&config.bot.database).await?;
             let packs = crate::stylepack::StylePacks::new(setup, store);
-            let training = crate::jobs::TrainingQueue::connect(&broker).await?;
             let every = Duration::from_millis(config.bot.progress_interval_ms);
             tasks.spawn(crate::stylepack::train_from_queue(
                 packs, training, every, stopped,

@@ -611,8 +611,8 @@ async fn stream_messages(url: &str, stream: &str) -> u64 {
     stream.info().await.unwrap().state.messages
 }
 
-/// A training job that runs past its lease stays with its trainer; its archive comes back
-/// intact and is removed with the job.
+/// A training job that runs past its lease stays with its trainer; a file kept beside it (an
+/// archive of 3 MB) comes back intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_training_job_longer_than_the_lease_is_not_redelivered() {
     let Some(s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
@@ -622,16 +622,14 @@ async fn jetstream_a_training_job_longer_than_the_lease_is_not_redelivered() {
     let url = s.config.as_ref().unwrap().url.clone();
     let queue = training_queue(&s).await;
     let archive: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    queue
-        .submit(7, b"pack one".to_vec(), Some(&archive))
-        .await
-        .expect("queued");
+    queue.put_file("archive.7.one", &archive).await.unwrap();
+    queue.submit(7, b"pack one".to_vec()).await.expect("queued");
     let mut first = queue.jobs().await.unwrap();
     let mut second = queue.jobs().await.unwrap();
     let job = take_training(&mut first).await;
     assert_eq!(job.payload(), b"pack one");
     assert_eq!(job.deliveries(), 1);
-    assert_eq!(job.archive().await.unwrap().as_deref(), Some(&archive[..]));
+    assert_eq!(queue.file("archive.7.one").await.unwrap(), archive);
     let other = tokio::spawn(async move { second.next(Duration::from_millis(3500)).await });
     let end = job
         .hold(async {
@@ -651,8 +649,8 @@ async fn jetstream_a_training_job_longer_than_the_lease_is_not_redelivered() {
         .is_err());
 }
 
-/// A trainer that dies holding a job leaves it to another after the lease, archive and all;
-/// a trainer that stops hands it on at once.
+/// A trainer that dies holding a job leaves it to another after the lease; a trainer that
+/// stops hands it on at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_killed_trainer_s_job_goes_to_another() {
     let Some(s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
@@ -660,10 +658,7 @@ async fn jetstream_a_killed_trainer_s_job_goes_to_another() {
         return;
     };
     let queue = training_queue(&s).await;
-    queue
-        .submit(3, b"pack".to_vec(), Some(b"zip"))
-        .await
-        .unwrap();
+    queue.submit(3, b"pack".to_vec()).await.unwrap();
     let mut jobs = queue.jobs().await.unwrap();
     let job = take_training(&mut jobs).await;
     let (started, mut running) = watch::channel(false);
@@ -677,7 +672,7 @@ async fn jetstream_a_killed_trainer_s_job_goes_to_another() {
     let mut others = queue.jobs().await.unwrap();
     let again = take_training(&mut others).await;
     assert_eq!(again.deliveries(), 2);
-    assert_eq!(again.archive().await.unwrap().as_deref(), Some(&b"zip"[..]));
+    assert_eq!(again.payload(), b"pack");
     let stopped = Instant::now();
     let end = again.hold(async { TrainingJobEnd::Interrupted }).await;
     assert_eq!(end, TrainingJobEnd::Interrupted);
@@ -698,26 +693,22 @@ async fn jetstream_one_training_job_per_server() {
         return;
     };
     let queue = training_queue(&s).await;
-    queue
-        .submit(1, b"a".to_vec(), Some(b"zip a"))
-        .await
-        .unwrap();
+    queue.submit(1, b"a".to_vec()).await.unwrap();
     assert!(queue.is_busy(1).await.unwrap());
     assert!(!queue.is_busy(2).await.unwrap());
-    let again = queue.submit(1, b"b".to_vec(), Some(b"zip b")).await;
+    let again = queue.submit(1, b"b".to_vec()).await;
     assert!(matches!(again, Err(TrainingSubmitError::Busy)), "{again:?}");
-    queue.submit(2, b"c".to_vec(), None).await.unwrap();
+    queue.submit(2, b"c".to_vec()).await.unwrap();
     let mut jobs = queue.jobs().await.unwrap();
     let first = take_training(&mut jobs).await;
     assert_eq!(first.payload(), b"a");
     assert!(queue.is_busy(1).await.unwrap(), "busy while it trains");
     first.hold(async { TrainingJobEnd::Finished }).await;
     assert!(!queue.is_busy(1).await.unwrap());
-    queue.submit(1, b"d".to_vec(), None).await.unwrap();
+    queue.submit(1, b"d".to_vec()).await.unwrap();
     let mut payloads = Vec::new();
     for _ in 0..2 {
         let job = take_training(&mut jobs).await;
-        assert_eq!(job.archive().await.unwrap(), None);
         payloads.push(job.payload().to_vec());
         job.hold(async { TrainingJobEnd::Finished }).await;
     }
@@ -725,7 +716,7 @@ async fn jetstream_one_training_job_per_server() {
 }
 
 /// A training that keeps failing is retried, then set aside on `{prefix}.dead.train` with
-/// its payload and archive name; nothing is left queued.
+/// its payload; nothing is left queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_failing_trainings_are_set_aside() {
     let Some(s) = Setup::new(Backend::JetStream, |c| c.max_failures = 2).await else {
@@ -733,10 +724,7 @@ async fn jetstream_failing_trainings_are_set_aside() {
     };
     let url = s.config.as_ref().unwrap().url.clone();
     let queue = training_queue(&s).await;
-    queue
-        .submit(9, b"bad pack".to_vec(), Some(b"zip"))
-        .await
-        .unwrap();
+    queue.submit(9, b"bad pack".to_vec()).await.unwrap();
     let mut jobs = queue.jobs().await.unwrap();
     for attempt in 1..=2 {
         let job = take_training(&mut jobs).await;
@@ -766,7 +754,7 @@ async fn jetstream_renders_go_on_while_a_pack_trains() {
         return;
     };
     let queue = training_queue(&s).await;
-    queue.submit(4, b"long pack".to_vec(), None).await.unwrap();
+    queue.submit(4, b"long pack".to_vec()).await.unwrap();
     let mut jobs = queue.jobs().await.unwrap();
     let job = take_training(&mut jobs).await;
     let (finish, finished) = tokio::sync::oneshot::channel::<()>();

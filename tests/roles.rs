@@ -25,13 +25,16 @@ use toonbot::bot::{
     RunningBot, ShardRange, Token,
 };
 use toonbot::cartoon::styles::StyleRegistry;
+use toonbot::config::StylePackConfig;
 use toonbot::jobs::loadtest::LocalNatsServer;
 use toonbot::jobs::{
     run_workers, JetStreamConfig, JetStreamQueue, OutputKind, RenderRequest, Renderer,
     StyleCatalog, TrainingQueue,
 };
 use toonbot::store::{now_ms, Database, JobSource, NewJob, Store, StyleStatus};
-use toonbot::stylepack::{train_from_queue, GatewayPacks, PackSetup, StylePacks};
+use toonbot::stylepack::{
+    install_published_styles, train_from_queue, GatewayPacks, PackSetup, StylePacks,
+};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -189,12 +192,20 @@ impl Roles {
     /// A trainer process's part (`--work train`): style packs on the roles' database, trained
     /// by `trainer` from `classic` (random weights) in `<dir>/shipped`, in `<dir>/packs`.
     async fn trainer(&self, trainer: &Arc<TestTrainer>) -> Trainer {
+        self.trainer_in(trainer, "packs").await
+    }
+
+    /// [`Roles::trainer`] keeping its packs in `<dir>/<folder>` (another machine's disk).
+    async fn trainer_in(&self, trainer: &Arc<TestTrainer>, folder: &str) -> Trainer {
         let dir = self._dir.path();
         if !dir.join("shipped/classic").exists() {
             common::install_random_style(&dir.join("shipped"), "classic");
         }
         let setup = PackSetup {
-            config: packs::pack_config(dir),
+            config: StylePackConfig {
+                dir: dir.join(folder),
+                ..packs::pack_config(dir)
+            },
             registry: StyleRegistry::new(dir.join("shipped"), dir.join("styles")),
             default_base: "classic".into(),
             faces: packs::faces(),
@@ -220,6 +231,24 @@ impl Roles {
         let token = interaction["token"].as_str().unwrap().to_string();
         self.fake.dispatch("INTERACTION_CREATE", interaction);
         token
+    }
+
+    /// `/stylepack <sub> [name]` by the admin; waits for the answer that contains `needle`.
+    async fn admin(&self, sub: &str, name: Option<&str>, needle: &str) -> Recorded {
+        let options = match name {
+            Some(n) => serde_json::json!([{ "name": "name", "type": 3, "value": n }]),
+            None => serde_json::json!([]),
+        };
+        let token = format!("tok{}", self.fake.next_id());
+        let data = FakeDiscord::sub_command_data("stylepack", sub, options);
+        let command = self
+            .fake
+            .command(&token, packs::ADMIN, packs::ADMIN_PERMS, data);
+        self.fake.dispatch("INTERACTION_CREATE", command);
+        self.wait(&format!("the answer to /stylepack {sub}"), |r| {
+            r.path.contains(&token) && r.content().contains(needle)
+        })
+        .await
     }
 
     /// What the bot posted or edited in the channel.
@@ -632,11 +661,59 @@ async fn a_gateway_queues_a_pack_a_trainer_trains_it_and_a_responder_tells_the_c
     assert_eq!(style.status, StyleStatus::Draft);
     assert_eq!(test_trainer.starts(), vec![0]);
     trainer.stop().await;
+
+    // Published from the gateway, the style reaches a render worker's styles; deleted, it
+    // goes away there too.
+    let dir = roles._dir.path();
+    let render_styles = dir.join("render-styles");
+    let (_installer, installing) = watch::channel(false);
+    tokio::spawn(install_published_styles(
+        TrainingQueue::connect(&roles.jetstream).await.unwrap(),
+        StyleRegistry::new(dir.join("render-shipped"), &render_styles),
+        installing,
+    ));
+    roles
+        .admin("publish", Some("neon"), "Published **neon**")
+        .await;
+    let installed = render_styles.join("neon");
+    until_path(&installed, true).await;
+    let trained = dir.join(format!("packs/{GUILD_ID}/neon/style"));
+    let files = packs::walk(&trained);
+    assert!(!files.is_empty());
+    for file in files {
+        let name = file.file_name().unwrap();
+        assert_eq!(
+            std::fs::read(installed.join(name)).unwrap(),
+            std::fs::read(&file).unwrap(),
+            "{name:?}"
+        );
+    }
+    let style = store.guild_style("neon").await.unwrap().unwrap();
+    assert_eq!(style.status, StyleStatus::Published);
+    roles
+        .admin("delete", Some("neon"), "Deleted the style pack **neon**")
+        .await;
+    until_path(&installed, false).await;
+    assert!(store.guild_style("neon").await.unwrap().is_none());
 }
 
-/// `/stylepack cancel` on a gateway reaches the trainer running the pack; a trainer that
-/// stops mid-run leaves the pack to the next trainer, which resumes it from its checkpoint
-/// and edits the same progress message.
+/// Waits (bounded) until `path` exists, or (`false`) is gone.
+async fn until_path(path: &Path, exists: bool) {
+    let deadline = tokio::time::Instant::now() + T;
+    while path.exists() != exists {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} exists: {exists}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A trainer that stops mid-run leaves the pack to the next trainer, on another machine:
+/// it restores the pack from the uploaded archive, prepares and trains it again, and edits
+/// the same progress message. `/stylepack cancel` on a gateway reaches that trainer, and
+/// `/stylepack resume` continues from its checkpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_packs_are_cancelled_from_a_gateway_and_taken_over_by_the_next_trainer() {
     let Some(roles) = Roles::start(None).await else {
@@ -658,12 +735,23 @@ async fn queued_packs_are_cancelled_from_a_gateway_and_taken_over_by_the_next_tr
         })
         .await;
     first.stop().await;
-    test_trainer.hold_before(5);
-    let second = roles.trainer(&test_trainer).await;
-    wait_holding(5).await.unwrap();
-    let starts = test_trainer.starts();
-    assert_eq!(starts.len(), 2, "{starts:?}");
-    assert!(starts[1] >= 2, "resumed from the checkpoint: {starts:?}");
+    test_trainer.hold_before(4);
+    let second = roles.trainer_in(&test_trainer, "other-machine").await;
+    wait_holding(4).await.unwrap();
+    assert_eq!(
+        test_trainer.starts(),
+        vec![0, 0],
+        "no checkpoint on the other machine"
+    );
+    let restored = roles
+        ._dir
+        .path()
+        .join(format!("other-machine/{GUILD_ID}/mint/train"));
+    assert_eq!(
+        std::fs::read_dir(restored).unwrap().count(),
+        10,
+        "prepared again"
+    );
     let cancel = roles.fake.command(
         &format!("tok{}", roles.fake.next_id()),
         packs::ADMIN,
@@ -701,5 +789,20 @@ async fn queued_packs_are_cancelled_from_a_gateway_and_taken_over_by_the_next_tr
     let store = Store::connect(&roles.config.database).await.unwrap();
     let style = store.guild_style("mint").await.unwrap().unwrap();
     assert_eq!(style.status, StyleStatus::Cancelled);
+
+    // Resumed from the gateway: a trainer continues from the checkpoint to a draft.
+    roles
+        .admin("resume", Some("mint"), "Queued **mint** to train again")
+        .await;
+    roles
+        .wait_post("the resumed pack's end", |r| {
+            r.content().contains("**mint** is ready as a draft")
+        })
+        .await;
+    let starts = test_trainer.starts();
+    assert_eq!(starts.len(), 3, "{starts:?}");
+    assert!(starts[2] >= 3, "from the checkpoint: {starts:?}");
+    let style = store.guild_style("mint").await.unwrap().unwrap();
+    assert_eq!(style.status, StyleStatus::Draft);
     second.stop().await;
 }

@@ -161,8 +161,9 @@ async fn upload(
     Ok(())
 }
 
-/// `/stylepack` on a gateway: uploads are checked here and trained by the trainers
-/// (`serve --role worker --work train`); cancels reach the trainer that runs the pack.
+/// `/stylepack` on a gateway: uploads and resumes are checked here and trained by the
+/// trainers (`serve --role worker --work train`); cancels reach the trainer that runs the
+/// pack; published styles reach the render workers through the broker.
 async fn queued_command(
     state: &Arc<BotState>,
     http: &Arc<Http>,
@@ -192,7 +193,24 @@ async fn queued_command(
             Ok(list) => texts::pack_list(&list),
             Err(e) => refusal(e),
         },
-        ("resume" | "publish" | "delete", Some(_)) => texts::not_on_gateway(sub),
+        ("resume", Some(name)) => {
+            let by = Requester {
+                user_id: cmd.user.id.get(),
+                channel_id: cmd.channel_id.get(),
+            };
+            match intake.resume(guild, &name, by).await {
+                Ok(()) => texts::resume_queued(&name),
+                Err(e) => refusal(e),
+            }
+        }
+        ("publish", Some(name)) => match intake.publish(guild, cmd.user.id.get(), &name).await {
+            Ok(_) => texts::published(&name),
+            Err(e) => refusal(e),
+        },
+        ("delete", Some(name)) => match intake.delete(guild, cmd.user.id.get(), &name).await {
+            Ok(()) => texts::deleted(&name),
+            Err(e) => refusal(e),
+        },
         _ => texts::STYLEPACK_USAGE.to_string(),
     };
     say(http, cmd, text).await
@@ -243,6 +261,7 @@ async fn queue_upload(
                     user_id: cmd.user.id.get(),
                     channel_id: cmd.channel_id.get(),
                 },
+                resume: false,
             };
             match intake.queue(pack, zip).await {
                 Ok(queued) => texts::pack_queued(&name, &queued),

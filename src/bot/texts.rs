@@ -423,14 +423,6 @@ fn pack_summary(name: &str, (train, held_out): (usize, usize), skipped: &[Skippe
     text
 }
 
-/// `/stylepack resume|publish|delete` where the bot runs as several processes.
-pub fn not_on_gateway(sub: &str) -> String {
-    format!(
-        "`/stylepack {sub}` isn't available yet on this bot (it runs as several processes); \
-         ask the bot's admin."
-    )
-}
-
 /// A queued pack its trainer would not train (told in the channel: the upload's reply may
 /// be past its 15 minutes).
 pub fn pack_refused_by_trainer(user_id: u64, name: &str, why: &str) -> String {
@@ -585,6 +577,11 @@ pub fn cancelling(name: &str) -> String {
         "Stopping **{name}** at its next step; the checkpoint is kept (`/stylepack resume \
          name:{name}` continues from it)."
     )
+}
+
+/// A resume queued for the trainers.
+pub fn resume_queued(name: &str) -> String {
+    format!("Queued **{name}** to train again from its last checkpoint: follow it in this channel.")
 }
 
 pub fn resumed(name: &str) -> String {

@@ -107,6 +107,11 @@ impl StyleRegistry {
         Self::new(config.models.dir.join("styles"), &config.styles.dir)
     }
 
+    /// Where trained styles are installed.
+    pub fn trained_root(&self) -> &Path {
+        &self.trained
+    }
+
     /// Directory where a newly trained style called `name` is installed.
     pub fn trained_dir(&self, name: &str) -> Result<PathBuf, StyleError> {
         if !is_valid_name(name) {

@@ -43,7 +43,8 @@ pub use check::{PackRefusal, PackWarning};
 pub use events::{Milestone, RunEnd, RunEvents, RunProgress};
 pub use prepare::PreparedPack;
 pub use queued::{
-    train_from_queue, GatewayPacks, PackEvent, PackIntake, PackNews, QueuedPack, QueuedUpload,
+    install_published_styles, train_from_queue, GatewayPacks, PackEvent, PackIntake, PackNews,
+    QueuedPack, QueuedUpload,
 };
 pub use trainer::{
     EvalReport, FinetuneJob, FinetuneOutcome, StyleTrainer, TrainError, TrainEvent, TrainProgress,
@@ -314,6 +315,17 @@ impl StylePacks {
         by: Requester,
     ) -> Result<RunEvents, PackError> {
         let style = self.own_style(guild_id, name).await?;
+        self.resume_style(style, by, None).await
+    }
+
+    /// Resumes a cancelled or failed pack; where this host lacks its prepared images, they
+    /// are restored from `zip` (the uploaded archive) and prepared again first.
+    async fn resume_style(
+        &self,
+        style: GuildStyle,
+        by: Requester,
+        zip: Option<Vec<u8>>,
+    ) -> Result<RunEvents, PackError> {
         if !matches!(style.status, StyleStatus::Cancelled | StyleStatus::Failed) {
             return Err(PackError::WrongStatus {
                 name: style.name,
@@ -329,14 +341,20 @@ impl StylePacks {
             .registry
             .find(&style.base)
             .map_err(|e| anyhow::anyhow!("the base style is gone: {e}"))?;
-        let reservation = self.take_slot(guild_id, name, base)?;
+        let reservation = self.take_slot(style.guild_id, &style.name, base)?;
+        let style = match zip {
+            Some(zip) => self.restore_files(style, zip).await?,
+            None => style,
+        };
         let new_run = NewRun {
             user_id: by.user_id,
             channel_id: by.channel_id,
             total_steps: self.config().steps,
         };
         let store = &self.inner.store;
-        let run_id = store.resume_guild_style(name, guild_id, &new_run).await?;
+        let run_id = store
+            .resume_guild_style(&style.name, style.guild_id, &new_run)
+            .await?;
         let run = store
             .training_run(run_id)
             .await?
@@ -346,6 +364,28 @@ impl StylePacks {
             ..style
         };
         Ok(self.launch(reservation, style, run))
+    }
+
+    /// Restores a pack's images from its archive where this host has not prepared them (the
+    /// pack started on another trainer): the pack is then prepared again.
+    async fn restore_files(
+        &self,
+        mut style: GuildStyle,
+        zip: Vec<u8>,
+    ) -> Result<GuildStyle, PackError> {
+        let dir = self.pack_dir(style.guild_id, &style.name);
+        if dir.join(prepare::TRAIN_DIR).is_dir() {
+            return Ok(style);
+        }
+        let config = self.config().clone();
+        tokio::task::spawn_blocking(move || {
+            let pack = archive::read_pack(&zip, &config)?;
+            prepare::save_originals(&pack.images, &dir)
+        })
+        .await
+        .context("restoring the pack stopped")??;
+        style.faces_found = None;
+        Ok(style)
     }
 
     /// Resumes the run a previous process left training (at most one trains: any other is

@@ -3,6 +3,7 @@
 //! its own [`StylePacks`] on the shared database, and tells the responders how it goes
 //! ([`PackNews`]), which post the progress message, previews and the end in the channel.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,6 +14,7 @@ use super::{
     archive, check_new_pack, list_packs, prepare, Milestone, PackError, PackWarning, Requester,
     RunEnd, RunEvents, RunProgress, Skipped, StylePacks,
 };
+use crate::cartoon::styles::StyleRegistry;
 use crate::config::StylePackConfig;
 use crate::jobs::{TrainingJob, TrainingJobEnd, TrainingQueue, TrainingSubmitError};
 use crate::store::{GuildStyle, RunStatus, Store, StyleStatus, TrainingRun};
@@ -26,9 +28,31 @@ pub struct QueuedPack {
     pub name: String,
     /// The base style asked for (`None`: the default).
     pub base: Option<String>,
-    /// Who uploaded it, and the channel the news goes to.
+    /// Who uploaded it (or asked to resume it), and the channel the news goes to.
     pub by: Requester,
+    /// Train a cancelled or failed pack again from its checkpoint, not a new upload.
+    #[serde(default)]
+    pub resume: bool,
 }
+
+/// Where a pack's uploaded archive is kept in the packs store: until the pack is trained,
+/// published or deleted, so that any trainer can resume it.
+fn archive_key(guild_id: u64, name: &str) -> String {
+    format!("archive.{guild_id}.{name}")
+}
+
+/// Where a trained pack's style waits in the packs store until it is published.
+fn draft_key(guild_id: u64, name: &str) -> String {
+    format!("draft.{guild_id}.{name}")
+}
+
+/// Published styles in the packs store, `style.<name>`: the render workers install them.
+const PUBLISHED: &str = "style.";
+/// Marks a style folder a render worker installed from the broker (and removes once the
+/// style is deleted).
+const FROM_BROKER: &str = "installed-from-broker";
+/// How often render workers look for published and deleted styles.
+const STYLE_SYNC: Duration = Duration::from_secs(5);
 
 /// Something a trainer tells the responders about a queued pack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,22 +190,113 @@ impl PackIntake {
             .base
             .clone()
             .unwrap_or_else(|| self.setup.default_base.clone());
-        let payload = serde_json::to_vec(&pack).expect("a queued pack serialises");
-        match self
-            .setup
-            .queue
-            .submit(pack.guild_id, payload, Some(&zip))
-            .await
-        {
+        let queue = &self.setup.queue;
+        let archive_key = archive_key(pack.guild_id, &pack.name);
+        queue.put_file(&archive_key, &zip).await?;
+        match self.submit(&pack).await {
             Ok(()) => Ok(QueuedUpload {
                 train: n - held_out,
                 held_out,
                 skipped: archive.skipped,
                 base,
             }),
+            Err(e) => {
+                queue.remove_file(&archive_key).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn submit(&self, pack: &QueuedPack) -> Result<(), PackError> {
+        let payload = serde_json::to_vec(pack).expect("a queued pack serialises");
+        match self.setup.queue.submit(pack.guild_id, payload).await {
+            Ok(()) => Ok(()),
             Err(TrainingSubmitError::Busy) => Err(PackError::Queued),
             Err(e) => Err(PackError::Internal(e.into())),
         }
+    }
+
+    /// Queues a cancelled or failed pack to train again from its checkpoint (on whichever
+    /// trainer takes it: one without the checkpoint prepares it again from the archive).
+    pub async fn resume(&self, guild_id: u64, name: &str, by: Requester) -> Result<(), PackError> {
+        let style = self.own_style(guild_id, name).await?;
+        if !matches!(style.status, StyleStatus::Cancelled | StyleStatus::Failed) {
+            return Err(PackError::WrongStatus {
+                name: style.name,
+                status: style.status,
+            });
+        }
+        self.submit(&QueuedPack {
+            guild_id,
+            name: style.name,
+            base: Some(style.base),
+            by,
+            resume: true,
+        })
+        .await
+    }
+
+    /// Publishes a draft: its style goes where the render workers install it from, and the
+    /// guild's members see it once they have.
+    pub async fn publish(
+        &self,
+        guild_id: u64,
+        user_id: u64,
+        name: &str,
+    ) -> Result<GuildStyle, PackError> {
+        let style = self.own_style(guild_id, name).await?;
+        if style.status != StyleStatus::Draft {
+            return Err(PackError::WrongStatus {
+                name: style.name,
+                status: style.status,
+            });
+        }
+        let queue = &self.setup.queue;
+        let draft = queue
+            .file(&draft_key(guild_id, name))
+            .await
+            .map_err(|e| anyhow::anyhow!("the trained style is missing: {e}"))?;
+        queue
+            .put_file(&format!("{PUBLISHED}{name}"), &draft)
+            .await?;
+        self.store
+            .publish_guild_style(name, guild_id, user_id)
+            .await?;
+        queue.remove_file(&draft_key(guild_id, name)).await;
+        queue.remove_file(&archive_key(guild_id, name)).await;
+        Ok(GuildStyle {
+            status: StyleStatus::Published,
+            ..style
+        })
+    }
+
+    /// Removes a pack that is not training: its rows and its files on the broker (the render
+    /// workers then uninstall it).
+    pub async fn delete(&self, guild_id: u64, user_id: u64, name: &str) -> Result<(), PackError> {
+        let style = self.own_style(guild_id, name).await?;
+        if style.status == StyleStatus::Training {
+            return Err(PackError::WrongStatus {
+                name: style.name,
+                status: style.status,
+            });
+        }
+        let queue = &self.setup.queue;
+        // The published style goes first: without its row it would be everybody's.
+        queue.remove_file(&format!("{PUBLISHED}{name}")).await;
+        self.store
+            .delete_guild_style(name, guild_id, user_id)
+            .await?;
+        queue.remove_file(&draft_key(guild_id, name)).await;
+        queue.remove_file(&archive_key(guild_id, name)).await;
+        Ok(())
+    }
+
+    async fn own_style(&self, guild_id: u64, name: &str) -> Result<GuildStyle, PackError> {
+        self.store
+            .guild_style(name)
+            .await?
+            .filter(|s| s.guild_id == guild_id)
+            .ok_or_else(|| PackError::NotFound(name.to_string()))
     }
 
     /// Stops the guild's training at its next step (on whichever trainer runs it); the
@@ -204,9 +319,9 @@ impl PackIntake {
 }
 
 impl StylePacks {
-    /// Trains a pack a gateway queued: records and starts it, or (when a trainer died with
-    /// it or stopped) takes its unfinished run over, restoring its files from `zip` where
-    /// this host lacks them (the run then starts again from its preparation).
+    /// Trains a pack a gateway queued: records and starts it, resumes it (a queued resume),
+    /// or (when a trainer died with it or stopped) takes its unfinished run over. Where this
+    /// host lacks the pack's prepared images they are restored from `zip` and prepared again.
     pub async fn train_queued(
         &self,
         pack: &QueuedPack,
@@ -217,21 +332,27 @@ impl StylePacks {
             .store
             .guild_style(&pack.name)
             .await?
-            .filter(|s| s.guild_id == pack.guild_id && s.status == StyleStatus::Training);
-        if let Some(style) = own {
-            return self.take_over(style, zip).await;
+            .filter(|s| s.guild_id == pack.guild_id);
+        match own {
+            Some(style) if style.status == StyleStatus::Training => {
+                self.take_over(style, zip).await
+            }
+            Some(style) if pack.resume => self.resume_style(style, pack.by, zip).await,
+            None if pack.resume => Err(PackError::NotFound(pack.name.clone())),
+            _ => {
+                let zip = zip.context("the queued pack's archive is missing")?;
+                let reservation = self
+                    .reserve(pack.guild_id, &pack.name, pack.base.as_deref())
+                    .await?;
+                let accepted = reservation.upload(zip, pack.by).await?;
+                self.start(accepted).await
+            }
         }
-        let zip = zip.context("the queued pack has no archive")?;
-        let reservation = self
-            .reserve(pack.guild_id, &pack.name, pack.base.as_deref())
-            .await?;
-        let accepted = reservation.upload(zip, pack.by).await?;
-        self.start(accepted).await
     }
 
     async fn take_over(
         &self,
-        mut style: GuildStyle,
+        style: GuildStyle,
         zip: Option<Vec<u8>>,
     ) -> Result<RunEvents, PackError> {
         let store = &self.inner.store;
@@ -247,21 +368,24 @@ impl StylePacks {
             .find(&style.base)
             .map_err(|e| anyhow::anyhow!("the base style is gone: {e}"))?;
         let reservation = self.take_slot(style.guild_id, &style.name, base)?;
-        let dir = self.pack_dir(style.guild_id, &style.name);
-        if !dir.join(prepare::TRAIN_DIR).is_dir() {
-            let zip = zip.context("the queued pack has no archive")?;
-            let config = self.config().clone();
-            let originals = dir.clone();
-            tokio::task::spawn_blocking(move || {
-                let pack = archive::read_pack(&zip, &config)?;
-                prepare::save_originals(&pack.images, &originals)
-            })
-            .await
-            .context("restoring the pack stopped")??;
-            style.faces_found = None;
-        }
+        let style = match zip {
+            Some(zip) => self.restore_files(style, zip).await?,
+            None => style,
+        };
         tracing::info!(run = run.id, style = %style.name, "taking over a training run");
         Ok(self.launch(reservation, style, run))
+    }
+
+    /// A trained pack's style folder, as one object ([`pack_folder`]).
+    async fn draft(&self, guild_id: u64, name: &str) -> anyhow::Result<Vec<u8>> {
+        let dir = self.pack_dir(guild_id, name).join(super::STYLE_DIR);
+        tokio::task::spawn_blocking(move || pack_folder(&dir)).await?
+    }
+
+    /// Whether the guild has a pack of that name (in any state).
+    async fn has_pack(&self, guild_id: u64, name: &str) -> anyhow::Result<bool> {
+        let style = self.inner.store.guild_style(name).await?;
+        Ok(style.is_some_and(|s| s.guild_id == guild_id))
     }
 }
 
@@ -304,13 +428,11 @@ pub async fn train_from_queue(
             trainer.give_up(job).await;
             continue;
         }
-        let zip = match job.archive().await {
-            Ok(zip) => zip,
-            Err(e) => {
-                job.hold(async { TrainingJobEnd::Failed(e) }).await;
-                continue;
-            }
-        };
+        // Missing once the pack was trained or deleted; a new upload or take-over then fails.
+        let zip = queue
+            .file(&archive_key(pack.guild_id, &pack.name))
+            .await
+            .ok();
         job.hold(trainer.train(zip, stop.clone())).await;
     }
     packs.shutdown().await;
@@ -345,6 +467,18 @@ impl Trainer<'_> {
             Ok(events) => events,
             Err(PackError::Internal(e)) => return TrainingJobEnd::Failed(format!("{e:#}")),
             Err(e) => {
+                // An upload refused here (a name taken meanwhile) leaves no pack behind.
+                if !self.pack.resume
+                    && !matches!(
+                        self.packs
+                            .has_pack(self.pack.guild_id, &self.pack.name)
+                            .await,
+                        Ok(true)
+                    )
+                {
+                    let key = archive_key(self.pack.guild_id, &self.pack.name);
+                    self.queue.remove_file(&key).await;
+                }
                 self.tell(PackEvent::Refused(e.to_string())).await;
                 return TrainingJobEnd::Finished;
             }
@@ -372,6 +506,11 @@ impl Trainer<'_> {
                         self.tell(PackEvent::Warning(warning)).await;
                     }
                     Some(Milestone::Finished(end)) => {
+                        if matches!(end, RunEnd::Trained { .. }) {
+                            if let Err(e) = self.keep_draft().await {
+                                return TrainingJobEnd::Failed(format!("storing the trained style: {e:#}"));
+                            }
+                        }
                         let (end, preview) = self.store_final_preview(run_id, end).await;
                         self.tell(PackEvent::Finished { run_id, end, preview }).await;
                         return TrainingJobEnd::Finished;
@@ -398,6 +537,18 @@ impl Trainer<'_> {
                 }
             }
         }
+    }
+
+    /// Puts the trained style where a gateway publishes it from; the archive is no longer
+    /// needed (a draft is not resumed).
+    async fn keep_draft(&self) -> anyhow::Result<()> {
+        let (guild_id, name) = (self.pack.guild_id, &self.pack.name);
+        let draft = self.packs.draft(guild_id, name).await?;
+        self.queue
+            .put_file(&draft_key(guild_id, name), &draft)
+            .await?;
+        self.queue.remove_file(&archive_key(guild_id, name)).await;
+        Ok(())
     }
 
     /// Moves a trained end's preview grid to the packs store: the end as told, and the key.
@@ -437,5 +588,149 @@ impl Trainer<'_> {
         }
         self.tell(PackEvent::Refused(why.into())).await;
         job.set_aside().await;
+    }
+}
+
+/// Installs the styles published on the broker in `registry`'s trained folder, and removes
+/// those it installed once they are deleted, every few seconds until `stop` (render workers:
+/// their catalog then shows the change to the gateways).
+pub async fn install_published_styles(
+    queue: TrainingQueue,
+    registry: StyleRegistry,
+    mut stop: watch::Receiver<bool>,
+) {
+    while !*stop.borrow() {
+        if let Err(e) = sync_published_styles(&queue, &registry).await {
+            tracing::warn!(error = %format!("{e:#}"), "installing published styles");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STYLE_SYNC) => {}
+            changed = stop.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn sync_published_styles(
+    queue: &TrainingQueue,
+    registry: &StyleRegistry,
+) -> anyhow::Result<()> {
+    let published: Vec<String> = queue
+        .file_keys(PUBLISHED)
+        .await?
+        .into_iter()
+        .map(|key| key[PUBLISHED.len()..].to_string())
+        .collect();
+    for name in &published {
+        let dir = registry.trained_dir(name)?;
+        if dir.exists() {
+            continue;
+        }
+        let bytes = queue
+            .file(&format!("{PUBLISHED}{name}"))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        tokio::task::spawn_blocking(move || install_folder(&bytes, &dir)).await??;
+        tracing::info!(style = %name, "installed a published style");
+    }
+    let Ok(entries) = std::fs::read_dir(registry.trained_root()) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if dir.join(FROM_BROKER).exists() && !published.contains(&name) {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            tracing::info!(style = %name, "removed a deleted style");
+        }
+    }
+    Ok(())
+}
+
+/// A style folder's files as one object: the JSON list of `(name, size)` after its length
+/// (u32 LE), then the files' bytes in that order.
+fn pack_folder(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            files.push((name, std::fs::read(entry.path())?));
+        }
+    }
+    files.sort();
+    let header: Vec<(&str, usize)> = files.iter().map(|(n, b)| (n.as_str(), b.len())).collect();
+    let header = serde_json::to_vec(&header)?;
+    let mut out = (header.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    for (_, bytes) in &files {
+        out.extend_from_slice(bytes);
+    }
+    Ok(out)
+}
+
+/// Writes a [`pack_folder`] object as the folder `dir` (complete or not at all), marked as
+/// installed from the broker.
+fn install_folder(bytes: &[u8], dir: &Path) -> anyhow::Result<()> {
+    let damaged = || anyhow::anyhow!("a published style is damaged");
+    let len = u32::from_le_bytes(bytes.get(..4).ok_or_else(damaged)?.try_into()?) as usize;
+    let header: Vec<(String, usize)> =
+        serde_json::from_slice(bytes.get(4..4 + len).ok_or_else(damaged)?)?;
+    let parent = dir.parent().ok_or_else(damaged)?;
+    let name = dir.file_name().ok_or_else(damaged)?.to_string_lossy();
+    let partial = parent.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    let mut rest = &bytes[4 + len..];
+    for (file, size) in header {
+        let plain = Path::new(&file)
+            .file_name()
+            .is_some_and(|f| f == file.as_str());
+        if !plain || file.starts_with('.') {
+            anyhow::bail!("a published style names the file {file:?}");
+        }
+        let data = rest.get(..size).ok_or_else(damaged)?;
+        std::fs::write(partial.join(&file), data)?;
+        rest = &rest[size..];
+    }
+    std::fs::write(partial.join(FROM_BROKER), b"")?;
+    std::fs::rename(&partial, dir).with_context(|| format!("installing {}", dir.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_style_folder_travels_as_one_object() {
+        let from = tempfile::tempdir().unwrap();
+        std::fs::write(from.path().join("generator.safetensors"), vec![7u8; 3000]).unwrap();
+        std::fs::write(from.path().join("style.toml"), b"name = 'x'").unwrap();
+        let bytes = pack_folder(from.path()).unwrap();
+        let to = tempfile::tempdir().unwrap();
+        let dir = to.path().join("neon");
+        install_folder(&bytes, &dir).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("generator.safetensors")).unwrap(),
+            vec![7u8; 3000]
+        );
+        assert_eq!(
+            std::fs::read(dir.join("style.toml")).unwrap(),
+            b"name = 'x'"
+        );
+        assert!(dir.join(FROM_BROKER).exists());
+        assert!(install_folder(&bytes[..bytes.len() - 1], &to.path().join("cut")).is_err());
+        assert!(!to.path().join("cut").exists(), "nothing half-installed");
+    }
+
+    #[test]
+    fn a_published_style_cannot_name_files_outside_its_folder() {
+        let header = serde_json::to_vec(&[("../evil", 1usize)]).unwrap();
+        let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.push(0);
+        let to = tempfile::tempdir().unwrap();
+        assert!(install_folder(&bytes, &to.path().join("neon")).is_err());
+        assert!(!to.path().join("evil").exists());
     }
 }

@@ -4,15 +4,15 @@
 //! - **Stream** `{PREFIX}_TRAINING`, subjects `{prefix}.train.{guild}`, work-queue retention,
 //!   one message per subject (discard-new-per-subject): a server has one pack queued or
 //!   training at a time, whichever gateway took the upload. The message is the caller's
-//!   payload; the uploaded archive waits in the object store `{prefix}_packs`, named in the
-//!   message's `Toonbot-Archive` header, until the job ends.
+//!   payload: keys, not blobs; files (uploaded archives, trained styles, preview grids) go to
+//!   the object store `{prefix}_packs`.
 //! - **Consumer** `trainers`: a trainer takes one job at a time and holds its lease while the
 //!   job runs, far past `ack_wait`; a trainer that dies (or stops) leaves the job to another
 //!   after the lease; a job whose training failed `max_failures` times goes to
 //!   `{prefix}.dead.train`.
 //! - **Stream** `{PREFIX}_TRAINING_NEWS`, subjects `{prefix}.train-news.{guild}`: what runs
 //!   report (progress, previews, warnings, ends) for the responders, which take them one at a
-//!   time, in order (consumer `training-responders`). Preview grids go to `{prefix}_packs`.
+//!   time, in order (consumer `training-responders`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,12 +23,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::{dead_letter_stream, object_store, read_object, retry_delay, JetStreamConfig};
-use crate::jobs::image_hash;
 
 const TRAINERS: &str = "trainers";
 const NEWS_READERS: &str = "training-responders";
-/// The header naming a job's archive in the packs store.
-const ARCHIVE_HEADER: &str = "Toonbot-Archive";
 /// How long a cancel waits for the trainer's answer.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// How long news waits for a responder.
@@ -148,44 +145,22 @@ impl TrainingQueue {
         Ok(busy)
     }
 
-    /// Queues a job for `guild` (`payload` is the caller's), with the archive it trains on
-    /// when there is one. Refused with [`TrainingSubmitError::Busy`] while the guild has one.
-    pub async fn submit(
-        &self,
-        guild: u64,
-        payload: Vec<u8>,
-        archive: Option<&[u8]>,
-    ) -> Result<(), TrainingSubmitError> {
-        let unavailable =
-            |e: &dyn std::fmt::Display| TrainingSubmitError::Unavailable(e.to_string());
-        if self.is_busy(guild).await? {
-            return Err(TrainingSubmitError::Busy);
-        }
-        let mut message = jetstream::message::PublishMessage::build().payload(Bytes::from(payload));
-        let archive_key = archive.map(|bytes| format!("archive.{guild}.{}", image_hash(bytes)));
-        if let (Some(key), Some(bytes)) = (&archive_key, archive) {
-            self.files
-                .put(key.as_str(), &mut &bytes[..])
-                .await
-                .map_err(|e| unavailable(&e))?;
-            message = message.header(ARCHIVE_HEADER, key.as_str());
-        }
+    /// Queues a job for `guild` (`payload` is the caller's). Refused with
+    /// [`TrainingSubmitError::Busy`] while the guild has one.
+    pub async fn submit(&self, guild: u64, payload: Vec<u8>) -> Result<(), TrainingSubmitError> {
         let sent = async {
             self.js
-                .send_publish(self.guild_subject(guild), message)
+                .publish(self.guild_subject(guild), Bytes::from(payload))
                 .await?
                 .await
         }
         .await;
         let Err(e) = sent else { return Ok(()) };
-        if let Some(key) = &archive_key {
-            let _ = self.files.delete(key).await;
-        }
         let text = e.to_string();
         Err(if text.contains("per subject") {
             TrainingSubmitError::Busy
         } else {
-            unavailable(&text)
+            TrainingSubmitError::Unavailable(text)
         })
     }
 
@@ -228,7 +203,7 @@ impl TrainingQueue {
         Ok(TrainingNews { messages, lease })
     }
 
-    /// Keeps a file (a preview grid) for the responders under `key`.
+    /// Keeps a file (an archive, a trained style, a preview grid) under `key`.
     pub async fn put_file(&self, key: &str, bytes: &[u8]) -> anyhow::Result<()> {
         self.files
             .put(key, &mut &bytes[..])
@@ -245,6 +220,19 @@ impl TrainingQueue {
     /// Removes a file kept with [`Self::put_file`] (absent files are fine).
     pub async fn remove_file(&self, key: &str) {
         let _ = self.files.delete(key).await;
+    }
+
+    /// The keys of the files kept, those starting with `prefix`.
+    pub async fn file_keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let mut list = self.files.list().await.context("listing the pack store")?;
+        let mut keys = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.context("listing the pack store")?;
+            if !info.deleted && info.name.starts_with(prefix) {
+                keys.push(info.name);
+            }
+        }
+        Ok(keys)
     }
 
     fn cancel_subject(&self, guild: u64) -> String {
@@ -369,7 +357,7 @@ impl TrainingJobs {
 /// How a training job's work ended, for the broker.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TrainingJobEnd {
-    /// Done with (trained, refused, cancelled): the job and its archive are removed.
+    /// Done with (trained, refused, cancelled): the job is removed.
     Finished,
     /// This trainer stops before the job's end: the job goes to the next trainer at once.
     Interrupted,
@@ -402,21 +390,6 @@ impl TrainingJob {
     /// only to be set aside ([`Self::set_aside`]).
     pub fn failed_too_often(&self) -> bool {
         self.deliveries() > u64::from(self.queue.config.max_failures)
-    }
-
-    fn archive_key(&self) -> Option<String> {
-        let headers = self.message.headers.as_ref()?;
-        Some(headers.get(ARCHIVE_HEADER)?.as_str().to_string())
-    }
-
-    /// The archive the job trains on, when it has one.
-    pub async fn archive(&self) -> Result<Option<Vec<u8>>, String> {
-        match self.archive_key() {
-            Some(key) => read_object(&self.queue.files, &key, "pack archive")
-                .await
-                .map(Some),
-            None => Ok(None),
-        }
     }
 
     /// Runs `work` while telling the broker every third of the lease that the job is in hand,
@@ -452,16 +425,15 @@ impl TrainingJob {
         end
     }
 
-    /// Moves a job that failed too often to `{prefix}.dead.train` (archive name included).
+    /// Moves a job that failed too often to `{prefix}.dead.train`.
     pub async fn set_aside(self) {
         let queue = &self.queue;
         let subject = format!("{}.dead.train", queue.config.prefix);
-        let mut dead =
-            jetstream::message::PublishMessage::build().payload(self.message.payload.clone());
-        if let Some(key) = self.archive_key() {
-            dead = dead.header(ARCHIVE_HEADER, key.as_str());
-        }
-        if let Ok(ack) = queue.js.send_publish(subject, dead).await {
+        if let Ok(ack) = queue
+            .js
+            .publish(subject, self.message.payload.clone())
+            .await
+        {
             let _ = ack.await;
         }
         let _ = self.message.ack_with(AckKind::Term).await;
@@ -470,9 +442,6 @@ impl TrainingJob {
     async fn remove(self) {
         if let Err(e) = self.message.double_ack().await {
             tracing::warn!("acknowledging a training job: {e}");
-        }
-        if let Some(key) = self.archive_key() {
-            self.queue.remove_file(&key).await;
         }
     }
 }
