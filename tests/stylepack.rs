@@ -1004,3 +1004,171 @@ async fn the_candle_trainer_fine_tunes_a_pack_with_the_fast_recipe() {
     run.check_draft(&done, &["losses G ", "anchor ", "face-id "])
         .await;
 }
+
+/// The real binary as a trainer and render worker of a split bot (`serve --role worker --work
+/// both`, DESIGN.md §6b): a pack a gateway checked and queued (the library's `PackIntake`,
+/// as `serve --role gateway` runs it) is fine-tuned by the real candle trainer (photo2cartoon's
+/// step, 2 steps at 32 px) into a draft; published from the gateway side, the same process
+/// installs it for rendering, its catalog offers it, and a render queued with it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_trains_a_queued_pack_and_renders_with_it_once_published() {
+    use toonbot::jobs::{
+        loadtest::LocalNatsServer, JetStreamConfig, JetStreamQueue, OutputKind, RenderRequest,
+        StyleCatalog, TrainingQueue,
+    };
+    use toonbot::stylepack::{GatewayPacks, PackIntake, QueuedPack, Requester};
+    let Some(data) = common::shared_data() else {
+        return;
+    };
+    if std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: nats-server is not on the PATH (.ci/run installs it)");
+        return;
+    }
+    let broker = LocalNatsServer::start(Path::new("nats-server")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let mut aligned = walk(&data.join("photos/p2c-aligned/test"));
+    aligned.sort();
+    for from in &aligned[..3] {
+        std::fs::copy(from, photos.join(from.file_name().unwrap())).unwrap();
+    }
+    let styles = dir.path().join("styles");
+    tiny_finetunable_base(&styles.join("classic"), &photos);
+    let database = dir.path().join("toonbot.sqlite");
+    let store = toonbot::store::Store::connect(&Database::from(database.clone()))
+        .await
+        .unwrap();
+    let packs_config = StylePackConfig {
+        recipe: PackRecipe::Photo2cartoon,
+        photos: photos.clone(),
+        size: 32,
+        eval_photos: 2,
+        steps: 2,
+        preview_every: 1,
+        ..pack_config(dir.path())
+    };
+    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
+    let env = [
+        ("TOONBOT_STYLES__DIR", styles.display().to_string()),
+        ("TOONBOT_BOT__DATABASE", database.display().to_string()),
+        ("TOONBOT_BOT__WORKERS", "1".into()),
+        (
+            "TOONBOT_STYLEPACKS__DIR",
+            packs_config.dir.display().to_string(),
+        ),
+        ("TOONBOT_STYLEPACKS__PHOTOS", photos.display().to_string()),
+        ("TOONBOT_STYLEPACKS__RECIPE", "photo2cartoon".into()),
+        ("TOONBOT_STYLEPACKS__SIZE", "32".into()),
+        ("TOONBOT_STYLEPACKS__STEPS", "2".into()),
+        ("TOONBOT_STYLEPACKS__EVAL_PHOTOS", "2".into()),
+        ("TOONBOT_STYLEPACKS__PREVIEW_EVERY", "1".into()),
+        ("TOONBOT_STYLEPACKS__MIN_FACE_SHARE", "0".into()),
+    ];
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_toonbot"))
+        .args([
+            "serve",
+            "--role",
+            "worker",
+            "--work",
+            "both",
+            "--nats",
+            broker.url(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting the worker process");
+    let worker_log = || std::fs::read_to_string(dir.path().join("worker.log")).unwrap();
+    let jetstream = JetStreamConfig::new(broker.url());
+    let offered = |name: &'static str| {
+        let jetstream = jetstream.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let catalog = StyleCatalog::follow(&jetstream).await.unwrap();
+                if catalog.styles().iter().any(|s| s.name == name) {
+                    return catalog;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{name} offered");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    offered("classic").await;
+    let intake = PackIntake::new(
+        GatewayPacks {
+            queue: TrainingQueue::connect(&jetstream).await.unwrap(),
+            config: packs_config,
+            default_base: "classic".into(),
+        },
+        store.clone(),
+    );
+    let installed = vec!["classic".to_string()];
+    let base = intake
+        .check(&installed, GUILD_ID, "blobs", None)
+        .await
+        .unwrap();
+    let pack = QueuedPack {
+        guild_id: GUILD_ID,
+        name: "blobs".into(),
+        base: Some(base),
+        by: Requester {
+            user_id: ADMIN,
+            channel_id: CHANNEL_ID,
+        },
+        resume: false,
+    };
+    let queued = intake.queue(pack, pack_zip(10, &[])).await.unwrap();
+    assert_eq!((queued.train, queued.held_out), (8, 2));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let style = store.guild_style("blobs").await.unwrap();
+        match style.map(|s| s.status) {
+            Some(StyleStatus::Draft) => break,
+            Some(StyleStatus::Failed | StyleStatus::Cancelled) => {
+                let run = store.latest_run("blobs").await.unwrap();
+                panic!("{:?}\n{}", run.and_then(|r| r.error), worker_log());
+            }
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "trained in time:\n{}",
+            worker_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let run = store.latest_run("blobs").await.unwrap().unwrap();
+    assert_eq!((run.status, run.step), (RunStatus::Done, 2));
+    intake.publish(GUILD_ID, ADMIN, "blobs").await.unwrap();
+    let catalog = offered("blobs").await;
+    assert!(styles.join("blobs/generator.safetensors").is_file());
+    let queue = JetStreamQueue::connect(&jetstream, catalog.style_version())
+        .await
+        .unwrap();
+    let photo = std::fs::read(data.join("samples/groups/sample1.jpg")).unwrap();
+    let request = RenderRequest {
+        image: photo,
+        style: Some("blobs".into()),
+        output: OutputKind::Sticker,
+        outline: false,
+        round_avatar: false,
+    };
+    let handle = queue.submit(1, request).await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(120), handle.wait())
+        .await
+        .expect("rendered in time")
+        .expect("not cancelled");
+    let output = outcome.result.expect("rendered");
+    assert_eq!(output.style, "blobs");
+    assert!(output.faces >= 1);
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+}
