@@ -374,7 +374,8 @@ struct TrainFlags {
     /// Training image side (multiple of 16; default 256, or 128 for the fast recipe).
     #[arg(long)]
     size: Option<usize>,
-    /// Images per domain and step (default 1, or 4 for the fast recipe).
+    /// Images per domain and step (default 1; 4 for the fast base recipe, 2 for the fast
+    /// pack recipe).
     #[arg(long)]
     batch: Option<usize>,
     /// Total steps; photo2cartoon's learning rate decays linearly over the second half
@@ -384,8 +385,8 @@ struct TrainFlags {
     steps: Option<u64>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Adam learning rate (default: 1e-4, photo2cartoon's; 2e-4 for the fast pack recipe,
-    /// as the bot trains packs).
+    /// Adam learning rate (default 1e-4: photo2cartoon's, and the fast pack recipe's as the
+    /// bot trains packs).
     #[arg(long)]
     lr: Option<f64>,
     /// Write the checkpoint every this many steps (and on Ctrl-C / SIGTERM).
@@ -727,7 +728,12 @@ fn train(config: &Config, device: &candle_core::Device, command: TrainCommand) -
                 resume,
             };
             if fast {
-                let args = common.args((256, 4, 100_000, toonbot::train::pack::PACK_LR));
+                let args = common.args((
+                    256,
+                    toonbot::train::pack::PACK_BATCH,
+                    100_000,
+                    toonbot::train::pack::PACK_LR,
+                ));
                 cli::train_finetune_fast(config, device, &ft, &args, minutes)
             } else {
                 cli::train_finetune(config, device, &ft, &common.args((256, 1, 2_000, 1e-4)))

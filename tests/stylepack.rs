@@ -990,9 +990,9 @@ async fn the_candle_trainer_fine_tunes_a_pack_that_the_cartoonizer_then_uses() {
     assert_eq!(result.faces[0].sticker.dimensions(), (320, 320));
 }
 
-/// The bot's default, the fast recipe, through the real trainer: 2 steps at 128 px (the smallest the
-/// projected discriminator takes) from a base
-/// with fresh weights, with its losses in the progress edits, a preview and the evaluation.
+/// The bot's default, the fast recipe, through the real trainer: 2 steps at 128 px (the
+/// smallest the projected discriminator takes) from a base with fresh weights, with its losses
+/// in the progress edits, a preview and the evaluation, at the recipe's batch and learning rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_candle_trainer_fine_tunes_a_pack_with_the_fast_recipe() {
     let Some(run) = CandleRun::start(PackRecipe::Fast, 128).await else {
@@ -1003,6 +1003,13 @@ async fn the_candle_trainer_fine_tunes_a_pack_with_the_fast_recipe() {
     assert_eq!(png_info(grid).0, 3 * 128, "photos | base style | new style");
     run.check_draft(&done, &["losses G ", "anchor ", "face-id "])
         .await;
+    // The recipe's measured settings (docs/training.md): batch 2 and the pack learning rate.
+    let work = run.p.packs_dir().join(format!("{GUILD_ID}/blobs/work"));
+    let spec = toonbot::train::pack::run::checkpointed_spec(&work)
+        .unwrap()
+        .expect("the run's checkpoint");
+    assert_eq!(spec.batch, 2);
+    assert_eq!(spec.lr_g, toonbot::train::pack::PACK_LR);
 }
 
 /// The real binary as a trainer and render worker of a split bot (`serve --role worker --work
@@ -1115,16 +1122,11 @@ async fn a_worker_process_trains_a_queued_pack_and_renders_with_it_once_publishe
         .check(&installed, GUILD_ID, "blobs", None)
         .await
         .unwrap();
-    let pack = QueuedPack {
-        guild_id: GUILD_ID,
-        name: "blobs".into(),
-        base: Some(base),
-        by: Requester {
-            user_id: ADMIN,
-            channel_id: CHANNEL_ID,
-        },
-        resume: false,
+    let by = Requester {
+        user_id: ADMIN,
+        channel_id: CHANNEL_ID,
     };
+    let pack = QueuedPack::upload(GUILD_ID, "blobs", Some(base), by);
     let queued = intake.queue(pack, pack_zip(10, &[])).await.unwrap();
     assert_eq!((queued.train, queued.held_out), (8, 2));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
@@ -1147,7 +1149,12 @@ async fn a_worker_process_trains_a_queued_pack_and_renders_with_it_once_publishe
     }
     let run = store.latest_run("blobs").await.unwrap().unwrap();
     assert_eq!((run.status, run.step), (RunStatus::Done, 2));
-    intake.publish(GUILD_ID, ADMIN, "blobs").await.unwrap();
+    // The row says draft a moment before the trainer has put the style on the broker.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = intake.publish(GUILD_ID, ADMIN, "blobs").await {
+        assert!(tokio::time::Instant::now() < deadline, "published: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let catalog = offered("blobs").await;
     assert!(styles.join("blobs/generator.safetensors").is_file());
     let queue = JetStreamQueue::connect(&jetstream, catalog.style_version())
