@@ -431,21 +431,22 @@ pub fn serve_worker(
             stop.send_replace(true);
         });
         let mut tasks = tokio::task::JoinSet::new();
+        // Renders use the published style packs, and so do trainings (as bases).
         let training = crate::jobs::TrainingQueue::connect(&broker).await?;
+        let installer = crate::stylepack::install_published_styles(
+            training.clone(),
+            StyleRegistry::from_config(config),
+            stopped.clone(),
+        );
+        tasks.spawn(async move {
+            installer.await;
+            Ok(())
+        });
         if let Some(renderer) = renderer {
             let (broker, render_stop) = (broker.clone(), stopped.clone());
             tasks.spawn(async move {
                 crate::jobs::run_workers(&broker, Arc::new(renderer), queue.workers, render_stop)
                     .await
-            });
-            let installer = crate::stylepack::install_published_styles(
-                training.clone(),
-                StyleRegistry::from_config(config),
-                stopped.clone(),
-            );
-            tasks.spawn(async move {
-                installer.await;
-                Ok(())
             });
         }
         if let Some(setup) = packs {

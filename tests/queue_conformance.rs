@@ -628,7 +628,7 @@ async fn jetstream_a_training_job_longer_than_the_lease_is_not_redelivered() {
     let mut second = queue.jobs().await.unwrap();
     let job = take_training(&mut first).await;
     assert_eq!(job.payload(), b"pack one");
-    assert_eq!(job.deliveries(), 1);
+    assert_eq!(job.attempt(), 1);
     assert_eq!(queue.file("archive.7.one").await.unwrap(), archive);
     let other = tokio::spawn(async move { second.next(Duration::from_millis(3500)).await });
     let end = job
@@ -649,8 +649,8 @@ async fn jetstream_a_training_job_longer_than_the_lease_is_not_redelivered() {
         .is_err());
 }
 
-/// A trainer that dies holding a job leaves it to another after the lease; a trainer that
-/// stops hands it on at once.
+/// A trainer that dies holding a job leaves it to another after the lease (an attempt
+/// counted); a trainer that stops hands it on at once (not counted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_a_killed_trainer_s_job_goes_to_another() {
     let Some(s) = Setup::new(Backend::JetStream, |c| c.ack_wait = Duration::from_secs(1)).await
@@ -671,7 +671,7 @@ async fn jetstream_a_killed_trainer_s_job_goes_to_another() {
     dying.abort();
     let mut others = queue.jobs().await.unwrap();
     let again = take_training(&mut others).await;
-    assert_eq!(again.deliveries(), 2);
+    assert_eq!(again.attempt(), 2, "the dead trainer's attempt counts");
     assert_eq!(again.payload(), b"pack");
     let stopped = Instant::now();
     let end = again.hold(async { TrainingJobEnd::Interrupted }).await;
@@ -681,12 +681,12 @@ async fn jetstream_a_killed_trainer_s_job_goes_to_another() {
         stopped.elapsed() < Duration::from_millis(900),
         "waited for the lease"
     );
-    assert_eq!(third.deliveries(), 3);
+    assert_eq!(third.attempt(), 2, "a clean stop is not an attempt");
     third.hold(async { TrainingJobEnd::Finished }).await;
 }
 
 /// A server has one pack queued or training at a time; other servers are not held up, and
-/// the server may queue again once its job ends.
+/// the server may queue again once its job ends; a waiting job can be withdrawn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_one_training_job_per_server() {
     let Some(s) = Setup::new(Backend::JetStream, |_| {}).await else {
@@ -713,10 +713,16 @@ async fn jetstream_one_training_job_per_server() {
         job.hold(async { TrainingJobEnd::Finished }).await;
     }
     assert_eq!(payloads, vec![b"c".to_vec(), b"d".to_vec()]);
+    // A job no trainer has started can be taken out of the queue.
+    queue.submit(5, b"e".to_vec()).await.unwrap();
+    assert_eq!(queue.withdraw(5).await.unwrap(), Some(b"e".to_vec()));
+    assert_eq!(queue.withdraw(5).await.unwrap(), None);
+    assert!(!queue.is_busy(5).await.unwrap());
+    assert!(jobs.next(Duration::from_millis(500)).await.is_none());
 }
 
 /// A training that keeps failing is retried, then set aside on `{prefix}.dead.train` with
-/// its payload; nothing is left queued.
+/// its payload; clean stops before do not count; nothing is left queued or counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_failing_trainings_are_set_aside() {
     let Some(s) = Setup::new(Backend::JetStream, |c| c.max_failures = 2).await else {
@@ -726,15 +732,22 @@ async fn jetstream_failing_trainings_are_set_aside() {
     let queue = training_queue(&s).await;
     queue.submit(9, b"bad pack".to_vec()).await.unwrap();
     let mut jobs = queue.jobs().await.unwrap();
+    for _ in 0..3 {
+        let stopped = take_training(&mut jobs).await;
+        assert_eq!(stopped.attempt(), 1);
+        stopped.hold(async { TrainingJobEnd::Interrupted }).await;
+    }
     for attempt in 1..=2 {
         let job = take_training(&mut jobs).await;
-        assert_eq!(job.deliveries(), attempt);
+        assert_eq!(job.attempt(), attempt);
         assert!(!job.failed_too_often());
+        assert_eq!(job.is_last_attempt(), attempt == 2);
         job.hold(async { TrainingJobEnd::Failed("out of memory".into()) })
             .await;
     }
     assert!(jobs.next(Duration::from_millis(1500)).await.is_none());
     assert_eq!(stream_messages(&url, "TOONBOT_TRAINING").await, 0);
+    assert!(queue.file_keys("attempts.").await.unwrap().is_empty());
     let client = async_nats::connect(url.as_str()).await.unwrap();
     let js = async_nats::jetstream::new(client);
     let dead = js.get_stream("TOONBOT_DEAD").await.unwrap();

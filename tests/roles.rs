@@ -197,6 +197,16 @@ impl Roles {
 
     /// [`Roles::trainer`] keeping its packs in `<dir>/<folder>` (another machine's disk).
     async fn trainer_in(&self, trainer: &Arc<TestTrainer>, folder: &str) -> Trainer {
+        self.trainer_with(Some(Arc::clone(trainer) as _), folder)
+            .await
+    }
+
+    /// [`Roles::trainer_in`] with `trainer` (`None`: a host that cannot train).
+    async fn trainer_with(
+        &self,
+        trainer: Option<Arc<dyn toonbot::stylepack::StyleTrainer>>,
+        folder: &str,
+    ) -> Trainer {
         let dir = self._dir.path();
         if !dir.join("shipped/classic").exists() {
             common::install_random_style(&dir.join("shipped"), "classic");
@@ -209,7 +219,7 @@ impl Roles {
             registry: StyleRegistry::new(dir.join("shipped"), dir.join("styles")),
             default_base: "classic".into(),
             faces: packs::faces(),
-            trainer: Some(Arc::clone(trainer) as _),
+            trainer,
         };
         let store = Store::connect(&self.config.database).await.unwrap();
         let training = TrainingQueue::connect(&self.jetstream).await.unwrap();
@@ -677,17 +687,15 @@ async fn a_gateway_queues_a_pack_a_trainer_trains_it_and_a_responder_tells_the_c
         .await;
     let installed = render_styles.join("neon");
     until_path(&installed, true).await;
-    let trained = dir.join(format!("packs/{GUILD_ID}/neon/style"));
-    let files = packs::walk(&trained);
-    assert!(!files.is_empty());
-    for file in files {
-        let name = file.file_name().unwrap();
-        assert_eq!(
-            std::fs::read(installed.join(name)).unwrap(),
-            std::fs::read(&file).unwrap(),
-            "{name:?}"
-        );
-    }
+    // The test trainer's style is the base's generator: the same bytes arrive.
+    assert_eq!(
+        std::fs::read(installed.join("generator.safetensors")).unwrap(),
+        std::fs::read(dir.join("shipped/classic/generator.safetensors")).unwrap()
+    );
+    assert!(
+        !dir.join(format!("packs/{GUILD_ID}/neon")).exists(),
+        "the trainer's folder went once the draft was on the broker"
+    );
     let style = store.guild_style("neon").await.unwrap().unwrap();
     assert_eq!(style.status, StyleStatus::Published);
     roles
@@ -695,6 +703,41 @@ async fn a_gateway_queues_a_pack_a_trainer_trains_it_and_a_responder_tells_the_c
         .await;
     until_path(&installed, false).await;
     assert!(store.guild_style("neon").await.unwrap().is_none());
+    let training = TrainingQueue::connect(&roles.jetstream).await.unwrap();
+    let left: Vec<String> = training
+        .file_keys("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(key, _)| key)
+        .filter(|key| key.contains("neon"))
+        .collect();
+    assert!(left.is_empty(), "files left on the broker: {left:?}");
+}
+
+/// A pack that no trainer can take on (here: trainers without a trainer installed) is tried
+/// `max_failures` times, then set aside, and its uploader told in the channel; its archive
+/// does not stay on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pack_that_keeps_failing_on_the_trainers_is_set_aside_and_its_uploader_told() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let _responder = roles.responder().await;
+    let trainer = roles.trainer_with(None, "packs").await;
+    roles.upload("rust", 12);
+    let told = roles
+        .wait_post("the set-aside pack's news", |r| {
+            r.content().contains("couldn't be trained")
+        })
+        .await;
+    assert!(told.content().contains("set aside"), "{}", told.content());
+    assert!(told.content().contains(&format!("<@{}>", packs::ADMIN)));
+    let training = TrainingQueue::connect(&roles.jetstream).await.unwrap();
+    let left = training.file_keys("archive.").await.unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!training.is_busy(GUILD_ID).await.unwrap(), "nothing queued");
+    trainer.stop().await;
 }
 
 /// Waits (bounded) until `path` exists, or (`false`) is gone.

@@ -11,6 +11,8 @@ use serenity::all::{
     CreateInteractionResponseMessage, CreateMessage, EditInteractionResponse, EditMessage, Http,
     MessageId, ResolvedOption, ResolvedValue,
 };
+use std::time::Duration;
+
 use tokio::time::{sleep_until, Instant};
 
 use super::download::PhotoRef;
@@ -207,13 +209,35 @@ async fn queued_command(
             Ok(_) => texts::published(&name),
             Err(e) => refusal(e),
         },
-        ("delete", Some(name)) => match intake.delete(guild, cmd.user.id.get(), &name).await {
-            Ok(()) => texts::deleted(&name),
-            Err(e) => refusal(e),
-        },
+        ("delete", Some(name)) => {
+            // Waiting for the workers to uninstall a published style takes seconds.
+            let defer = CreateInteractionResponse::Defer(
+                CreateInteractionResponseMessage::new().ephemeral(true),
+            );
+            cmd.create_response(http.as_ref(), defer).await?;
+            let uninstalled = until_not_offered(state, &name);
+            let text = match intake
+                .delete(guild, cmd.user.id.get(), &name, uninstalled)
+                .await
+            {
+                Ok(()) => texts::deleted(&name),
+                Err(e) => refusal(e),
+            };
+            cmd.edit_response(http.as_ref(), EditInteractionResponse::new().content(text))
+                .await?;
+            return Ok(());
+        }
         _ => texts::STYLEPACK_USAGE.to_string(),
     };
     say(http, cmd, text).await
+}
+
+/// Waits until the workers' catalog no longer lists `name` (at most 30 s).
+async fn until_not_offered(state: &BotState, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && state.styles.styles().iter().any(|s| s.name == name) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// An upload on a gateway: the checks that need no archive (answered at once), then an
@@ -253,16 +277,11 @@ async fn queue_upload(
     let text = match state.downloader.fetch_file(&file, max_bytes).await {
         Err(e) => texts::pack_download_error(&e),
         Ok(zip) => {
-            let pack = QueuedPack {
-                guild_id: guild,
-                name: name.clone(),
-                base: Some(base),
-                by: Requester {
-                    user_id: cmd.user.id.get(),
-                    channel_id: cmd.channel_id.get(),
-                },
-                resume: false,
+            let by = Requester {
+                user_id: cmd.user.id.get(),
+                channel_id: cmd.channel_id.get(),
             };
+            let pack = QueuedPack::upload(guild, &name, Some(base), by);
             match intake.queue(pack, zip).await {
                 Ok(queued) => texts::pack_queued(&name, &queued),
                 Err(e) => {
@@ -369,15 +388,14 @@ pub async fn relay_news(http: &Http, store: &Store, training: &TrainingQueue, ne
             }
         }
         (PackEvent::Preview { step, total, file }, style) => {
-            let png = training.file(&file).await;
-            training.remove_file(&file).await;
-            match (png, style) {
+            match (training.preview(&file).await, style) {
                 (Ok(png), Some(style)) => {
                     post(http, channel, preview_post(&style, step, total, png)).await;
                 }
                 (Err(e), _) => tracing::warn!(error = %e, "fetching a preview"),
                 (Ok(_), None) => {}
             }
+            training.remove_preview(&file).await;
         }
         (PackEvent::Warning(warning), Some(style)) => {
             post(http, channel, warning_post(&style, &warning)).await;
@@ -391,11 +409,7 @@ pub async fn relay_news(http: &Http, store: &Store, training: &TrainingQueue, ne
             style,
         ) => {
             let png = match &preview {
-                Some(file) => {
-                    let png = training.file(file).await.ok();
-                    training.remove_file(file).await;
-                    png
-                }
+                Some(file) => training.preview(file).await.ok(),
                 None => None,
             };
             if let Some(style) = style {
@@ -404,6 +418,9 @@ pub async fn relay_news(http: &Http, store: &Store, training: &TrainingQueue, ne
                     .and_then(|r| r.message_id)
                     .map(MessageId::new);
                 announce_end(http, channel, message, &style, &end, png).await;
+            }
+            if let Some(file) = &preview {
+                training.remove_preview(file).await;
             }
         }
         (event, None) => {

@@ -581,7 +581,10 @@ pub fn cancelling(name: &str) -> String {
 
 /// A resume queued for the trainers.
 pub fn resume_queued(name: &str) -> String {
-    format!("Queued **{name}** to train again from its last checkpoint: follow it in this channel.")
+    format!(
+        "Queued **{name}** to train again (from its last checkpoint where the trainer has \
+         it): follow it in this channel."
+    )
 }
 
 pub fn resumed(name: &str) -> String {

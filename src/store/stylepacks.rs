@@ -346,6 +346,18 @@ impl Store {
         rows.iter().map(guild_style).collect()
     }
 
+    /// Every guild's packs, in any state.
+    pub async fn all_guild_styles(&self) -> Result<Vec<GuildStyle>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            style_columns!(),
+            " FROM guild_styles ORDER BY name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(guild_style).collect()
+    }
+
     /// Marks a draft published and audits it.
     pub async fn publish_guild_style(&self, name: &str, guild_id: u64, by_user: u64) -> Result<()> {
         let mut tx = self.pool.begin().await?;

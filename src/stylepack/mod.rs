@@ -63,6 +63,8 @@ use crate::store::{
 pub(crate) const STYLE_DIR: &str = "style";
 /// Checkpoints, under a pack's folder.
 const WORK_DIR: &str = "work";
+/// Which pack a pack's folder holds ([`mark_pack_dir`]).
+const PACK_ID: &str = "pack-id";
 /// The latest preview grid, under a pack's folder (kept across restarts).
 pub(crate) const LATEST_PREVIEW: &str = "latest-preview.png";
 /// How long a shutdown waits for the trainer to stop at its next step.
@@ -367,23 +369,28 @@ impl StylePacks {
     }
 
     /// Restores a pack's images from its archive where this host has not prepared them (the
-    /// pack started on another trainer): the pack is then prepared again.
+    /// pack started on another trainer, or the folder is a deleted namesake's): the pack is
+    /// then prepared again.
     async fn restore_files(
         &self,
         mut style: GuildStyle,
         zip: Vec<u8>,
     ) -> Result<GuildStyle, PackError> {
         let dir = self.pack_dir(style.guild_id, &style.name);
-        if dir.join(prepare::TRAIN_DIR).is_dir() {
+        if dir.join(prepare::TRAIN_DIR).is_dir() && !holds_other_pack(&dir, &style) {
             return Ok(style);
         }
+        // Absent, or left by a deleted pack of the same name.
+        remove_dir_if_present(&dir)?;
         let config = self.config().clone();
+        let originals = dir.clone();
         tokio::task::spawn_blocking(move || {
             let pack = archive::read_pack(&zip, &config)?;
-            prepare::save_originals(&pack.images, &dir)
+            prepare::save_originals(&pack.images, &originals)
         })
         .await
         .context("restoring the pack stopped")??;
+        mark_pack_dir(&dir, &style)?;
         style.faces_found = None;
         Ok(style)
     }
@@ -581,12 +588,7 @@ impl StylePacks {
     }
 
     async fn own_style(&self, guild_id: u64, name: &str) -> Result<GuildStyle, PackError> {
-        self.inner
-            .store
-            .guild_style(name)
-            .await?
-            .filter(|s| s.guild_id == guild_id)
-            .ok_or_else(|| PackError::NotFound(name.to_string()))
+        own_pack(&self.inner.store, guild_id, name).await
     }
 
     fn pack_dir(&self, guild_id: u64, name: &str) -> PathBuf {
@@ -745,6 +747,13 @@ impl Reservation {
             total_steps: packs.config().steps,
         };
         let run_id = packs.inner.store.create_guild_style(&style, &run).await?;
+        let recorded = packs
+            .inner
+            .store
+            .guild_style(&self.name)
+            .await?
+            .context("the pack's row is missing")?;
+        mark_pack_dir(&dir, &recorded)?;
         cleanup.armed = false;
         drop(cleanup);
         Ok(Accepted {
@@ -774,6 +783,15 @@ impl Drop for PackDirGuard<'_> {
             tracing::warn!(error = %format!("{e:#}"), "removing a refused pack's folder");
         }
     }
+}
+
+/// The guild's pack called `name`.
+async fn own_pack(store: &Store, guild_id: u64, name: &str) -> Result<GuildStyle, PackError> {
+    store
+        .guild_style(name)
+        .await?
+        .filter(|s| s.guild_id == guild_id)
+        .ok_or_else(|| PackError::NotFound(name.to_string()))
 }
 
 /// The guild's packs, oldest first, each with its latest run.
@@ -825,20 +843,25 @@ pub async fn check_new_pack(
     Ok(base.to_string())
 }
 
-/// The styles a guild's members may use: the installed styles less the other guilds' packs,
-/// plus the guild's published packs (also before the renderer's list shows them).
+/// The styles a guild's members may use: the installed styles less every guild's packs (a
+/// pack's style installed before its row says published, or still installed after its row
+/// is gone, is nobody's), plus the guild's published packs (also before the renderer's list
+/// shows them).
 pub async fn styles_for_guild(
     store: &Store,
     installed: Vec<StyleInfo>,
     guild_id: Option<u64>,
 ) -> anyhow::Result<Vec<StyleInfo>> {
-    let published = store.published_guild_styles().await?;
+    let packs = store.all_guild_styles().await?;
     let mut visible: Vec<StyleInfo> = installed
         .iter()
-        .filter(|s| !published.iter().any(|p| p.name == s.name))
+        .filter(|s| !packs.iter().any(|p| p.name == s.name))
         .cloned()
         .collect();
-    for own in published.iter().filter(|p| Some(p.guild_id) == guild_id) {
+    let own = packs
+        .iter()
+        .filter(|p| Some(p.guild_id) == guild_id && p.status == StyleStatus::Published);
+    for own in own {
         visible.push(
             installed
                 .iter()
@@ -854,6 +877,20 @@ pub async fn styles_for_guild(
     }
     visible.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(visible)
+}
+
+/// Records in a pack's folder which pack it holds (its row's creation time): a folder left
+/// by a deleted pack of the same name is not mistaken for it.
+fn mark_pack_dir(dir: &Path, style: &GuildStyle) -> anyhow::Result<()> {
+    let marker = dir.join(PACK_ID);
+    std::fs::write(&marker, style.created_at.to_string())
+        .with_context(|| format!("writing {}", marker.display()))
+}
+
+/// Whether a pack's folder is marked as another pack's (a deleted namesake's); folders
+/// from before the marks are taken as the pack's.
+fn holds_other_pack(dir: &Path, style: &GuildStyle) -> bool {
+    std::fs::read_to_string(dir.join(PACK_ID)).is_ok_and(|id| id != style.created_at.to_string())
 }
 
 fn remove_dir_if_present(dir: &Path) -> anyhow::Result<()> {

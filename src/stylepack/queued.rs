@@ -11,15 +11,16 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
-    archive, check_new_pack, list_packs, prepare, Milestone, PackError, PackWarning, Requester,
-    RunEnd, RunEvents, RunProgress, Skipped, StylePacks,
+    archive, check_new_pack, list_packs, own_pack, prepare, Milestone, PackError, PackWarning,
+    Requester, RunEnd, RunEvents, RunProgress, Skipped, StylePacks,
 };
 use crate::cartoon::styles::StyleRegistry;
 use crate::config::StylePackConfig;
-use crate::jobs::{TrainingJob, TrainingJobEnd, TrainingQueue, TrainingSubmitError};
+use crate::jobs::{TrainingJobEnd, TrainingQueue, TrainingSubmitError};
 use crate::store::{GuildStyle, RunStatus, Store, StyleStatus, TrainingRun};
 
-/// A pack a gateway checked and queued for the trainers; its archive travels beside it.
+/// A pack a gateway checked and queued for the trainers; its archive waits in the packs
+/// store ([`archive_key`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QueuedPack {
     /// The server the pack is for.
@@ -33,12 +34,62 @@ pub struct QueuedPack {
     /// Train a cancelled or failed pack again from its checkpoint, not a new upload.
     #[serde(default)]
     pub resume: bool,
+    /// Names this upload's archive (time-ordered, unique): two uploads racing for one name
+    /// keep apart. Empty for a resume (the pack's latest archive is used).
+    #[serde(default)]
+    pub upload: String,
 }
 
-/// Where a pack's uploaded archive is kept in the packs store: until the pack is trained,
-/// published or deleted, so that any trainer can resume it.
-fn archive_key(guild_id: u64, name: &str) -> String {
-    format!("archive.{guild_id}.{name}")
+impl QueuedPack {
+    /// A new upload of `name` for `guild_id` by `by`.
+    pub fn upload(guild_id: u64, name: &str, base: Option<String>, by: Requester) -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let now_ms = crate::store::now_ms();
+        Self {
+            guild_id,
+            name: name.to_string(),
+            base,
+            by,
+            resume: false,
+            upload: format!("{now_ms:013}-{:08x}", random as u32),
+        }
+    }
+}
+
+/// Where a pack's uploaded archives are kept in the packs store, `archive.{guild}.{name}.`
+/// and the upload's id: until the pack is trained, published or deleted, so that any trainer
+/// can take it over or resume it.
+fn archives_of(guild_id: u64, name: &str) -> String {
+    format!("archive.{guild_id}.{name}.")
+}
+
+fn archive_key(pack: &QueuedPack) -> String {
+    format!("{}{}", archives_of(pack.guild_id, &pack.name), pack.upload)
+}
+
+/// The pack's latest archive (`None` when there is none left).
+async fn latest_archive(queue: &TrainingQueue, pack: &QueuedPack) -> Option<Vec<u8>> {
+    let key = if pack.upload.is_empty() {
+        let keys = queue
+            .file_keys(&archives_of(pack.guild_id, &pack.name))
+            .await;
+        keys.ok()?.into_iter().map(|(key, _)| key).max()?
+    } else {
+        archive_key(pack)
+    };
+    queue.file(&key).await.ok()
+}
+
+/// Removes every archive of a pack.
+async fn remove_archives(queue: &TrainingQueue, guild_id: u64, name: &str) {
+    if let Ok(keys) = queue.file_keys(&archives_of(guild_id, name)).await {
+        for (key, _) in keys {
+            queue.remove_file(&key).await;
+        }
+    }
 }
 
 /// Where a trained pack's style waits in the packs store until it is published.
@@ -85,24 +136,25 @@ pub enum PackEvent {
         /// Its latest progress.
         progress: RunProgress,
     },
-    /// A preview grid, kept in the packs store under `file` (the responder removes it).
+    /// A preview grid, kept in the preview store under `file` (the responder removes it).
     Preview {
         /// The step it was made at.
         step: u32,
         /// Steps in all.
         total: u32,
-        /// Its key in the packs store.
+        /// Its key in the preview store.
         file: String,
     },
     /// Something the pack trains despite.
     Warning(PackWarning),
-    /// The run ended; a trained pack's latest preview is in the packs store under `preview`.
+    /// The run ended; a trained pack's latest preview is in the preview store under
+    /// `preview`.
     Finished {
         /// The run's id.
         run_id: i64,
         /// How it ended (a trained end's preview bytes moved to `preview`).
         end: RunEnd,
-        /// The latest preview grid's key in the packs store.
+        /// The latest preview grid's key in the preview store.
         preview: Option<String>,
     },
 }
@@ -191,8 +243,8 @@ impl PackIntake {
             .clone()
             .unwrap_or_else(|| self.setup.default_base.clone());
         let queue = &self.setup.queue;
-        let archive_key = archive_key(pack.guild_id, &pack.name);
-        queue.put_file(&archive_key, &zip).await?;
+        let key = archive_key(&pack);
+        queue.put_file(&key, &zip).await?;
         match self.submit(&pack).await {
             Ok(()) => Ok(QueuedUpload {
                 train: n - held_out,
@@ -201,7 +253,7 @@ impl PackIntake {
                 base,
             }),
             Err(e) => {
-                queue.remove_file(&archive_key).await;
+                queue.remove_file(&key).await;
                 Err(e)
             }
         }
@@ -216,10 +268,10 @@ impl PackIntake {
         }
     }
 
-    /// Queues a cancelled or failed pack to train again from its checkpoint (on whichever
-    /// trainer takes it: one without the checkpoint prepares it again from the archive).
+    /// Queues a cancelled or failed pack to train again (on whichever trainer takes it: the
+    /// one with its checkpoint continues from it, another prepares it again).
     pub async fn resume(&self, guild_id: u64, name: &str, by: Requester) -> Result<(), PackError> {
-        let style = self.own_style(guild_id, name).await?;
+        let style = own_pack(&self.store, guild_id, name).await?;
         if !matches!(style.status, StyleStatus::Cancelled | StyleStatus::Failed) {
             return Err(PackError::WrongStatus {
                 name: style.name,
@@ -232,19 +284,20 @@ impl PackIntake {
             base: Some(style.base),
             by,
             resume: true,
+            upload: String::new(),
         })
         .await
     }
 
-    /// Publishes a draft: its style goes where the render workers install it from, and the
-    /// guild's members see it once they have.
+    /// Publishes a draft: its style goes where the render workers install it from (while its
+    /// row is a draft, no guild is offered it), then its row says published.
     pub async fn publish(
         &self,
         guild_id: u64,
         user_id: u64,
         name: &str,
     ) -> Result<GuildStyle, PackError> {
-        let style = self.own_style(guild_id, name).await?;
+        let style = own_pack(&self.store, guild_id, name).await?;
         if style.status != StyleStatus::Draft {
             return Err(PackError::WrongStatus {
                 name: style.name,
@@ -263,17 +316,24 @@ impl PackIntake {
             .publish_guild_style(name, guild_id, user_id)
             .await?;
         queue.remove_file(&draft_key(guild_id, name)).await;
-        queue.remove_file(&archive_key(guild_id, name)).await;
+        remove_archives(queue, guild_id, name).await;
         Ok(GuildStyle {
             status: StyleStatus::Published,
             ..style
         })
     }
 
-    /// Removes a pack that is not training: its rows and its files on the broker (the render
-    /// workers then uninstall it).
-    pub async fn delete(&self, guild_id: u64, user_id: u64, name: &str) -> Result<(), PackError> {
-        let style = self.own_style(guild_id, name).await?;
+    /// Removes a pack that is not training: its published style first, then (once
+    /// `uninstalled` says the render workers no longer offer it: until then its row keeps it
+    /// from every guild) its row and the rest of its files.
+    pub async fn delete(
+        &self,
+        guild_id: u64,
+        user_id: u64,
+        name: &str,
+        uninstalled: impl std::future::Future<Output = ()>,
+    ) -> Result<(), PackError> {
+        let style = own_pack(&self.store, guild_id, name).await?;
         if style.status == StyleStatus::Training {
             return Err(PackError::WrongStatus {
                 name: style.name,
@@ -281,32 +341,42 @@ impl PackIntake {
             });
         }
         let queue = &self.setup.queue;
-        // The published style goes first: without its row it would be everybody's.
-        queue.remove_file(&format!("{PUBLISHED}{name}")).await;
+        if style.status == StyleStatus::Published {
+            queue.remove_file(&format!("{PUBLISHED}{name}")).await;
+            uninstalled.await;
+        }
         self.store
             .delete_guild_style(name, guild_id, user_id)
             .await?;
         queue.remove_file(&draft_key(guild_id, name)).await;
-        queue.remove_file(&archive_key(guild_id, name)).await;
+        remove_archives(queue, guild_id, name).await;
         Ok(())
     }
 
-    async fn own_style(&self, guild_id: u64, name: &str) -> Result<GuildStyle, PackError> {
-        self.store
-            .guild_style(name)
-            .await?
-            .filter(|s| s.guild_id == guild_id)
-            .ok_or_else(|| PackError::NotFound(name.to_string()))
-    }
-
-    /// Stops the guild's training at its next step (on whichever trainer runs it); the
-    /// pack's name.
+    /// Stops the guild's training at its next step (on whichever trainer runs it), or takes
+    /// its pack out of the queue when no trainer has started it; the pack's name.
     pub async fn cancel(&self, guild_id: u64, user_id: u64) -> Result<String, PackError> {
-        self.setup
-            .queue
-            .cancel(guild_id, user_id)
-            .await?
-            .ok_or(PackError::NothingTraining)
+        let queue = &self.setup.queue;
+        if let Some(name) = queue.cancel(guild_id, user_id).await? {
+            return Ok(name);
+        }
+        let Some(payload) = queue.withdraw(guild_id).await? else {
+            return Err(PackError::NothingTraining);
+        };
+        let pack: QueuedPack =
+            serde_json::from_slice(&payload).context("reading the withdrawn pack")?;
+        if !pack.resume {
+            queue.remove_file(&archive_key(&pack)).await;
+        }
+        self.store
+            .record_audit(
+                guild_id,
+                user_id,
+                "stylepack_cancel",
+                &format!("name={} queued", pack.name),
+            )
+            .await?;
+        Ok(pack.name)
     }
 
     /// The guild's packs, oldest first, each with its latest run.
@@ -382,12 +452,44 @@ impl StylePacks {
         tokio::task::spawn_blocking(move || pack_folder(&dir)).await?
     }
 
-    /// Whether the guild has a pack of that name (in any state).
-    async fn has_pack(&self, guild_id: u64, name: &str) -> anyhow::Result<bool> {
-        let style = self.inner.store.guild_style(name).await?;
-        Ok(style.is_some_and(|s| s.guild_id == guild_id))
+    /// Removes the pack folders this trainer no longer needs: of packs deleted, or published
+    /// or trained into a draft whose style is on the broker; not the one in hand.
+    async fn remove_stale_folders(&self, queue: &TrainingQueue) -> anyhow::Result<()> {
+        let Ok(guilds) = std::fs::read_dir(&self.config().dir) else {
+            return Ok(());
+        };
+        let training = self.inner.lock_slot().as_ref().map(|s| s.name.clone());
+        for guild in guilds.flatten() {
+            let Ok(guild_id) = guild.file_name().to_string_lossy().parse::<u64>() else {
+                continue;
+            };
+            for pack in std::fs::read_dir(guild.path())?.flatten() {
+                let name = pack.file_name().to_string_lossy().into_owned();
+                if training.as_deref() == Some(name.as_str()) {
+                    continue;
+                }
+                let row = self.inner.store.guild_style(&name).await?;
+                let needed = match row.filter(|s| s.guild_id == guild_id) {
+                    None => false,
+                    Some(s) if s.status == StyleStatus::Published => false,
+                    Some(s) if s.status == StyleStatus::Draft => {
+                        let key = draft_key(guild_id, &name);
+                        queue.file_keys(&key).await?.is_empty()
+                    }
+                    Some(s) => !super::holds_other_pack(&pack.path(), &s),
+                };
+                if !needed {
+                    tracing::info!(guild_id, pack = %name, "removing a pack folder no longer needed");
+                    self.remove_pack_dir(guild_id, &name)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
+
+/// How often an idle trainer removes the pack folders it no longer needs.
+const FOLDER_SWEEP: Duration = Duration::from_secs(600);
 
 /// Takes training jobs from `queue` one at a time and trains them with `packs` until `stop`
 /// turns true; a run in hand then stops at its next step (its checkpoint kept) and the job
@@ -399,7 +501,14 @@ pub async fn train_from_queue(
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut jobs = queue.jobs().await?;
+    let mut next_sweep = tokio::time::Instant::now();
     while !*stop.borrow() {
+        if tokio::time::Instant::now() >= next_sweep {
+            if let Err(e) = packs.remove_stale_folders(&queue).await {
+                tracing::warn!(error = %format!("{e:#}"), "removing stale pack folders");
+            }
+            next_sweep = tokio::time::Instant::now() + FOLDER_SWEEP;
+        }
         let job = tokio::select! {
             job = jobs.next(Duration::from_secs(1)) => job,
             changed = stop.changed() => {
@@ -425,15 +534,16 @@ pub async fn train_from_queue(
             progress_every,
         };
         if job.failed_too_often() {
-            trainer.give_up(job).await;
+            trainer.give_up("its trainers stopped unexpectedly").await;
+            job.set_aside().await;
             continue;
         }
-        // Missing once the pack was trained or deleted; a new upload or take-over then fails.
-        let zip = queue
-            .file(&archive_key(pack.guild_id, &pack.name))
-            .await
-            .ok();
-        job.hold(trainer.train(zip, stop.clone())).await;
+        let last_attempt = job.is_last_attempt();
+        let zip = latest_archive(&queue, &pack).await;
+        let end = job.hold(trainer.train(zip, stop.clone())).await;
+        if let (TrainingJobEnd::Failed(why), true) = (&end, last_attempt) {
+            trainer.give_up(why).await;
+        }
     }
     packs.shutdown().await;
     Ok(())
@@ -461,23 +571,38 @@ impl Trainer<'_> {
         }
     }
 
+    /// The guild's pack of this name, if it has one.
+    async fn own_row(&self) -> anyhow::Result<Option<GuildStyle>> {
+        let style = self.packs.inner.store.guild_style(&self.pack.name).await?;
+        Ok(style.filter(|s| s.guild_id == self.pack.guild_id))
+    }
+
     /// Trains the pack and relays its news; how the job ends for the broker.
-    async fn train(self, zip: Option<Vec<u8>>, mut stop: watch::Receiver<bool>) -> TrainingJobEnd {
+    async fn train(&self, zip: Option<Vec<u8>>, mut stop: watch::Receiver<bool>) -> TrainingJobEnd {
+        let own = match self.own_row().await {
+            Ok(own) => own,
+            Err(e) => return TrainingJobEnd::Failed(format!("{e:#}")),
+        };
+        if let Some(style) = own.filter(|s| !self.pack.resume && s.status != StyleStatus::Training)
+        {
+            // This upload already ran to its end (the job came back after it): keep its
+            // draft if that was what was lost.
+            if style.status == StyleStatus::Draft {
+                if let Err(e) = self.keep_draft().await {
+                    tracing::debug!(error = %format!("{e:#}"), "keeping a redelivered pack's draft");
+                }
+            }
+            return TrainingJobEnd::Finished;
+        }
         let mut events = match self.packs.train_queued(self.pack, zip).await {
             Ok(events) => events,
-            Err(PackError::Internal(e)) => return TrainingJobEnd::Failed(format!("{e:#}")),
+            // Not the pack's fault: this trainer is busy or broken; another try may work.
+            Err(e @ (PackError::Internal(_) | PackError::Busy { .. } | PackError::NoTrainer)) => {
+                return TrainingJobEnd::Failed(format!("{e:#}"));
+            }
             Err(e) => {
-                // An upload refused here (a name taken meanwhile) leaves no pack behind.
-                if !self.pack.resume
-                    && !matches!(
-                        self.packs
-                            .has_pack(self.pack.guild_id, &self.pack.name)
-                            .await,
-                        Ok(true)
-                    )
-                {
-                    let key = archive_key(self.pack.guild_id, &self.pack.name);
-                    self.queue.remove_file(&key).await;
+                if !self.pack.resume && !matches!(self.own_row().await, Ok(Some(_))) {
+                    self.queue.remove_file(&archive_key(self.pack)).await;
                 }
                 self.tell(PackEvent::Refused(e.to_string())).await;
                 return TrainingJobEnd::Finished;
@@ -497,7 +622,7 @@ impl Trainer<'_> {
                 milestone = events.milestones.recv() => match milestone {
                     Some(Milestone::Preview { step, total, png }) => {
                         let file = format!("preview.{run_id}.{step}");
-                        match self.queue.put_file(&file, &png).await {
+                        match self.queue.put_preview(&file, &png).await {
                             Ok(()) => self.tell(PackEvent::Preview { step, total, file }).await,
                             Err(e) => tracing::warn!(error = %format!("{e:#}"), "storing a preview"),
                         }
@@ -508,15 +633,18 @@ impl Trainer<'_> {
                     Some(Milestone::Finished(end)) => {
                         if matches!(end, RunEnd::Trained { .. }) {
                             if let Err(e) = self.keep_draft().await {
-                                return TrainingJobEnd::Failed(format!("storing the trained style: {e:#}"));
+                                return TrainingJobEnd::Failed(format!(
+                                    "storing the trained style: {e:#}"
+                                ));
                             }
                         }
                         let (end, preview) = self.store_final_preview(run_id, end).await;
                         self.tell(PackEvent::Finished { run_id, end, preview }).await;
                         return TrainingJobEnd::Finished;
                     }
-                    // This trainer stopped: the run resumes from its checkpoint elsewhere.
-                    None => return TrainingJobEnd::Interrupted,
+                    // This trainer stopped: the next one resumes the run.
+                    None if stopping => return TrainingJobEnd::Interrupted,
+                    None => return TrainingJobEnd::Failed("the run ended without an end".into()),
                 },
                 Some(request) = cancels.next() => {
                     let cancelled = self.packs.cancel(self.pack.guild_id, request.user_id).await;
@@ -539,16 +667,30 @@ impl Trainer<'_> {
         }
     }
 
-    /// Puts the trained style where a gateway publishes it from; the archive is no longer
-    /// needed (a draft is not resumed).
+    /// Puts the trained style where a gateway publishes it from; the archives and this
+    /// host's folder are no longer needed (a draft is not resumed).
     async fn keep_draft(&self) -> anyhow::Result<()> {
         let (guild_id, name) = (self.pack.guild_id, &self.pack.name);
         let draft = self.packs.draft(guild_id, name).await?;
         self.queue
             .put_file(&draft_key(guild_id, name), &draft)
             .await?;
-        self.queue.remove_file(&archive_key(guild_id, name)).await;
+        remove_archives(self.queue, guild_id, name).await;
+        self.packs.remove_pack_dir(guild_id, name)?;
         Ok(())
+    }
+
+    /// A job set aside after its last attempt: its run is marked failed and its uploader
+    /// told; an upload that left no pack leaves no archive either.
+    async fn give_up(&self, why: &str) {
+        let error = format!("it was set aside after failing too often ({why})");
+        if let Err(e) = self.packs.fail_queued(self.pack, &error).await {
+            tracing::warn!(error = %format!("{e:#}"), "recording a set-aside pack");
+        }
+        if !self.pack.resume && !matches!(self.own_row().await, Ok(Some(_))) {
+            self.queue.remove_file(&archive_key(self.pack)).await;
+        }
+        self.tell(PackEvent::Refused(error)).await;
     }
 
     /// Moves a trained end's preview grid to the packs store: the end as told, and the key.
@@ -563,7 +705,7 @@ impl Trainer<'_> {
             return (end, None);
         };
         let file = format!("preview.{run_id}.final");
-        let stored = match self.queue.put_file(&file, &png).await {
+        let stored = match self.queue.put_preview(&file, &png).await {
             Ok(()) => Some(file),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "storing the final preview");
@@ -577,17 +719,6 @@ impl Trainer<'_> {
             preview: None,
         };
         (end, stored)
-    }
-
-    /// A job that failed (or killed its trainers) too often: its run is marked failed, its
-    /// uploader told, and the job set aside.
-    async fn give_up(self, job: TrainingJob) {
-        let why = "it failed too many times and was set aside";
-        if let Err(e) = self.packs.fail_queued(self.pack, why).await {
-            tracing::warn!(error = %format!("{e:#}"), "recording a set-aside pack");
-        }
-        self.tell(PackEvent::Refused(why.into())).await;
-        job.set_aside().await;
     }
 }
 
@@ -614,23 +745,16 @@ async fn sync_published_styles(
     queue: &TrainingQueue,
     registry: &StyleRegistry,
 ) -> anyhow::Result<()> {
-    let published: Vec<String> = queue
+    let published: Vec<(String, String)> = queue
         .file_keys(PUBLISHED)
         .await?
         .into_iter()
-        .map(|key| key[PUBLISHED.len()..].to_string())
+        .map(|(key, digest)| (key[PUBLISHED.len()..].to_string(), digest))
         .collect();
-    for name in &published {
-        let dir = registry.trained_dir(name)?;
-        if dir.exists() {
-            continue;
+    for (name, digest) in &published {
+        if let Err(e) = install_published(queue, registry, name, digest).await {
+            tracing::warn!(style = %name, error = %format!("{e:#}"), "installing a published style");
         }
-        let bytes = queue
-            .file(&format!("{PUBLISHED}{name}"))
-            .await
-            .map_err(anyhow::Error::msg)?;
-        tokio::task::spawn_blocking(move || install_folder(&bytes, &dir)).await??;
-        tracing::info!(style = %name, "installed a published style");
     }
     let Ok(entries) = std::fs::read_dir(registry.trained_root()) else {
         return Ok(());
@@ -638,11 +762,40 @@ async fn sync_published_styles(
     for entry in entries.flatten() {
         let dir = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if dir.join(FROM_BROKER).exists() && !published.contains(&name) {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-            tracing::info!(style = %name, "removed a deleted style");
+        let from_broker = dir.join(FROM_BROKER).exists();
+        if from_broker && !published.iter().any(|(n, _)| *n == name) {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(style = %name, "removed a deleted style"),
+                Err(e) => tracing::warn!(style = %name, error = %e, "removing a deleted style"),
+            }
         }
     }
+    Ok(())
+}
+
+/// Installs (or, when its content changed, replaces) the published style `name`; a style of
+/// that name not installed from the broker is left alone.
+async fn install_published(
+    queue: &TrainingQueue,
+    registry: &StyleRegistry,
+    name: &str,
+    digest: &str,
+) -> anyhow::Result<()> {
+    let dir = registry.trained_dir(name)?;
+    if dir.exists() {
+        match std::fs::read_to_string(dir.join(FROM_BROKER)) {
+            Ok(installed) if installed == digest => return Ok(()),
+            Ok(_) => {}
+            Err(_) => anyhow::bail!("a style called {name:?} is installed here already"),
+        }
+    }
+    let bytes = queue
+        .file(&format!("{PUBLISHED}{name}"))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let digest = digest.to_string();
+    tokio::task::spawn_blocking(move || install_folder(&bytes, &dir, &digest)).await??;
+    tracing::info!(style = %name, "installed a published style");
     Ok(())
 }
 
@@ -668,18 +821,31 @@ fn pack_folder(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Writes a [`pack_folder`] object as the folder `dir` (complete or not at all), marked as
-/// installed from the broker.
-fn install_folder(bytes: &[u8], dir: &Path) -> anyhow::Result<()> {
+/// Writes a [`pack_folder`] object as the folder `dir` (complete or not at all, replacing
+/// what was there), marked as installed from the broker with the object's `digest`.
+fn install_folder(bytes: &[u8], dir: &Path, digest: &str) -> anyhow::Result<()> {
+    let parent = dir.parent().context("a style folder has a parent")?;
+    let name = dir.file_name().context("a style folder has a name")?;
+    let partial = parent.join(format!(".{}.partial", name.to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    let written = write_files(bytes, &partial)
+        .and_then(|()| Ok(std::fs::write(partial.join(FROM_BROKER), digest)?));
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(e);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&partial, dir).with_context(|| format!("installing {}", dir.display()))?;
+    Ok(())
+}
+
+/// Writes the files of a [`pack_folder`] object into `dir`.
+fn write_files(bytes: &[u8], dir: &Path) -> anyhow::Result<()> {
     let damaged = || anyhow::anyhow!("a published style is damaged");
     let len = u32::from_le_bytes(bytes.get(..4).ok_or_else(damaged)?.try_into()?) as usize;
     let header: Vec<(String, usize)> =
         serde_json::from_slice(bytes.get(4..4 + len).ok_or_else(damaged)?)?;
-    let parent = dir.parent().ok_or_else(damaged)?;
-    let name = dir.file_name().ok_or_else(damaged)?.to_string_lossy();
-    let partial = parent.join(format!(".{name}.partial"));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial)?;
     let mut rest = &bytes[4 + len..];
     for (file, size) in header {
         let plain = Path::new(&file)
@@ -689,11 +855,9 @@ fn install_folder(bytes: &[u8], dir: &Path) -> anyhow::Result<()> {
             anyhow::bail!("a published style names the file {file:?}");
         }
         let data = rest.get(..size).ok_or_else(damaged)?;
-        std::fs::write(partial.join(&file), data)?;
+        std::fs::write(dir.join(&file), data)?;
         rest = &rest[size..];
     }
-    std::fs::write(partial.join(FROM_BROKER), b"")?;
-    std::fs::rename(&partial, dir).with_context(|| format!("installing {}", dir.display()))?;
     Ok(())
 }
 
@@ -709,7 +873,7 @@ mod tests {
         let bytes = pack_folder(from.path()).unwrap();
         let to = tempfile::tempdir().unwrap();
         let dir = to.path().join("neon");
-        install_folder(&bytes, &dir).unwrap();
+        install_folder(&bytes, &dir, "digest-1").unwrap();
         assert_eq!(
             std::fs::read(dir.join("generator.safetensors")).unwrap(),
             vec![7u8; 3000]
@@ -718,9 +882,18 @@ mod tests {
             std::fs::read(dir.join("style.toml")).unwrap(),
             b"name = 'x'"
         );
-        assert!(dir.join(FROM_BROKER).exists());
-        assert!(install_folder(&bytes[..bytes.len() - 1], &to.path().join("cut")).is_err());
-        assert!(!to.path().join("cut").exists(), "nothing half-installed");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(FROM_BROKER)).unwrap(),
+            "digest-1"
+        );
+        let cut = to.path().join("cut");
+        assert!(install_folder(&bytes[..bytes.len() - 1], &cut, "d").is_err());
+        assert!(!cut.exists(), "nothing half-installed");
+        assert_eq!(
+            std::fs::read_dir(to.path()).unwrap().count(),
+            1,
+            "no partial folder left"
+        );
     }
 
     #[test]
@@ -730,7 +903,7 @@ mod tests {
         bytes.extend_from_slice(&header);
         bytes.push(0);
         let to = tempfile::tempdir().unwrap();
-        assert!(install_folder(&bytes, &to.path().join("neon")).is_err());
+        assert!(install_folder(&bytes, &to.path().join("neon"), "d").is_err());
         assert!(!to.path().join("evil").exists());
     }
 }

@@ -246,9 +246,10 @@ pub(super) async fn follow(
             }
         }
     }
-    let Some(ended) = ended else {
-        return;
-    };
+    // The thread ended without saying how: it panicked outside the trainer's calls.
+    let ended = ended.unwrap_or_else(|| {
+        Ended::Trainer(Err("the training thread stopped unexpectedly".into()), None)
+    });
     let shutting_down = packs.inner.shutting_down.load(Ordering::SeqCst);
     let (outcome, eval, refused) = match ended {
         Ended::Trainer(outcome, eval) => (outcome, eval, None),

@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, consumer, message::AckKind};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::JetStreamQueue;
+use super::{holding_lease, JetStreamQueue};
 use crate::jobs::JobHandle;
 
 const CONSUMER: &str = "responders";
@@ -150,17 +150,7 @@ impl Handoff {
     /// Runs `answer` while telling the broker every third of the lease that the hand-off is
     /// in hand, then acknowledges it: it is not given to anyone else.
     pub async fn answer<T>(self, answer: impl Future<Output = T>) -> T {
-        let mut answer = std::pin::pin!(answer);
-        let mut lease = tokio::time::interval((self.lease / 3).max(Duration::from_millis(100)));
-        lease.tick().await;
-        let out = loop {
-            tokio::select! {
-                out = &mut answer => break out,
-                _ = lease.tick() => {
-                    let _ = self.message.ack_with(AckKind::Progress).await;
-                }
-            }
-        };
+        let out = holding_lease(&self.message, self.lease, answer).await;
         if let Err(e) = self.message.ack().await {
             tracing::warn!("acknowledging a hand-off: {e}");
         }

@@ -928,22 +928,13 @@ impl JetStreamWorker {
         lease: Duration,
     ) -> Result<RenderOutput, RenderError> {
         let renderer = Arc::clone(&self.renderer);
-        let mut render = tokio::task::spawn_blocking(move || {
+        let render = tokio::task::spawn_blocking(move || {
             catch_unwind(AssertUnwindSafe(|| renderer.render(&request)))
                 .unwrap_or_else(|_| Err(RenderError::Internal("the renderer panicked".into())))
         });
-        let mut lease = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
-        lease.tick().await;
-        loop {
-            tokio::select! {
-                done = &mut render => {
-                    return done.unwrap_or_else(|e| Err(RenderError::Internal(e.to_string())));
-                }
-                _ = lease.tick() => {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-            }
-        }
+        holding_lease(message, lease, render)
+            .await
+            .unwrap_or_else(|e| Err(RenderError::Internal(e.to_string())))
     }
 
     /// Ends a job that failed too often: its user gets an error that says so, and the job
@@ -1001,6 +992,26 @@ pub async fn run_workers(
         task.await??;
     }
     Ok(())
+}
+
+/// Runs `work` while telling the broker every third of the `lease` that `message` is still in
+/// hand, so that it goes to no one else however long `work` takes.
+async fn holding_lease<T>(
+    message: &jetstream::Message,
+    lease: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut work = std::pin::pin!(work);
+    let mut ticks = tokio::time::interval((lease / 3).max(Duration::from_millis(100)));
+    ticks.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticks.tick() => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
 }
 
 /// The delay before retrying a job after its `deliveries`-th attempt failed.

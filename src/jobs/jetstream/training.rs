@@ -7,12 +7,14 @@
 //!   payload: keys, not blobs; files (uploaded archives, trained styles, preview grids) go to
 //!   the object store `{prefix}_packs`.
 //! - **Consumer** `trainers`: a trainer takes one job at a time and holds its lease while the
-//!   job runs, far past `ack_wait`; a trainer that dies (or stops) leaves the job to another
-//!   after the lease; a job whose training failed `max_failures` times goes to
-//!   `{prefix}.dead.train`.
+//!   job runs, far past `ack_wait`; a trainer that dies leaves the job to another after the
+//!   lease, one that stops hands it on at once. Attempts are counted beside the job (object
+//!   `attempts.{sequence}`), a clean stop not counted: a job whose training failed, or whose
+//!   trainers died, `max_failures` times goes to `{prefix}.dead.train`.
 //! - **Stream** `{PREFIX}_TRAINING_NEWS`, subjects `{prefix}.train-news.{guild}`: what runs
 //!   report (progress, previews, warnings, ends) for the responders, which take them one at a
-//!   time, in order (consumer `training-responders`).
+//!   time, in order (consumer `training-responders`). Preview grids wait in the object store
+//!   `{prefix}_previews`, kept as long as the news.
 
 use std::future::Future;
 use std::time::Duration;
@@ -22,7 +24,9 @@ use async_nats::jetstream::{self, consumer, message::AckKind, object_store::Obje
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{dead_letter_stream, object_store, read_object, retry_delay, JetStreamConfig};
+use super::{
+    dead_letter_stream, holding_lease, object_store, read_object, retry_delay, JetStreamConfig,
+};
 
 const TRAINERS: &str = "trainers";
 const NEWS_READERS: &str = "training-responders";
@@ -50,6 +54,7 @@ pub struct TrainingQueue {
     jobs: stream::Stream,
     news: stream::Stream,
     files: ObjectStore,
+    previews: ObjectStore,
 }
 
 impl TrainingQueue {
@@ -91,14 +96,17 @@ impl TrainingQueue {
         let files = object_store(&js, config, "packs", Duration::ZERO)
             .await
             .context("creating the pack store")?;
+        let previews = object_store(&js, config, "previews", NEWS_KEPT)
+            .await
+            .context("creating the preview store")?;
         jobs.get_or_create_consumer(
             TRAINERS,
             consumer::pull::Config {
                 durable_name: Some(TRAINERS.into()),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait,
-                // As renders: the last delivery only sets the job aside.
-                max_deliver: i64::from(config.max_failures) + 1,
+                // The attempts are counted beside the job: clean stops are not failures.
+                max_deliver: -1,
                 ..Default::default()
             },
         )
@@ -124,6 +132,7 @@ impl TrainingQueue {
             jobs,
             news,
             files,
+            previews,
         })
     }
 
@@ -162,6 +171,26 @@ impl TrainingQueue {
         } else {
             TrainingSubmitError::Unavailable(text)
         })
+    }
+
+    /// Takes `guild`'s job out of the queue (one no trainer has started: a started one is
+    /// cancelled through its trainer); its payload, or `None` when there was none.
+    pub async fn withdraw(&self, guild: u64) -> anyhow::Result<Option<Vec<u8>>> {
+        let subject = self.guild_subject(guild);
+        let message = match self.jobs.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e).context("reading the queued job"),
+        };
+        self.jobs
+            .purge()
+            .filter(subject)
+            .await
+            .context("taking the job out of the queue")?;
+        self.remove_file(&attempts_key(message.sequence)).await;
+        Ok(Some(message.payload.to_vec()))
     }
 
     /// The jobs for this trainer, one at a time.
@@ -222,17 +251,36 @@ impl TrainingQueue {
         let _ = self.files.delete(key).await;
     }
 
-    /// The keys of the files kept, those starting with `prefix`.
-    pub async fn file_keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+    /// The files kept whose keys start with `prefix`: each key and its content's digest.
+    pub async fn file_keys(&self, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
         let mut list = self.files.list().await.context("listing the pack store")?;
         let mut keys = Vec::new();
         while let Some(info) = list.next().await {
             let info = info.context("listing the pack store")?;
             if !info.deleted && info.name.starts_with(prefix) {
-                keys.push(info.name);
+                keys.push((info.name, info.digest.unwrap_or_default()));
             }
         }
         Ok(keys)
+    }
+
+    /// Keeps a preview grid for the responders under `key` (as long as the news).
+    pub async fn put_preview(&self, key: &str, png: &[u8]) -> anyhow::Result<()> {
+        self.previews
+            .put(key, &mut &png[..])
+            .await
+            .with_context(|| format!("storing {key}"))?;
+        Ok(())
+    }
+
+    /// A preview grid kept with [`Self::put_preview`].
+    pub async fn preview(&self, key: &str) -> Result<Vec<u8>, String> {
+        read_object(&self.previews, key, "preview").await
+    }
+
+    /// Removes a preview grid kept with [`Self::put_preview`].
+    pub async fn remove_preview(&self, key: &str) {
+        let _ = self.previews.delete(key).await;
     }
 
     fn cancel_subject(&self, guild: u64) -> String {
@@ -340,16 +388,47 @@ impl TrainingJobs {
                 return None;
             }
         };
-        match batch.next().await? {
-            Ok(message) => Some(TrainingJob {
-                queue: self.queue.clone(),
-                message,
-                lease: self.lease,
-            }),
+        let message = match batch.next().await? {
+            Ok(message) => message,
             Err(e) => {
                 tracing::warn!("receiving a training job: {e}");
-                None
+                tokio::time::sleep(wait).await;
+                return None;
             }
+        };
+        let sequence = message.info().map_or(0, |info| info.stream_sequence);
+        let attempt = self.queue.attempts(sequence).await + 1;
+        self.queue.set_attempts(sequence, attempt).await;
+        Some(TrainingJob {
+            queue: self.queue.clone(),
+            message,
+            lease: self.lease,
+            sequence,
+            attempt,
+        })
+    }
+}
+
+/// Where a job's attempts are counted, by its stream sequence.
+fn attempts_key(sequence: u64) -> String {
+    format!("attempts.{sequence}")
+}
+
+impl TrainingQueue {
+    async fn attempts(&self, sequence: u64) -> u32 {
+        let Ok(bytes) = self.file(&attempts_key(sequence)).await else {
+            return 0;
+        };
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn set_attempts(&self, sequence: u64, attempts: u32) {
+        let key = attempts_key(sequence);
+        if let Err(e) = self.put_file(&key, attempts.to_string().as_bytes()).await {
+            tracing::warn!(error = %format!("{e:#}"), "counting a training job's attempts");
         }
     }
 }
@@ -371,6 +450,8 @@ pub struct TrainingJob {
     queue: TrainingQueue,
     message: jetstream::Message,
     lease: Duration,
+    sequence: u64,
+    attempt: u32,
 }
 
 impl TrainingJob {
@@ -379,45 +460,46 @@ impl TrainingJob {
         &self.message.payload
     }
 
-    /// 1 the first time the job is taken; more when a trainer died with it or it failed.
-    pub fn deliveries(&self) -> u64 {
-        self.message
-            .info()
-            .map_or(1, |info| info.delivered.max(1) as u64)
+    /// 1 the first time the job is taken; one more for each failed attempt and each trainer
+    /// that died with it (not for trainers that stopped cleanly).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
-    /// Whether the job was given to trainers more times than failures are allowed: it is
+    /// Whether the job failed (or killed its trainers) `max_failures` times already: it is
     /// only to be set aside ([`Self::set_aside`]).
     pub fn failed_too_often(&self) -> bool {
-        self.deliveries() > u64::from(self.queue.config.max_failures)
+        self.attempt > self.queue.config.max_failures
     }
 
-    /// Runs `work` while telling the broker every third of the lease that the job is in hand,
-    /// then settles the job as `work` says.
+    /// Whether a failure of this attempt sets the job aside.
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt >= self.queue.config.max_failures
+    }
+
+    /// Runs `work` holding the job's lease, then settles the job as `work` says: removed,
+    /// handed on at once (not counted as an attempt), retried after a delay, or set aside
+    /// after the last attempt ([`Self::is_last_attempt`]).
     pub async fn hold(self, work: impl Future<Output = TrainingJobEnd>) -> TrainingJobEnd {
-        let mut work = std::pin::pin!(work);
-        let mut lease = tokio::time::interval((self.lease / 3).max(Duration::from_millis(100)));
-        lease.tick().await;
-        let end = loop {
-            tokio::select! {
-                end = &mut work => break end,
-                _ = lease.tick() => {
-                    let _ = self.message.ack_with(AckKind::Progress).await;
-                }
-            }
-        };
+        let end = holding_lease(&self.message, self.lease, work).await;
         match &end {
-            TrainingJobEnd::Finished => self.remove().await,
+            TrainingJobEnd::Finished => {
+                if let Err(e) = self.message.double_ack().await {
+                    tracing::warn!("acknowledging a training job: {e}");
+                }
+                self.queue.remove_file(&attempts_key(self.sequence)).await;
+            }
             TrainingJobEnd::Interrupted => {
+                let attempts = self.attempt.saturating_sub(1);
+                self.queue.set_attempts(self.sequence, attempts).await;
                 let _ = self.message.ack_with(AckKind::Nak(None)).await;
             }
             TrainingJobEnd::Failed(why) => {
-                let deliveries = self.deliveries();
-                tracing::warn!("training job failed ({deliveries}): {why}");
-                if deliveries >= u64::from(self.queue.config.max_failures) {
+                tracing::warn!("training job failed (attempt {}): {why}", self.attempt);
+                if self.is_last_attempt() {
                     self.set_aside().await;
                 } else {
-                    let delay = retry_delay(deliveries);
+                    let delay = retry_delay(u64::from(self.attempt));
                     let _ = self.message.ack_with(AckKind::Nak(Some(delay))).await;
                 }
             }
@@ -437,12 +519,7 @@ impl TrainingJob {
             let _ = ack.await;
         }
         let _ = self.message.ack_with(AckKind::Term).await;
-    }
-
-    async fn remove(self) {
-        if let Err(e) = self.message.double_ack().await {
-            tracing::warn!("acknowledging a training job: {e}");
-        }
+        queue.remove_file(&attempts_key(self.sequence)).await;
     }
 }
 
@@ -488,17 +565,7 @@ impl NewsItem {
     /// hand (so that a slow channel does not get it twice), then marks it told: the next
     /// piece comes.
     pub async fn tell<T>(self, tell: impl Future<Output = T>) -> T {
-        let mut tell = std::pin::pin!(tell);
-        let mut lease = tokio::time::interval((self.lease / 3).max(Duration::from_millis(100)));
-        lease.tick().await;
-        let out = loop {
-            tokio::select! {
-                out = &mut tell => break out,
-                _ = lease.tick() => {
-                    let _ = self.message.ack_with(AckKind::Progress).await;
-                }
-            }
-        };
+        let out = holding_lease(&self.message, self.lease, tell).await;
         if let Err(e) = self.message.ack().await {
             tracing::warn!("acknowledging training news: {e}");
         }
