@@ -849,3 +849,28 @@ async fn queued_packs_are_cancelled_from_a_gateway_and_taken_over_by_the_next_tr
     assert_eq!(style.status, StyleStatus::Draft);
     second.stop().await;
 }
+
+/// `/stylepack cancel` on a gateway takes a pack no trainer has started out of the queue:
+/// nothing queued or kept on the broker, no pack recorded, and the server may upload again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pack_waiting_for_a_trainer_is_cancelled_from_the_gateway() {
+    let Some(roles) = Roles::start(None).await else {
+        return;
+    };
+    let token = roles.upload("queued", 12);
+    let original = original(&token);
+    roles
+        .wait("the upload's answer", |r| {
+            r.is("PATCH", &original) && r.content().contains("Queued to train")
+        })
+        .await;
+    roles
+        .admin("cancel", None, "Took **queued** out of the training queue")
+        .await;
+    let training = TrainingQueue::connect(&roles.jetstream).await.unwrap();
+    assert!(!training.is_busy(GUILD_ID).await.unwrap());
+    assert!(training.file_keys("archive.").await.unwrap().is_empty());
+    let store = Store::connect(&roles.config.database).await.unwrap();
+    assert!(store.guild_style("queued").await.unwrap().is_none());
+    roles.admin("cancel", None, "Nothing is training").await;
+}

@@ -188,7 +188,8 @@ async fn queued_command(
             return queue_upload(state, http, cmd, intake, guild, options, name).await
         }
         ("cancel", _) => match intake.cancel(guild, cmd.user.id.get()).await {
-            Ok(name) => texts::cancelling(&name),
+            Ok((name, true)) => texts::cancelling(&name),
+            Ok((name, false)) => texts::withdrawn(&name),
             Err(e) => refusal(e),
         },
         ("list", _) => match intake.list(guild).await {

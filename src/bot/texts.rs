@@ -579,6 +579,11 @@ pub fn cancelling(name: &str) -> String {
     )
 }
 
+/// A queued pack taken out of the queue before a trainer ran it.
+pub fn withdrawn(name: &str) -> String {
+    format!("Took **{name}** out of the training queue; nothing was trained.")
+}
+
 /// A resume queued for the trainers.
 pub fn resume_queued(name: &str) -> String {
     format!(

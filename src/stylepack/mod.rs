@@ -429,21 +429,7 @@ impl StylePacks {
 
     async fn fail_run(&self, run: &TrainingRun, error: &str) -> anyhow::Result<()> {
         tracing::warn!(run = run.id, style = %run.style, error, "training run failed");
-        let end = RunFinish {
-            status: RunStatus::Failed,
-            error: Some(error.to_string()),
-            progress: RunProgressRecord {
-                step: run.step,
-                losses: run.losses.clone(),
-                images_per_sec: run.images_per_sec,
-                train_ms: run.train_ms,
-            },
-            eval_ms: None,
-            style_status: StyleStatus::Failed,
-            eval: None,
-            eval_error: None,
-        };
-        self.inner.store.finish_run(run.id, &run.style, &end).await
+        end_unfinished_run(&self.inner.store, run, RunStatus::Failed, Some(error)).await
     }
 
     /// Marks a queued pack's unfinished run failed with `error` (a pack set aside).
@@ -783,6 +769,35 @@ impl Drop for PackDirGuard<'_> {
             tracing::warn!(error = %format!("{e:#}"), "removing a refused pack's folder");
         }
     }
+}
+
+/// Ends a run that stopped without recording its end (a failure, or a cancel of a pack
+/// waiting for its trainer), at its last recorded step; the pack's status follows.
+async fn end_unfinished_run(
+    store: &Store,
+    run: &TrainingRun,
+    status: RunStatus,
+    error: Option<&str>,
+) -> anyhow::Result<()> {
+    let style_status = match status {
+        RunStatus::Cancelled => StyleStatus::Cancelled,
+        _ => StyleStatus::Failed,
+    };
+    let end = RunFinish {
+        status,
+        error: error.map(str::to_string),
+        progress: RunProgressRecord {
+            step: run.step,
+            losses: run.losses.clone(),
+            images_per_sec: run.images_per_sec,
+            train_ms: run.train_ms,
+        },
+        eval_ms: None,
+        style_status,
+        eval: None,
+        eval_error: None,
+    };
+    store.finish_run(run.id, &run.style, &end).await
 }
 
 /// The guild's pack called `name`.

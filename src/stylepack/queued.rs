@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{
-    archive, check_new_pack, list_packs, own_pack, prepare, Milestone, PackError, PackWarning,
-    Requester, RunEnd, RunEvents, RunProgress, Skipped, StylePacks,
+    archive, check_new_pack, end_unfinished_run, list_packs, own_pack, prepare, Milestone,
+    PackError, PackWarning, Requester, RunEnd, RunEvents, RunProgress, Skipped, StylePacks,
 };
 use crate::cartoon::styles::StyleRegistry;
 use crate::config::StylePackConfig;
@@ -341,8 +341,9 @@ impl PackIntake {
             });
         }
         let queue = &self.setup.queue;
+        // Also a draft's: a publish that failed half-way may have left it.
+        queue.remove_file(&format!("{PUBLISHED}{name}")).await;
         if style.status == StyleStatus::Published {
-            queue.remove_file(&format!("{PUBLISHED}{name}")).await;
             uninstalled.await;
         }
         self.store
@@ -354,19 +355,29 @@ impl PackIntake {
     }
 
     /// Stops the guild's training at its next step (on whichever trainer runs it), or takes
-    /// its pack out of the queue when no trainer has started it; the pack's name.
-    pub async fn cancel(&self, guild_id: u64, user_id: u64) -> Result<String, PackError> {
+    /// its pack out of the queue when no trainer runs it; the pack's name, and whether a
+    /// training was stopped.
+    pub async fn cancel(&self, guild_id: u64, user_id: u64) -> Result<(String, bool), PackError> {
         let queue = &self.setup.queue;
         if let Some(name) = queue.cancel(guild_id, user_id).await? {
-            return Ok(name);
+            return Ok((name, true));
         }
         let Some(payload) = queue.withdraw(guild_id).await? else {
             return Err(PackError::NothingTraining);
         };
         let pack: QueuedPack =
             serde_json::from_slice(&payload).context("reading the withdrawn pack")?;
-        if !pack.resume {
-            queue.remove_file(&archive_key(&pack)).await;
+        match own_pack(&self.store, guild_id, &pack.name).await {
+            // Waiting for its next trainer (one died or stopped with it): it stays resumable.
+            Ok(style) if style.status == StyleStatus::Training => {
+                if let Some(run) = self.store.latest_run(&pack.name).await? {
+                    if run.status == RunStatus::Running {
+                        end_unfinished_run(&self.store, &run, RunStatus::Cancelled, None).await?;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(_) => queue.remove_file(&archive_key(&pack)).await,
         }
         self.store
             .record_audit(
@@ -376,7 +387,7 @@ impl PackIntake {
                 &format!("name={} queued", pack.name),
             )
             .await?;
-        Ok(pack.name)
+        Ok((pack.name, false))
     }
 
     /// The guild's packs, oldest first, each with its latest run.
@@ -474,7 +485,7 @@ impl StylePacks {
                     Some(s) if s.status == StyleStatus::Published => false,
                     Some(s) if s.status == StyleStatus::Draft => {
                         let key = draft_key(guild_id, &name);
-                        queue.file_keys(&key).await?.is_empty()
+                        !queue.file_keys(&key).await?.iter().any(|(k, _)| *k == key)
                     }
                     Some(s) => !super::holds_other_pack(&pack.path(), &s),
                 };
@@ -538,11 +549,12 @@ pub async fn train_from_queue(
             job.set_aside().await;
             continue;
         }
-        let last_attempt = job.is_last_attempt();
-        let zip = latest_archive(&queue, &pack).await;
-        let end = job.hold(trainer.train(zip, stop.clone())).await;
-        if let (TrainingJobEnd::Failed(why), true) = (&end, last_attempt) {
-            trainer.give_up(why).await;
+        let end = job.hold(trainer.train(stop.clone())).await;
+        if let TrainingJobEnd::Failed(why) = &end {
+            if job.is_last_attempt() {
+                trainer.give_up(why).await;
+                job.set_aside().await;
+            }
         }
     }
     packs.shutdown().await;
@@ -578,7 +590,10 @@ impl Trainer<'_> {
     }
 
     /// Trains the pack and relays its news; how the job ends for the broker.
-    async fn train(&self, zip: Option<Vec<u8>>, mut stop: watch::Receiver<bool>) -> TrainingJobEnd {
+    async fn train(&self, mut stop: watch::Receiver<bool>) -> TrainingJobEnd {
+        // Listening first: a cancel asked while the pack is fetched and set up is answered
+        // once it runs.
+        let mut cancels = self.queue.cancel_requests(self.pack.guild_id).await;
         let own = match self.own_row().await {
             Ok(own) => own,
             Err(e) => return TrainingJobEnd::Failed(format!("{e:#}")),
@@ -587,13 +602,15 @@ impl Trainer<'_> {
         {
             // This upload already ran to its end (the job came back after it): keep its
             // draft if that was what was lost.
-            if style.status == StyleStatus::Draft {
+            let folder = self.packs.pack_dir(style.guild_id, &style.name);
+            if style.status == StyleStatus::Draft && folder.exists() {
                 if let Err(e) = self.keep_draft().await {
-                    tracing::debug!(error = %format!("{e:#}"), "keeping a redelivered pack's draft");
+                    return TrainingJobEnd::Failed(format!("keeping the trained style: {e:#}"));
                 }
             }
             return TrainingJobEnd::Finished;
         }
+        let zip = latest_archive(self.queue, self.pack).await;
         let mut events = match self.packs.train_queued(self.pack, zip).await {
             Ok(events) => events,
             // Not the pack's fault: this trainer is busy or broken; another try may work.
@@ -610,7 +627,6 @@ impl Trainer<'_> {
         };
         let run_id = events.run.id;
         self.tell(PackEvent::Started { run_id }).await;
-        let mut cancels = self.queue.cancel_requests(self.pack.guild_id).await;
         let mut next_progress = tokio::time::Instant::now();
         let (mut changed, mut progress_open, mut stopping) = (false, true, false);
         loop {

@@ -270,8 +270,9 @@ impl Broker {
             .await
             .with_context(|| format!("connecting to {}", config.url))?;
         let js = jetstream::new(client);
-        let stream = js
-            .get_or_create_stream(stream::Config {
+        let stream = ensure_stream(
+            &js,
+            stream::Config {
                 name: config.stream(),
                 subjects: vec![format!("{}.render.*", config.prefix)],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -282,11 +283,13 @@ impl Broker {
                 discard_new_per_subject: true,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
-            })
-            .await
-            .context("creating the render stream")?;
-        let replies = js
-            .get_or_create_stream(stream::Config {
+            },
+        )
+        .await
+        .context("creating the render stream")?;
+        let replies = ensure_stream(
+            &js,
+            stream::Config {
                 name: format!("{}_REPLIES", config.prefix.to_uppercase()),
                 subjects: vec![config.reply_subject()],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -295,26 +298,30 @@ impl Broker {
                 storage: stream::StorageType::File,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
-            })
-            .await
-            .context("creating the reply stream")?;
+            },
+        )
+        .await
+        .context("creating the reply stream")?;
         dead_letter_stream(&js, config).await?;
         // The bucket's stream as `create_key_value` would make it: that call first asks for
         // the account's limits, an answer this client cannot read from a 2.9 server.
         let bucket = format!("{}_jobs", config.prefix);
-        js.get_or_create_stream(stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            max_age: config.keep_results,
-            storage: stream::StorageType::File,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..Default::default()
-        })
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age: config.keep_results,
+                storage: stream::StorageType::File,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                num_replicas: 1,
+                ..Default::default()
+            },
+        )
         .await
         .context("creating the jobs bucket")?;
         let jobs = js
@@ -385,15 +392,35 @@ impl Broker {
     }
 }
 
+/// The stream of `config`, created when missing. Processes starting together may race to
+/// create it (the server then refuses all but one): the loser finds it on a second look.
+async fn ensure_stream(js: &Context, config: stream::Config) -> anyhow::Result<stream::Stream> {
+    let mut tries = 0;
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if tries < 3 => {
+                tracing::debug!("creating stream {}: {e}; looking again", config.name);
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The stream of set-aside jobs, `{prefix}.dead.>`, kept a week for the host to look at.
 async fn dead_letter_stream(js: &Context, config: &JetStreamConfig) -> anyhow::Result<()> {
-    js.get_or_create_stream(stream::Config {
-        name: format!("{}_DEAD", config.prefix.to_uppercase()),
-        subjects: vec![format!("{}.dead.>", config.prefix)],
-        storage: stream::StorageType::File,
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        ..Default::default()
-    })
+    ensure_stream(
+        js,
+        stream::Config {
+            name: format!("{}_DEAD", config.prefix.to_uppercase()),
+            subjects: vec![format!("{}.dead.>", config.prefix)],
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            ..Default::default()
+        },
+    )
     .await
     .context("creating the dead-letter stream")?;
     Ok(())

@@ -23,13 +23,18 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer, message::AckKind, object_store::ObjectStore, stream};
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::io::AsyncReadExt;
 
 use super::{
-    dead_letter_stream, holding_lease, object_store, read_object, retry_delay, JetStreamConfig,
+    dead_letter_stream, ensure_stream, holding_lease, object_store, read_object, retry_delay,
+    JetStreamConfig,
 };
 
 const TRAINERS: &str = "trainers";
 const NEWS_READERS: &str = "training-responders";
+/// Clean stops (deploys, restarts) a job may see besides its failures before it is set aside
+/// anyway: a bound that holds even where its attempts could not be counted.
+const CLEAN_STOPS_ALLOWED: u64 = 20;
 /// How long a cancel waits for the trainer's answer.
 const CANCEL_WAIT: Duration = Duration::from_secs(5);
 /// How long news waits for a responder.
@@ -67,8 +72,9 @@ impl TrainingQueue {
             .with_context(|| format!("connecting to {}", config.url))?;
         let js = jetstream::new(client);
         let upper = config.prefix.to_uppercase();
-        let jobs = js
-            .get_or_create_stream(stream::Config {
+        let jobs = ensure_stream(
+            &js,
+            stream::Config {
                 name: format!("{upper}_TRAINING"),
                 subjects: vec![format!("{}.train.*", config.prefix)],
                 retention: stream::RetentionPolicy::WorkQueue,
@@ -78,20 +84,23 @@ impl TrainingQueue {
                 discard_new_per_subject: true,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
-            })
-            .await
-            .context("creating the training stream")?;
-        let news = js
-            .get_or_create_stream(stream::Config {
+            },
+        )
+        .await
+        .context("creating the training stream")?;
+        let news = ensure_stream(
+            &js,
+            stream::Config {
                 name: format!("{upper}_TRAINING_NEWS"),
                 subjects: vec![format!("{}.train-news.*", config.prefix)],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 max_age: NEWS_KEPT,
                 ..Default::default()
-            })
-            .await
-            .context("creating the training news stream")?;
+            },
+        )
+        .await
+        .context("creating the training news stream")?;
         dead_letter_stream(&js, config).await?;
         let files = object_store(&js, config, "packs", Duration::ZERO)
             .await
@@ -396,9 +405,28 @@ impl TrainingJobs {
                 return None;
             }
         };
-        let sequence = message.info().map_or(0, |info| info.stream_sequence);
-        let attempt = self.queue.attempts(sequence).await + 1;
-        self.queue.set_attempts(sequence, attempt).await;
+        let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
+            let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
+            return None;
+        };
+        // A job is run only once its attempt is counted: a job that kills its trainers must
+        // reach its limit.
+        let counted = match self.queue.attempts(sequence).await {
+            Ok(attempts) => self
+                .queue
+                .set_attempts(sequence, attempts + 1)
+                .await
+                .map(|()| attempts + 1),
+            Err(e) => Err(e),
+        };
+        let attempt = match counted {
+            Ok(attempt) => attempt,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "counting a training job's attempt");
+                let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
+                return None;
+            }
+        };
         Some(TrainingJob {
             queue: self.queue.clone(),
             message,
@@ -415,21 +443,26 @@ fn attempts_key(sequence: u64) -> String {
 }
 
 impl TrainingQueue {
-    async fn attempts(&self, sequence: u64) -> u32 {
-        let Ok(bytes) = self.file(&attempts_key(sequence)).await else {
-            return 0;
+    /// The attempts counted so far; an error when the broker could not say.
+    async fn attempts(&self, sequence: u64) -> anyhow::Result<u32> {
+        let mut object = match self.files.get(&attempts_key(sequence)).await {
+            Ok(object) => object,
+            Err(e) if e.kind() == async_nats::jetstream::object_store::GetErrorKind::NotFound => {
+                return Ok(0)
+            }
+            Err(e) => return Err(e).context("reading a job's attempts"),
         };
-        std::str::from_utf8(&bytes)
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        let mut text = String::new();
+        object
+            .read_to_string(&mut text)
+            .await
+            .context("reading a job's attempts")?;
+        Ok(text.parse().unwrap_or(0))
     }
 
-    async fn set_attempts(&self, sequence: u64, attempts: u32) {
-        let key = attempts_key(sequence);
-        if let Err(e) = self.put_file(&key, attempts.to_string().as_bytes()).await {
-            tracing::warn!(error = %format!("{e:#}"), "counting a training job's attempts");
-        }
+    async fn set_attempts(&self, sequence: u64, attempts: u32) -> anyhow::Result<()> {
+        self.put_file(&attempts_key(sequence), attempts.to_string().as_bytes())
+            .await
     }
 }
 
@@ -469,7 +502,12 @@ impl TrainingJob {
     /// Whether the job failed (or killed its trainers) `max_failures` times already: it is
     /// only to be set aside ([`Self::set_aside`]).
     pub fn failed_too_often(&self) -> bool {
+        let delivered = self
+            .message
+            .info()
+            .map_or(0, |info| info.delivered.max(0) as u64);
         self.attempt > self.queue.config.max_failures
+            || delivered > u64::from(self.queue.config.max_failures) + CLEAN_STOPS_ALLOWED
     }
 
     /// Whether a failure of this attempt sets the job aside.
@@ -478,9 +516,10 @@ impl TrainingJob {
     }
 
     /// Runs `work` holding the job's lease, then settles the job as `work` says: removed,
-    /// handed on at once (not counted as an attempt), retried after a delay, or set aside
-    /// after the last attempt ([`Self::is_last_attempt`]).
-    pub async fn hold(self, work: impl Future<Output = TrainingJobEnd>) -> TrainingJobEnd {
+    /// handed on at once (not counted as an attempt), or retried after a delay. A failure of
+    /// the last attempt ([`Self::is_last_attempt`]) is left to the caller, who records it and
+    /// then sets the job aside ([`Self::set_aside`]).
+    pub async fn hold(&self, work: impl Future<Output = TrainingJobEnd>) -> TrainingJobEnd {
         let end = holding_lease(&self.message, self.lease, work).await;
         match &end {
             TrainingJobEnd::Finished => {
@@ -491,14 +530,14 @@ impl TrainingJob {
             }
             TrainingJobEnd::Interrupted => {
                 let attempts = self.attempt.saturating_sub(1);
-                self.queue.set_attempts(self.sequence, attempts).await;
+                if let Err(e) = self.queue.set_attempts(self.sequence, attempts).await {
+                    tracing::warn!(error = %format!("{e:#}"), "uncounting a clean stop");
+                }
                 let _ = self.message.ack_with(AckKind::Nak(None)).await;
             }
             TrainingJobEnd::Failed(why) => {
                 tracing::warn!("training job failed (attempt {}): {why}", self.attempt);
-                if self.is_last_attempt() {
-                    self.set_aside().await;
-                } else {
+                if !self.is_last_attempt() {
                     let delay = retry_delay(u64::from(self.attempt));
                     let _ = self.message.ack_with(AckKind::Nak(Some(delay))).await;
                 }
