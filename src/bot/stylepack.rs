@@ -18,6 +18,7 @@ use tokio::time::{sleep_until, Instant};
 use super::download::PhotoRef;
 use super::settings::{is_server_admin, say, sub_command};
 use super::{texts, BotState};
+use crate::config::StylePackConfig;
 use crate::jobs::TrainingQueue;
 use crate::store::{GuildStyle, Store, TrainingRun};
 use crate::stylepack::{
@@ -63,10 +64,7 @@ pub async fn command(
             Err(e) => refusal(e),
         },
         ("resume", Some(name)) => {
-            let by = Requester {
-                user_id: user,
-                channel_id: cmd.channel_id.get(),
-            };
+            let by = requester(cmd);
             match packs.resume(guild, &name, by).await {
                 Ok(events) => {
                     tokio::spawn(follow_run(Arc::clone(state), Arc::clone(http), events));
@@ -99,6 +97,50 @@ fn string_option(options: &[ResolvedOption<'_>], name: &str) -> Option<String> {
     })
 }
 
+/// Who asks, and where the run's news goes.
+fn requester(cmd: &CommandInteraction) -> Requester {
+    Requester {
+        user_id: cmd.user.id.get(),
+        channel_id: cmd.channel_id.get(),
+    }
+}
+
+/// The archive attached to an upload.
+fn attached_file(options: &[ResolvedOption<'_>]) -> Option<PhotoRef> {
+    options.iter().find_map(|o| match o.value {
+        ResolvedValue::Attachment(a) if o.name == "file" => Some(PhotoRef::from_attachment(a)),
+        _ => None,
+    })
+}
+
+/// Checks an upload's archive size (answered at once when too large), defers the answer
+/// (ephemeral) and downloads it; `None` once a failure has been answered.
+async fn download_archive(
+    state: &BotState,
+    http: &Arc<Http>,
+    cmd: &CommandInteraction,
+    file: &PhotoRef,
+    config: &StylePackConfig,
+) -> Result<Option<Vec<u8>>> {
+    let max_bytes = config.max_zip_bytes;
+    if let Err(e) = state.downloader.check_file(file, max_bytes) {
+        say(http, cmd, texts::pack_download_error(&e)).await?;
+        return Ok(None);
+    }
+    let defer =
+        CreateInteractionResponse::Defer(CreateInteractionResponseMessage::new().ephemeral(true));
+    cmd.create_response(http.as_ref(), defer).await?;
+    match state.downloader.fetch_file(file, max_bytes).await {
+        Ok(zip) => Ok(Some(zip)),
+        Err(e) => {
+            let text = texts::pack_download_error(&e);
+            cmd.edit_response(http.as_ref(), EditInteractionResponse::new().content(text))
+                .await?;
+            Ok(None)
+        }
+    }
+}
+
 /// Checks before downloading (answered at once), then an ephemeral deferral: download, check
 /// the archive, start preparing and training it, and say what was accepted and skipped.
 async fn upload(
@@ -110,11 +152,7 @@ async fn upload(
     options: &[ResolvedOption<'_>],
     name: Option<String>,
 ) -> Result<()> {
-    let file = options.iter().find_map(|o| match o.value {
-        ResolvedValue::Attachment(a) if o.name == "file" => Some(PhotoRef::from_attachment(a)),
-        _ => None,
-    });
-    let (Some(file), Some(name)) = (file, name) else {
+    let (Some(file), Some(name)) = (attached_file(options), name) else {
         return say(http, cmd, texts::STYLEPACK_NO_FILE).await;
     };
     let base = string_option(options, "base").filter(|b| !b.is_empty());
@@ -122,27 +160,16 @@ async fn upload(
         Ok(r) => r,
         Err(e) => return say(http, cmd, texts::pack_error(&e, guild, packs.config())).await,
     };
-    let max_bytes = packs.config().max_zip_bytes;
-    if let Err(e) = state.downloader.check_file(&file, max_bytes) {
-        return say(http, cmd, texts::pack_download_error(&e)).await;
-    }
-    let defer =
-        CreateInteractionResponse::Defer(CreateInteractionResponseMessage::new().ephemeral(true));
-    cmd.create_response(http.as_ref(), defer).await?;
+    let Some(zip) = download_archive(state, http, cmd, &file, packs.config()).await? else {
+        return Ok(());
+    };
     let answer = |text: String| async move {
         cmd.edit_response(http.as_ref(), EditInteractionResponse::new().content(text))
             .await
             .map(drop)
     };
-    let zip = match state.downloader.fetch_file(&file, max_bytes).await {
-        Ok(zip) => zip,
-        Err(e) => return Ok(answer(texts::pack_download_error(&e)).await?),
-    };
     answer(texts::STYLEPACK_CHECKING.to_string()).await?;
-    let by = Requester {
-        user_id: cmd.user.id.get(),
-        channel_id: cmd.channel_id.get(),
-    };
+    let by = requester(cmd);
     let accepted = match reservation.upload(zip, by).await {
         Ok(accepted) => accepted,
         Err(e) => {
@@ -197,10 +224,7 @@ async fn queued_command(
             Err(e) => refusal(e),
         },
         ("resume", Some(name)) => {
-            let by = Requester {
-                user_id: cmd.user.id.get(),
-                channel_id: cmd.channel_id.get(),
-            };
+            let by = requester(cmd);
             match intake.resume(guild, &name, by).await {
                 Ok(()) => texts::resume_queued(&name),
                 Err(e) => refusal(e),
@@ -252,11 +276,7 @@ async fn queue_upload(
     options: &[ResolvedOption<'_>],
     name: Option<String>,
 ) -> Result<()> {
-    let file = options.iter().find_map(|o| match o.value {
-        ResolvedValue::Attachment(a) if o.name == "file" => Some(PhotoRef::from_attachment(a)),
-        _ => None,
-    });
-    let (Some(file), Some(name)) = (file, name) else {
+    let (Some(file), Some(name)) = (attached_file(options), name) else {
         return say(http, cmd, texts::STYLEPACK_NO_FILE).await;
     };
     let base = string_option(options, "base").filter(|b| !b.is_empty());
@@ -268,30 +288,17 @@ async fn queue_upload(
         Ok(base) => base,
         Err(e) => return say(http, cmd, texts::pack_error(&e, guild, intake.config())).await,
     };
-    let max_bytes = intake.config().max_zip_bytes;
-    if let Err(e) = state.downloader.check_file(&file, max_bytes) {
-        return say(http, cmd, texts::pack_download_error(&e)).await;
-    }
-    let defer =
-        CreateInteractionResponse::Defer(CreateInteractionResponseMessage::new().ephemeral(true));
-    cmd.create_response(http.as_ref(), defer).await?;
-    let text = match state.downloader.fetch_file(&file, max_bytes).await {
-        Err(e) => texts::pack_download_error(&e),
-        Ok(zip) => {
-            let by = Requester {
-                user_id: cmd.user.id.get(),
-                channel_id: cmd.channel_id.get(),
-            };
-            let pack = QueuedPack::upload(guild, &name, Some(base), by);
-            match intake.queue(pack, zip).await {
-                Ok(queued) => texts::pack_queued(&name, &queued),
-                Err(e) => {
-                    if let PackError::Internal(detail) = &e {
-                        tracing::error!(error = %format!("{detail:#}"), "queueing a style pack failed");
-                    }
-                    texts::pack_error(&e, guild, intake.config())
-                }
+    let Some(zip) = download_archive(state, http, cmd, &file, intake.config()).await? else {
+        return Ok(());
+    };
+    let pack = QueuedPack::upload(guild, &name, Some(base), requester(cmd));
+    let text = match intake.queue(pack, zip).await {
+        Ok(queued) => texts::pack_queued(&name, &queued),
+        Err(e) => {
+            if let PackError::Internal(detail) = &e {
+                tracing::error!(error = %format!("{detail:#}"), "queueing a style pack failed");
             }
+            texts::pack_error(&e, guild, intake.config())
         }
     };
     cmd.edit_response(http.as_ref(), EditInteractionResponse::new().content(text))

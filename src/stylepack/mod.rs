@@ -337,17 +337,7 @@ impl StylePacks {
         if self.inner.setup.trainer.is_none() {
             return Err(PackError::NoTrainer);
         }
-        let base = self
-            .inner
-            .setup
-            .registry
-            .find(&style.base)
-            .map_err(|e| anyhow::anyhow!("the base style is gone: {e}"))?;
-        let reservation = self.take_slot(style.guild_id, &style.name, base)?;
-        let style = match zip {
-            Some(zip) => self.restore_files(style, zip).await?,
-            None => style,
-        };
+        let (reservation, style) = self.take_slot_restoring(style, zip).await?;
         let new_run = NewRun {
             user_id: by.user_id,
             channel_id: by.channel_id,
@@ -366,6 +356,27 @@ impl StylePacks {
             ..style
         };
         Ok(self.launch(reservation, style, run))
+    }
+
+    /// Takes the training slot for an existing pack (its base must still be installed), its
+    /// files restored from `zip` where this host lacks them ([`Self::restore_files`]).
+    async fn take_slot_restoring(
+        &self,
+        style: GuildStyle,
+        zip: Option<Vec<u8>>,
+    ) -> Result<(Reservation, GuildStyle), PackError> {
+        let base = self
+            .inner
+            .setup
+            .registry
+            .find(&style.base)
+            .map_err(|e| anyhow::anyhow!("the base style is gone: {e}"))?;
+        let reservation = self.take_slot(style.guild_id, &style.name, base)?;
+        let style = match zip {
+            Some(zip) => self.restore_files(style, zip).await?,
+            None => style,
+        };
+        Ok((reservation, style))
     }
 
     /// Restores a pack's images from its archive where this host has not prepared them (the

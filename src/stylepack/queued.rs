@@ -442,17 +442,7 @@ impl StylePacks {
             .await?
             .filter(|r| r.status == RunStatus::Running)
             .context("the pack's run is missing")?;
-        let base = self
-            .inner
-            .setup
-            .registry
-            .find(&style.base)
-            .map_err(|e| anyhow::anyhow!("the base style is gone: {e}"))?;
-        let reservation = self.take_slot(style.guild_id, &style.name, base)?;
-        let style = match zip {
-            Some(zip) => self.restore_files(style, zip).await?,
-            None => style,
-        };
+        let (reservation, style) = self.take_slot_restoring(style, zip).await?;
         tracing::info!(run = run.id, style = %style.name, "taking over a training run");
         Ok(self.launch(reservation, style, run))
     }
