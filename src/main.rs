@@ -313,7 +313,7 @@ enum TrainCommand {
         #[arg(long, value_enum, default_value = "fast")]
         recipe: Recipe,
         /// The fast recipe's time budget in minutes, setup included (default: `[stylepacks]`
-        /// minutes_per_image for each cartoon, at least 5, at most `minutes`).
+        /// minutes_per_image for each cartoon, at least `min_minutes`, at most `minutes`).
         #[arg(long)]
         minutes: Option<f64>,
         /// Which generator parts train (default: decoder for the fast recipe, branches for
