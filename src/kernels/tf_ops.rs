@@ -86,6 +86,9 @@ pub fn hard_swish(x: &Tensor) -> Result<Tensor> {
 
 /// Per-channel PReLU with an NCHW-broadcast slope of shape `(channels,)`.
 pub fn prelu(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::train_ops::frozen_prelu(x, slope) {
+        return y;
+    }
     let slope = slope.reshape((1, (), 1, 1))?;
     let pos = x.relu()?;
     let neg = (x - &pos)?;

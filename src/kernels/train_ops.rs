@@ -8,7 +8,9 @@
 //! col2im) and one GEMM per band of output rows, with the padding (zeros or reflection)
 //! read in place. Instance norm (+ReLU) is one pass per channel plane each way.
 
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 use candle_nn::{Conv2d, Module};
 use gemm::Parallelism;
 
@@ -541,7 +543,7 @@ impl CustomOp2 for ConvWeightGrad {
 
 /// True when these ops replace candle's: some tensor tracks gradients, and all are `f32`
 /// on the CPU.
-fn training_on_cpu(tensors: &[&Tensor]) -> bool {
+pub fn training_on_cpu(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.track_op())
         && tensors
             .iter()
@@ -583,15 +585,17 @@ pub fn conv2d_layer(layer: &Conv2d, x: &Tensor, reflect: usize) -> Result<Tensor
     }
 }
 
+/// Mean and sum of squared deviations of one channel plane.
+fn plane_moments(plane: &[f32]) -> (f64, f64) {
+    let mean = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / plane.len() as f64;
+    let sum_sq = plane.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum();
+    (mean, sum_sq)
+}
+
 /// Mean and `1 / sqrt(biased variance + eps)` of one channel plane.
 fn plane_stats(plane: &[f32], eps: f64) -> (f32, f32) {
-    let n = plane.len() as f64;
-    let mean = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = plane
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / n;
+    let (mean, sum_sq) = plane_moments(plane);
+    let var = sum_sq / plane.len() as f64;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
 }
 
@@ -691,6 +695,447 @@ impl CustomOp2 for InstanceNormGrad {
 /// `None` otherwise, for the caller's own ops.
 pub fn instance_norm(x: &Tensor, relu: bool, eps: f64) -> Option<Result<Tensor>> {
     training_on_cpu(&[x]).then(|| x.contiguous()?.apply_op1(InstanceNormOp { relu, eps }))
+}
+
+/// photo2cartoon's instance/layer-norm statistics of one sample (`C` planes of `hw` pixels),
+/// both variances unbiased as `torch.var`: `x̂_in = (x - mean_c) * inv_in_c`, `x̂_ln = (x -
+/// layer_mean) * inv_ln`.
+struct LinStats {
+    mean: Vec<f64>,
+    inv_in: Vec<f64>,
+    layer_mean: f64,
+    inv_ln: f64,
+}
+
+impl LinStats {
+    /// From each plane's [`plane_moments`].
+    fn new(moments: &[(f64, f64)], hw: usize, eps: f64) -> Self {
+        let (c, hw) = (moments.len() as f64, hw as f64);
+        let layer_mean = moments.iter().map(|m| m.0).sum::<f64>() / c;
+        let layer_sum_sq = moments
+            .iter()
+            .map(|&(mean, sum_sq)| sum_sq + hw * (mean - layer_mean).powi(2))
+            .sum::<f64>();
+        Self {
+            mean: moments.iter().map(|m| m.0).collect(),
+            inv_in: moments
+                .iter()
+                .map(|m| 1.0 / (m.1 / (hw - 1.0) + eps).sqrt())
+                .collect(),
+            layer_mean,
+            inv_ln: 1.0 / (layer_sum_sq / (c * hw - 1.0) + eps).sqrt(),
+        }
+    }
+
+    /// Every sample's statistics, from the planes of `x` (`n` samples).
+    fn of_samples(x: &[f32], n: usize, hw: usize, eps: f64) -> Vec<Self> {
+        let moments: Vec<(f64, f64)> = x.par_chunks(hw).map(plane_moments).collect();
+        moments
+            .chunks(moments.len() / n.max(1))
+            .map(|m| Self::new(m, hw, eps))
+            .collect()
+    }
+}
+
+/// The shape of a LIN: `n` samples of `c` planes of `hw` pixels, and whether gamma and beta
+/// are per sample (`(N, C, 1, 1)`) or shared (`(1, C, 1, 1)`).
+#[derive(Clone, Copy)]
+struct LinShape {
+    n: usize,
+    c: usize,
+    hw: usize,
+    per_sample: bool,
+}
+
+impl LinShape {
+    fn new(x: &Layout, gamma_beta: &Layout) -> Result<Self> {
+        let (n, c, h, w) = x.shape().dims4()?;
+        let (g, c2, _, _) = gamma_beta.shape().dims4()?;
+        if c2 != 2 * c || !(g == 1 || g == n) || h * w < 2 {
+            bail!(
+                "instance/layer norm: gamma and beta {:?} for input {:?}",
+                gamma_beta.dims(),
+                x.dims()
+            )
+        }
+        Ok(Self {
+            n,
+            c,
+            hw: h * w,
+            per_sample: g == n && n > 1,
+        })
+    }
+
+    /// `(gamma, beta)` of plane `p` from the concatenated `(G, 2C)` values.
+    fn gamma_beta(&self, gamma_beta: &[f32], p: usize) -> (f64, f64) {
+        let (n, c) = (p / self.c, p % self.c);
+        let row = if self.per_sample { n * 2 * self.c } else { 0 };
+        (
+            f64::from(gamma_beta[row + c]),
+            f64::from(gamma_beta[row + self.c + c]),
+        )
+    }
+
+    /// The index of plane `p`'s gamma in the concatenated values (its beta is `c` later).
+    fn gamma_index(&self, p: usize) -> usize {
+        let (n, c) = (p / self.c, p % self.c);
+        if self.per_sample {
+            n * 2 * self.c + c
+        } else {
+            c
+        }
+    }
+}
+
+/// photo2cartoon's LIN and adaLIN, `(rho * IN(x) + (1 - rho) * LN(x)) * gamma + beta`, as one
+/// op of `(x, rho, cat([gamma, beta], 1))`: a statistics pass and an output pass forward, a
+/// statistics pass, a sums pass and an output pass backward. candle's composition takes
+/// about ten whole-tensor passes each way.
+struct InstanceLayerNormOp {
+    eps: f64,
+}
+
+impl CustomOp3 for InstanceLayerNormOp {
+    fn name(&self) -> &'static str {
+        "toonbot-train-instance-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = LinShape::new(xl, gl)?;
+        let (x, rho, gamma_beta) = (f32_slice(xs, xl)?, f32_slice(rs, rl)?, f32_slice(gs, gl)?);
+        if rho.len() != shape.c {
+            bail!(
+                "instance/layer norm: rho {:?} for input {:?}",
+                rl.dims(),
+                xl.dims()
+            )
+        }
+        let stats = LinStats::of_samples(x, shape.n, shape.hw, self.eps);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(shape.hw)
+            .zip(x.par_chunks(shape.hw))
+            .enumerate()
+            .for_each(|(p, (y, x))| {
+                let (s, c) = (&stats[p / shape.c], p % shape.c);
+                let rho = f64::from(rho[c]);
+                let (gamma, beta) = shape.gamma_beta(gamma_beta, p);
+                let a = rho * s.inv_in[c] + (1.0 - rho) * s.inv_ln;
+                let b = (1.0 - rho) * (s.mean[c] - s.layer_mean) * s.inv_ln;
+                let (scale, shift) = ((a * gamma) as f32, (b * gamma + beta) as f32);
+                let mean = s.mean[c] as f32;
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - mean) * scale + shift;
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        rho: &Tensor,
+        gamma_beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let shape = LinShape::new(x.layout(), gamma_beta.layout())?;
+        let rho_v = rho.flatten_all()?.to_vec1::<f32>()?;
+        let gamma_beta_v = gamma_beta.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.contiguous()?;
+        let (dx, drho, dgamma_beta) = cpu_ops::with_slice(x, |x| {
+            cpu_ops::with_slice(&grad, |g| {
+                Ok(self.backward(shape, (x, g), &rho_v, &gamma_beta_v))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(drho, rho.shape(), dev)?),
+            Some(Tensor::from_vec(dgamma_beta, gamma_beta.shape(), dev)?),
+        ))
+    }
+}
+
+impl InstanceLayerNormOp {
+    /// The gradients of `x`, `rho` and `cat([gamma, beta], 1)` given the output's `g`. With
+    /// `d = x - mean_c`, `delta = mean_c - layer_mean`, `G = Σ g` and `H = Σ g d` over a plane,
+    /// `Σ g x̂_in = inv_in H` and `Σ g x̂_ln = inv_ln (H + delta G)`; each unbiased
+    /// normalisation's backward is `inv_std (u - mean(u) - x̂ Σ(u x̂) / (M - 1))`, so `dx` is
+    /// `g P + d Q + R` per plane.
+    fn backward(
+        &self,
+        shape: LinShape,
+        (x, g): (&[f32], &[f32]),
+        rho: &[f32],
+        gamma_beta: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let LinShape { n, c, hw, .. } = shape;
+        let stats = LinStats::of_samples(x, n, hw, self.eps);
+        let sums: Vec<(f64, f64)> = x
+            .par_chunks(hw)
+            .zip(g.par_chunks(hw))
+            .enumerate()
+            .map(|(p, (x, g))| {
+                let mean = stats[p / c].mean[p % c];
+                x.iter().zip(g).fold((0.0, 0.0), |(sg, sgd), (&x, &g)| {
+                    let g = f64::from(g);
+                    (sg + g, sgd + g * (f64::from(x) - mean))
+                })
+            })
+            .collect();
+        let mut drho = vec![0f32; c];
+        let mut dgamma_beta = vec![0f32; gamma_beta.len()];
+        // Per sample: mean(u) and Σ u x̂_ln of the layer norm's part, u = (1 - rho) gamma g.
+        let (hw_f, chw) = (hw as f64, (c * hw) as f64);
+        let layer_terms: Vec<(f64, f64)> = (0..n)
+            .map(|s| {
+                let st = &stats[s];
+                (0..c).fold((0.0, 0.0), |(mu, su), ch| {
+                    let p = s * c + ch;
+                    let (sg, sgd) = sums[p];
+                    let w = (1.0 - f64::from(rho[ch])) * shape.gamma_beta(gamma_beta, p).0;
+                    let delta = st.mean[ch] - st.layer_mean;
+                    (mu + w * sg / chw, su + w * st.inv_ln * (sgd + delta * sg))
+                })
+            })
+            .collect();
+        let coefficients: Vec<(f32, f32, f32, f32)> = (0..n * c)
+            .map(|p| {
+                let (s, ch) = (p / c, p % c);
+                let st = &stats[s];
+                let (sg, sgd) = sums[p];
+                let rho = f64::from(rho[ch]);
+                let gamma = shape.gamma_beta(gamma_beta, p).0;
+                let (inv_in, inv_ln) = (st.inv_in[ch], st.inv_ln);
+                let delta = st.mean[ch] - st.layer_mean;
+                let (g_in, g_ln) = (inv_in * sgd, inv_ln * (sgd + delta * sg));
+                let gi = shape.gamma_index(p);
+                dgamma_beta[gi] += (rho * g_in + (1.0 - rho) * g_ln) as f32;
+                dgamma_beta[gi + c] += sg as f32;
+                drho[ch] += (gamma * (g_in - g_ln)) as f32;
+                let (mean_u, sum_ux) = layer_terms[s];
+                let ln_q = inv_ln * inv_ln * sum_ux / (chw - 1.0);
+                let p_ = rho * inv_in * gamma + (1.0 - rho) * inv_ln * gamma;
+                let q = -rho * inv_in.powi(3) * gamma * sgd / (hw_f - 1.0) - ln_q;
+                let r = -rho * inv_in * gamma * sg / hw_f - inv_ln * mean_u - delta * ln_q;
+                (p_ as f32, q as f32, r as f32, st.mean[ch] as f32)
+            })
+            .collect();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw).zip(g.par_chunks(hw)))
+            .zip(&coefficients)
+            .for_each(|((dx, (x, g)), &(p, q, r, mean))| {
+                for (dx, (&x, &g)) in dx.iter_mut().zip(x.iter().zip(g)) {
+                    *dx = g * p + (x - mean) * q + r;
+                }
+            });
+        (dx, drho, dgamma_beta)
+    }
+}
+
+/// `(rho * IN(x) + (1 - rho) * LN(x)) * gamma + beta` (photo2cartoon's LIN and adaLIN,
+/// unbiased variances) with [`InstanceLayerNormOp`] when a tensor tracks gradients on the CPU
+/// in `f32` and `gamma` and `beta` have the same shape; `None` otherwise, for the caller's
+/// own ops. `rho`: `(1, C, 1, 1)`; `gamma`, `beta`: `(N or 1, C, 1, 1)`.
+pub fn instance_layer_norm(
+    x: &Tensor,
+    rho: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Option<Result<Tensor>> {
+    (training_on_cpu(&[x, rho, gamma, beta]) && gamma.dims() == beta.dims()).then(|| {
+        let gamma_beta = Tensor::cat(&[gamma, beta], 1)?;
+        x.contiguous()?
+            .apply_op3(&rho.contiguous()?, &gamma_beta, InstanceLayerNormOp { eps })
+    })
+}
+
+/// An element-wise activation of the training ops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)` (EfficientNet's).
+    Relu6,
+    /// `x` where positive, `slope * x` elsewhere (also PReLU's, a slope per channel).
+    LeakyRelu(f32),
+}
+
+impl Activation {
+    fn value(self, x: f32) -> f32 {
+        match self {
+            Self::Relu => x.max(0.0),
+            Self::Relu6 => x.clamp(0.0, 6.0),
+            Self::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    slope * x
+                }
+            }
+        }
+    }
+
+    /// The derivative at `x`.
+    fn derivative(self, x: f32) -> f32 {
+        match self {
+            Self::Relu => f32::from(u8::from(x > 0.0)),
+            Self::Relu6 => f32::from(u8::from(x > 0.0 && x < 6.0)),
+            Self::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    slope
+                }
+            }
+        }
+    }
+
+    /// The same with candle's ops.
+    fn candle(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Relu => x.relu(),
+            Self::Relu6 => x.relu()?.minimum(6f32),
+            Self::LeakyRelu(slope) => x.maximum(&x.affine(f64::from(slope), 0.0)?),
+        }
+    }
+}
+
+/// Elements per parallel chunk of the element-wise ops.
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// An [`Activation`] forward in one parallel pass; its backward is [`ActivationGrad`].
+/// candle's ReLU backward takes four whole-tensor passes, its `minimum` and `maximum` about
+/// ten.
+#[derive(Clone)]
+struct ActivationOp {
+    f: Activation,
+    /// PReLU: a fixed `LeakyRelu` slope per channel of an NCHW tensor.
+    channel_slopes: Option<Vec<f32>>,
+}
+
+impl ActivationOp {
+    /// The pieces of a tensor of `shape` processed in parallel: their length, and the
+    /// activation of piece `i`.
+    fn pieces(&self, shape: &Shape) -> Result<(usize, impl Fn(usize) -> Activation + Sync + '_)> {
+        let plane = match &self.channel_slopes {
+            Some(slopes) => {
+                let (_, c, h, w) = shape.dims4()?;
+                if c != slopes.len() {
+                    bail!("PReLU: {} slopes for {c} channels", slopes.len())
+                }
+                h * w
+            }
+            None => ELEMENTWISE_CHUNK,
+        };
+        Ok((plane.max(1), move |i: usize| match &self.channel_slopes {
+            Some(slopes) => Activation::LeakyRelu(slopes[i % slopes.len()]),
+            None => self.f,
+        }))
+    }
+}
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "toonbot-train-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l)?;
+        let (piece, f) = self.pieces(l.shape())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(piece)
+            .zip(x.par_chunks(piece))
+            .enumerate()
+            .for_each(|(i, (y, x))| {
+                let f = f(i);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = f.value(x);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &ActivationGrad(self.clone()),
+        )?))
+    }
+}
+
+/// The input gradient of [`ActivationOp`], arguments `(x, grad)`.
+struct ActivationGrad(ActivationOp);
+
+impl CustomOp2 for ActivationGrad {
+    fn name(&self) -> &'static str {
+        "toonbot-train-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if xl.dims() != gl.dims() {
+            bail!(
+                "activation: gradient {:?} for input {:?}",
+                gl.dims(),
+                xl.dims()
+            )
+        }
+        let (x, grad) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
+        let (piece, f) = self.0.pieces(xl.shape())?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(piece)
+            .zip(x.par_chunks(piece).zip(grad.par_chunks(piece)))
+            .enumerate()
+            .for_each(|(i, (dx, (x, grad)))| {
+                let f = f(i);
+                for (dx, (&x, &g)) in dx.iter_mut().zip(x.iter().zip(grad)) {
+                    *dx = g * f.derivative(x);
+                }
+            });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+/// `f(x)`: one parallel pass each way with [`ActivationOp`] for `f32` tensors on the CPU
+/// (tracking gradients or not); candle's ops otherwise.
+pub fn activation(x: &Tensor, f: Activation) -> Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        return f.candle(x);
+    }
+    let op = ActivationOp {
+        f,
+        channel_slopes: None,
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// PReLU of an NCHW `x` with a fixed slope per channel (`slope`, `(C)`) through
+/// [`ActivationOp`] when `x` tracks gradients on the CPU in `f32`; `None` otherwise, for
+/// the caller's own ops (or when the slope itself trains).
+pub fn frozen_prelu(x: &Tensor, slope: &Tensor) -> Option<Result<Tensor>> {
+    (training_on_cpu(&[x]) && !slope.track_op()).then(|| {
+        let op = ActivationOp {
+            f: Activation::LeakyRelu(0.0),
+            channel_slopes: Some(slope.flatten_all()?.to_vec1()?),
+        };
+        x.contiguous()?.apply_op1(op)
+    })
 }
 
 /// Zero padding on each side of a convolution's input: `[top, bottom, left, right]`.
@@ -1040,6 +1485,110 @@ mod tests {
             instance_norm(&plain, true, 1e-5).is_none(),
             "inference keeps its path"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn the_instance_layer_norm_and_its_gradients_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, c, h, w) = (3, 4, 7, 9);
+        for per_sample in [true, false] {
+            let g = if per_sample { n } else { 1 };
+            let x = Var::randn(0.5f32, 2f32, (n, c, h, w), &dev)?;
+            let rho = Var::rand(0f32, 1f32, (1, c, 1, 1), &dev)?;
+            let gamma = Var::randn(1f32, 0.5f32, (g, c, 1, 1), &dev)?;
+            let beta = Var::randn(0f32, 0.5f32, (g, c, 1, 1), &dev)?;
+            let r = Tensor::randn(0f32, 1f32, (n, c, h, w), &dev)?;
+            let vars = [&x, &rho, &gamma, &beta];
+            let run = |f: &dyn Fn([&Tensor; 4]) -> Result<Tensor>| -> Result<Vec<Tensor>> {
+                let y = f(vars.map(|v| v.as_tensor()))?;
+                let grads = (&y * &r)?.sum_all()?.backward()?;
+                let mut out = vec![y];
+                for v in vars {
+                    out.push(grads.get(v).expect("gradient").clone());
+                }
+                Ok(out)
+            };
+            let ours = run(&|[x, rho, gamma, beta]| {
+                instance_layer_norm(x, rho, gamma, beta, 1e-5).expect("training path")
+            })?;
+            let candle = run(&|[x, rho, gamma, beta]| {
+                // Unbiased variances, as torch.var.
+                let normalise = |dims: &[usize], count: usize| -> Result<Tensor> {
+                    let mut mean = x.clone();
+                    for &d in dims {
+                        mean = mean.mean_keepdim(d)?;
+                    }
+                    let d = x.broadcast_sub(&mean)?;
+                    let mut sum_sq = d.sqr()?;
+                    for &dim in dims {
+                        sum_sq = sum_sq.sum_keepdim(dim)?;
+                    }
+                    let var = (sum_sq / (count - 1) as f64)?;
+                    d.broadcast_div(&(var + 1e-5)?.sqrt()?)
+                };
+                let x_in = normalise(&[3, 2], h * w)?;
+                let x_ln = normalise(&[3, 2, 1], c * h * w)?;
+                let mixed =
+                    (x_in.broadcast_mul(rho)? + x_ln.broadcast_mul(&rho.affine(-1.0, 1.0)?)?)?;
+                mixed.broadcast_mul(gamma)?.broadcast_add(beta)
+            })?;
+            for (what, (a, b)) in ["output", "x grad", "rho grad", "gamma grad", "beta grad"]
+                .iter()
+                .zip(ours.iter().zip(&candle))
+            {
+                assert_eq!(a.dims(), b.dims(), "{what}");
+                let diff = max_rel_diff(a, b)?;
+                assert!(diff < 1e-4, "{what} (per sample {per_sample}): {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_activations_prelu_and_their_gradients_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        // Away from the kinks (0 and 6), where the subgradients may differ.
+        let x = Var::randn(2f32, 4f32, (2, 3, 70, 130), &dev)?;
+        let r = Tensor::randn(0f32, 1f32, (2, 3, 70, 130), &dev)?;
+        for f in [
+            Activation::Relu,
+            Activation::Relu6,
+            Activation::LeakyRelu(0.2),
+        ] {
+            let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<[Tensor; 2]> {
+                let y = f(x.as_tensor())?;
+                let grads = (&y * &r)?.sum_all()?.backward()?;
+                Ok([y, grads.get(&x).expect("input gradient").clone()])
+            };
+            let ours = run(&|x| activation(x, f))?;
+            let candle = run(&|x| f.candle(x))?;
+            for (what, (a, b)) in ["output", "input grad"]
+                .iter()
+                .zip(ours.iter().zip(&candle))
+            {
+                assert_eq!(max_rel_diff(a, b)?, 0.0, "{what} of {f:?}");
+            }
+        }
+        let x = Var::randn(0f32, 2f32, (2, 3, 5, 7), &dev)?;
+        let r = Tensor::randn(0f32, 1f32, (2, 3, 5, 7), &dev)?;
+        let slope = Tensor::new(&[0.25f32, -0.5, 1.5], &dev)?;
+        let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<[Tensor; 2]> {
+            let y = f(x.as_tensor())?;
+            let grads = (&y * &r)?.sum_all()?.backward()?;
+            Ok([y, grads.get(&x).expect("input gradient").clone()])
+        };
+        let ours = run(&|x| frozen_prelu(x, &slope).expect("training path"))?;
+        let candle = run(&|x| {
+            let pos = x.relu()?;
+            pos.clone() + (x - pos)?.broadcast_mul(&slope.reshape((1, 3, 1, 1))?)?
+        })?;
+        for (what, (a, b)) in ["PReLU output", "PReLU input grad"]
+            .iter()
+            .zip(ours.iter().zip(&candle))
+        {
+            assert!(max_rel_diff(a, b)? < 1e-6, "{what}");
+        }
         Ok(())
     }
 

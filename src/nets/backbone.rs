@@ -147,7 +147,7 @@ impl FrozenConv {
 }
 
 fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.relu()?.minimum(6f32)
+    train_ops::activation(x, train_ops::Activation::Relu6)
 }
 
 #[derive(Debug, Clone)]

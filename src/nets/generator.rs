@@ -23,7 +23,7 @@ use candle_nn::{Conv2d, Init, Linear, VarBuilder, VarMap};
 use super::layers::{
     avg_pool2x, cam_features, conv2d, global_avg_pool, global_max_pool, instance_layer_norm,
     instance_layer_norm_affine, instance_norm, instance_norm_affine, instance_norm_relu, linear,
-    upsample_nearest2x, ReflConv2d,
+    relu, upsample_nearest2x, ReflConv2d,
 };
 use crate::kernels::cpu_ops::{self, InputTransform, PackedConv, Padding};
 use crate::kernels::train_ops;
@@ -505,7 +505,7 @@ impl ResnetSoftAdaLinBlock {
 
     fn forward(&self, x: &Tensor, content: &Tensor, style: &Tensor) -> Result<Tensor> {
         let y = self.conv1.forward(x)?;
-        let y = self.norm1.forward(&y, content, style)?.relu()?;
+        let y = relu(&self.norm1.forward(&y, content, style)?)?;
         let y = self.conv2.forward(&y)?;
         x + self.norm2.forward(&y, content, style)?
     }
@@ -551,7 +551,12 @@ impl UpBlock {
 impl Module for UpBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv.forward(&upsample_nearest2x(x)?)?;
-        instance_layer_norm(&y, &self.rho, &self.gamma, &self.beta)?.relu()
+        relu(&instance_layer_norm(
+            &y,
+            &self.rho,
+            &self.gamma,
+            &self.beta,
+        )?)
     }
 }
 
@@ -896,7 +901,7 @@ impl Generator {
             )?;
             (
                 cam_logit,
-                train_ops::conv2d_layer(&self.conv1x1, &x, 0)?.relu()?,
+                relu(&train_ops::conv2d_layer(&self.conv1x1, &x, 0)?)?,
             )
         };
         let heatmap = x.sum_keepdim(1)?;

@@ -85,7 +85,12 @@ pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
 
 /// `nn.LeakyReLU(slope)` for `0 <= slope < 1`.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
-    x.maximum(&x.affine(slope, 0.0)?)
+    train_ops::activation(x, train_ops::Activation::LeakyRelu(slope as f32))
+}
+
+/// `nn.ReLU`, through the training ops' one-pass forward and backward on the CPU.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    train_ops::activation(x, train_ops::Activation::Relu)
 }
 
 /// Sum over H and W, keeping the dims: `(N, C, 1, 1)`. Summing rows first keeps the f32
@@ -166,6 +171,9 @@ pub fn instance_layer_norm(
     gamma: &Tensor,
     beta: &Tensor,
 ) -> Result<Tensor> {
+    if let Some(y) = train_ops::instance_layer_norm(x, rho, gamma, beta, NORM_EPS) {
+        return y;
+    }
     let s = ChannelStats::new(x)?;
     let (scale, shift) = lin_scale_shift(&s.mean, &s.sum_sq, s.count, rho, gamma, beta)?;
     s.centered.broadcast_mul(&scale)?.broadcast_add(&shift)
