@@ -2,8 +2,8 @@
 //! own, at batch 4: where a step's time goes, part by part (the step itself is
 //! `toonbot bench --train --recipe fast`).
 //!
-//! `cargo run --release --example train_step_parts [size] [runs]` (default 128 px, 3 runs;
-//! the medians are printed).
+//! `cargo run --release --example train_step_parts [size] [runs] [part]` (default 128 px,
+//! 3 runs, every part whose name starts with `part`; the medians are printed).
 
 use std::path::Path;
 use std::time::Instant;
@@ -45,12 +45,10 @@ fn time(runs: usize, forward: impl Fn() -> Result<Tensor>) -> Result<(f64, f64)>
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse())
-        .collect::<std::result::Result<_, _>>()?;
-    let size = args.first().copied().unwrap_or(128);
-    let runs = args.get(1).copied().unwrap_or(3);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let size = args.first().map_or(Ok(128), |a| a.parse())?;
+    let runs = args.get(1).map_or(Ok(3), |a| a.parse())?;
+    let only = args.get(2).map_or("", String::as_str);
     let device = Device::Cpu;
     let models = Path::new("models");
     let nets = FastNets::new(
@@ -95,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         ("face-ID", Box::new(|| face_id.cosine_distance(&photos, x))),
     ];
     println!("part (batch {BATCH}, {size} px)          forward ms   backward ms");
-    for (name, forward) in &parts {
+    for (name, forward) in parts.iter().filter(|(name, _)| name.starts_with(only)) {
         let (f, b) = time(runs, forward)?;
         println!("{name:<36} {f:>10.0} {b:>13.0}");
     }

@@ -225,8 +225,16 @@ fn col2im(g: &ConvGeometry, col: &[f32], band: Band, image: &mut [f32]) {
                     line[ix] += out[ox];
                 }
             }
-            for (dst, &v) in line[ix0..].iter_mut().step_by(s).zip(&out[xs.clone()]) {
-                *dst += v;
+            let inside = &out[xs.clone()];
+            if s == 1 {
+                // Contiguous, so that it vectorises (`step_by` does not).
+                for (dst, &v) in line[ix0..ix0 + inside.len()].iter_mut().zip(inside) {
+                    *dst += v;
+                }
+            } else {
+                for (dst, &v) in line[ix0..].iter_mut().step_by(s).zip(inside) {
+                    *dst += v;
+                }
             }
         }
     }
@@ -1138,6 +1146,98 @@ pub fn frozen_prelu(x: &Tensor, slope: &Tensor) -> Option<Result<Tensor>> {
     })
 }
 
+/// Nearest-neighbour 2x upsampling (`up`) or 2x2 sum pooling of each NCHW plane, times
+/// `scale`: `F.interpolate(x, scale_factor=2)` is `(up, 1)`, `F.avg_pool2d(x, 2)` `(down,
+/// 1/4)`. Each is the other's adjoint with the same scale, which is the backward. candle's
+/// upsampling is a broadcast whose backward is a strided reduction, its pooling one thread.
+#[derive(Debug, Clone, Copy)]
+struct Resample2xOp {
+    up: bool,
+    scale: f32,
+}
+
+impl Resample2xOp {
+    fn output_shape(&self, dims: &[usize]) -> Result<Shape> {
+        let &[n, c, h, w] = dims else {
+            bail!("2x resampling: NCHW input expected, got {dims:?}")
+        };
+        Ok(if self.up {
+            (n, c, 2 * h, 2 * w).into()
+        } else if h % 2 == 0 && w % 2 == 0 {
+            (n, c, h / 2, w / 2).into()
+        } else {
+            bail!("2x pooling needs even sizes, got {h}x{w}")
+        })
+    }
+}
+
+impl CustomOp1 for Resample2xOp {
+    fn name(&self) -> &'static str {
+        "toonbot-train-resample2x"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l)?;
+        let shape = self.output_shape(l.dims())?;
+        let (_, _, h, w) = l.shape().dims4()?;
+        let (_, _, oh, ow) = shape.dims4()?;
+        let scale = self.scale;
+        let mut y = vec![0f32; shape.elem_count()];
+        y.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(y, x)| {
+                if self.up {
+                    for (iy, line) in x.chunks(w).enumerate() {
+                        let out = &mut y[2 * iy * ow..(2 * iy + 1) * ow];
+                        for (pair, &v) in out.chunks_mut(2).zip(line) {
+                            pair.fill(v * scale);
+                        }
+                        y.copy_within(2 * iy * ow..(2 * iy + 1) * ow, (2 * iy + 1) * ow);
+                    }
+                } else {
+                    for (oy, out) in y.chunks_mut(ow).enumerate() {
+                        let (top, bottom) = x[2 * oy * w..(2 * oy + 2) * w].split_at(w);
+                        for (ox, v) in out.iter_mut().enumerate() {
+                            let i = 2 * ox;
+                            *v = (top[i] + top[i + 1] + bottom[i] + bottom[i + 1]) * scale;
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let adjoint = Self {
+            up: !self.up,
+            scale: self.scale,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&adjoint)?))
+    }
+}
+
+/// `F.interpolate(x, scale_factor=2)` (nearest) with [`Resample2xOp`] when `x` tracks
+/// gradients on the CPU in `f32`; `None` otherwise, for the caller's own ops.
+pub fn upsample_nearest2x(x: &Tensor) -> Option<Result<Tensor>> {
+    training_on_cpu(&[x]).then(|| {
+        x.contiguous()?.apply_op1(Resample2xOp {
+            up: true,
+            scale: 1.0,
+        })
+    })
+}
+
+/// `F.avg_pool2d(x, 2)` (even sizes) with [`Resample2xOp`] when `x` tracks gradients on the
+/// CPU in `f32`; `None` otherwise, for the caller's own ops.
+pub fn avg_pool2x(x: &Tensor) -> Option<Result<Tensor>> {
+    training_on_cpu(&[x]).then(|| {
+        x.contiguous()?.apply_op1(Resample2xOp {
+            up: false,
+            scale: 0.25,
+        })
+    })
+}
+
 /// Zero padding on each side of a convolution's input: `[top, bottom, left, right]`.
 pub type Padding4 = [usize; 4];
 
@@ -1588,6 +1688,36 @@ mod tests {
             .zip(ours.iter().zip(&candle))
         {
             assert!(max_rel_diff(a, b)? < 1e-6, "{what}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn upsampling_and_pooling_and_their_gradients_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1f32, (2, 3, 6, 10), &dev)?;
+        type Op = fn(&Tensor) -> Option<Result<Tensor>>;
+        type Reference = fn(&Tensor) -> Result<Tensor>;
+        let cases: [(&str, Op, Reference); 2] = [
+            ("upsample", upsample_nearest2x, |x| {
+                x.upsample_nearest2d(12, 20)
+            }),
+            ("average pool", avg_pool2x, |x| x.avg_pool2d(2)),
+        ];
+        for (what, ours, reference) in cases {
+            let out_shape = reference(x.as_tensor())?.shape().clone();
+            let r = Tensor::randn(0f32, 1f32, out_shape, &dev)?;
+            let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<[Tensor; 2]> {
+                let y = f(x.as_tensor())?;
+                let grads = (&y * &r)?.sum_all()?.backward()?;
+                Ok([y, grads.get(&x).expect("input gradient").clone()])
+            };
+            let a = run(&|x| ours(x).expect("training path"))?;
+            let b = run(&|x| reference(x))?;
+            for (part, (a, b)) in ["output", "input grad"].iter().zip(a.iter().zip(&b)) {
+                assert_eq!(a.dims(), b.dims(), "{what} {part}");
+                assert!(max_rel_diff(a, b)? < 1e-6, "{what} {part}");
+            }
         }
         Ok(())
     }
