@@ -285,9 +285,7 @@ impl Conv {
             );
         }
         if self.groups != 1 {
-            candle_core::bail!(
-                "grouped convolutions other than depthwise are not supported in training"
-            )
+            return self.forward_candle(x);
         }
         let padded = x
             .pad_with_zeros(2, top, bottom)?
