@@ -206,35 +206,46 @@ fn every_loss_is_finite_and_every_network_changes() {
 
 #[test]
 fn losses_fall_on_a_toy_task() {
-    let mut s = setup(30);
-    s.spec.lr = 2e-3;
-    // Without the face-ID term (it is not logged then): the embedder costs most of a tiny step.
-    s.spec.weights.face_id = 0.0;
-    let mut t = trainer(&s.spec, options(&s.root.join("out")), Start::Fresh);
-    let (_, losses) = run(&mut t, None);
-    assert!(!losses[0].contains_key("G_id_loss_A"));
-    let mean = |range: std::ops::Range<usize>, name: &str| {
-        losses[range.clone()].iter().map(|l| l[name]).sum::<f64>() / range.len() as f64
-    };
-    for name in [
-        "G_recon_loss_A",
-        "G_recon_loss_B",
-        "G_identity_loss_A",
-        "Generator_loss",
-    ] {
-        let trace: Vec<String> = losses.iter().map(|l| format!("{:.3}", l[name])).collect();
-        println!("{name}: {}", trace.join(" "));
+    // Seeded and deterministic, but a GAN is chaotic: a last-bit change in any op's rounding
+    // takes a seed down another path (max-pool and ReLU routing, Adam's sign-like first
+    // updates). Over 10 seeds the 30-step fall of the objective was 0.51-0.69 and of the cycle
+    // losses 0.72-1.01 (mean 0.80), and single terms wandered up to 1.23: so every seed's
+    // objective must fall by a fifth, and the cycle losses on average over four seeds (the
+    // mean of four has a spread of about 0.05).
+    const SEEDS: [u64; 4] = [0, 1, 2, 3];
+    let mut cycle_ratios = Vec::new();
+    for seed in SEEDS {
+        let mut s = setup(30);
+        s.spec.seed = seed;
+        s.spec.lr = 2e-3;
+        // Without the face-ID term (it is not logged then): the embedder costs most of a tiny step.
+        s.spec.weights.face_id = 0.0;
+        let mut t = trainer(&s.spec, options(&s.root.join("out")), Start::Fresh);
+        let (_, losses) = run(&mut t, None);
+        assert!(!losses[0].contains_key("G_id_loss_A"));
+        let mean = |range: std::ops::Range<usize>, name: &str| {
+            losses[range.clone()].iter().map(|l| l[name]).sum::<f64>() / range.len() as f64
+        };
+        for name in ["G_recon_loss_A", "G_recon_loss_B", "Generator_loss"] {
+            let trace: Vec<String> = losses.iter().map(|l| format!("{:.3}", l[name])).collect();
+            println!("seed {seed} {name}: {}", trace.join(" "));
+        }
+        // 6-step means: the batches differ from step to step.
+        let (first, last) = (mean(0..6, "Generator_loss"), mean(24..30, "Generator_loss"));
+        assert!(
+            last < 0.8 * first,
+            "seed {seed}: Generator_loss {first} -> {last}"
+        );
+        let cycle = |range: std::ops::Range<usize>| {
+            mean(range.clone(), "G_recon_loss_A") + mean(range, "G_recon_loss_B")
+        };
+        cycle_ratios.push(cycle(24..30) / cycle(0..6));
     }
-    // Seeded and deterministic, but noisy from batch to batch and, being a GAN, chaotic
-    // (float rounding changes the path; single auxiliary terms wander): compare 6-step means
-    // of the objective and of the cycle losses together.
-    let cycle = |range: std::ops::Range<usize>| {
-        mean(range.clone(), "G_recon_loss_A") + mean(range, "G_recon_loss_B")
-    };
-    let (first, last) = (mean(0..6, "Generator_loss"), mean(24..30, "Generator_loss"));
-    assert!(last < 0.8 * first, "Generator_loss: {first} -> {last}");
-    let (first, last) = (cycle(0..6), cycle(24..30));
-    assert!(last < 0.9 * first, "cycle losses: {first} -> {last}");
+    let mean_ratio = cycle_ratios.iter().sum::<f64>() / cycle_ratios.len() as f64;
+    assert!(
+        mean_ratio < 0.95,
+        "cycle losses fell to {cycle_ratios:?} of their start (mean {mean_ratio})"
+    );
 }
 
 #[test]
