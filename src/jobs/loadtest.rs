@@ -400,7 +400,20 @@ async fn run_round(plan: &LoadPlan, workers: usize) -> Result<Round> {
                 }
                 match tokio::time::timeout(Duration::from_secs(120), handle.changed()).await {
                     Ok(Some(_)) => {}
-                    _ => break,
+                    outcome => {
+                        if done.is_empty() {
+                            let how = if outcome.is_err() {
+                                "silent for 120 s"
+                            } else {
+                                "ended"
+                            };
+                            tracing::warn!(
+                                "job {i} {how} without an answer: {:?}",
+                                handle.status()
+                            );
+                        }
+                        break;
+                    }
                 }
             }
             done

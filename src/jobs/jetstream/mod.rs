@@ -384,6 +384,21 @@ impl Broker {
         self.jobs.update(key, value, revision).await.ok()
     }
 
+    /// Writes a job's last record over `revision`. True once the record has moved on from
+    /// `revision`, by this write or another's (a worker that lost its lease and came back);
+    /// false when the broker did not take the write (restarting, unreachable): acking the
+    /// job's message then would leave its record running with nothing left to finish it.
+    async fn finish(&self, key: &str, record: &JobRecord, revision: u64) -> bool {
+        if self.update(key, record, revision).await.is_some() {
+            return true;
+        }
+        match self.record(key).await {
+            Ok(Some((_, now))) => now != revision,
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
     async fn consumer(&self) -> anyhow::Result<consumer::Consumer<consumer::pull::Config>> {
         self.stream
             .get_consumer("renderers")
@@ -942,8 +957,17 @@ impl JetStreamWorker {
         };
         // Only the holder of the latest revision finishes the job: a worker that lost its
         // lease and came back finds the record moved on.
-        broker.update(&job.key, &ended, revision).await;
-        let _ = message.ack().await;
+        if broker.finish(&job.key, &ended, revision).await {
+            let _ = message.ack().await;
+        } else {
+            tracing::warn!(
+                "recording the end of job {}: the broker did not take it",
+                job.key
+            );
+            let _ = message
+                .ack_with(AckKind::Nak(Some(retry_delay(deliveries))))
+                .await;
+        }
     }
 
     /// Renders on a blocking thread, telling the broker every third of the `lease` that the
@@ -982,7 +1006,10 @@ impl JetStreamWorker {
             )))),
             ..record
         };
-        broker.update(&job.key, &failed, revision).await;
+        if !broker.finish(&job.key, &failed, revision).await {
+            let _ = message.ack_with(AckKind::Nak(Some(retry_delay(1)))).await;
+            return;
+        }
         let payload = Bytes::from(serde_json::to_vec(job).expect("a job message serialises"));
         if let Ok(ack) = broker
             .js
