@@ -115,10 +115,6 @@ impl FrozenConv {
         self.weight.dims()[2]
     }
 
-    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
-    }
-
     /// A dense convolution with TF `SAME` padding.
     fn dense(&self, x: &Tensor, stride: usize) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
@@ -133,7 +129,7 @@ impl FrozenConv {
                 .pad_with_zeros(3, left, right)?;
             train_ops::conv2d(&x, &self.weight, Pad::Zeros(0), stride)?
         };
-        self.add_bias(y)
+        train_ops::add_channel_bias(&y, &self.bias)
     }
 
     fn depthwise(&self, x: &Tensor, stride: usize) -> Result<Tensor> {

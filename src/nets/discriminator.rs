@@ -87,7 +87,7 @@ impl SnConv {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = train_ops::conv2d(x, &self.sn.weight(train)?, Pad::Reflect(1), self.stride)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => train_ops::add_channel_bias(&y, b),
             None => Ok(y),
         }
     }

@@ -83,7 +83,7 @@ impl SnConv {
             self.stride,
         )?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => train_ops::add_channel_bias(&y, b),
             None => Ok(y),
         }
     }
@@ -108,8 +108,8 @@ impl Mixing {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        train_ops::conv2d(x, &self.weight, Pad::Zeros(0), 1)?
-            .broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let y = train_ops::conv2d(x, &self.weight, Pad::Zeros(0), 1)?;
+        train_ops::add_channel_bias(&y, &self.bias)
     }
 }
 
