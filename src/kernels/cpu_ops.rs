@@ -159,7 +159,9 @@ fn uninit_vec(len: usize) -> Vec<f32> {
     v
 }
 
-fn reflect(i: isize, n: usize) -> usize {
+/// The index that reflection padding reads for `i` (which may lie up to `n - 1` outside
+/// `0..n`).
+pub(super) fn reflect(i: isize, n: usize) -> usize {
     let n = n as isize;
     let r = if i < 0 {
         -i
@@ -218,12 +220,28 @@ impl PackedConv {
         stride: usize,
         padding: Padding,
     ) -> Result<Self> {
-        let (cout, cin, kh, kw) = weight.dims4()?;
+        let src: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bias = bias
+            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
+            .transpose()?;
+        Self::from_slice(&src, weight.dims4()?, bias, stride, padding)
+    }
+
+    /// [`PackedConv::new`] of a weight given as its `(out, in, k, k)` values.
+    pub fn from_slice(
+        src: &[f32],
+        (cout, cin, kh, kw): (usize, usize, usize, usize),
+        bias: Option<Vec<f32>>,
+        stride: usize,
+        padding: Padding,
+    ) -> Result<Self> {
         if kh != kw || !matches!(kh, 1 | 3 | 7) || !matches!(stride, 1 | 2) {
             bail!("cpu_ops: unsupported convolution {kh}x{kw} stride {stride}")
         }
+        if src.len() != cout * cin * kh * kw || bias.as_ref().is_some_and(|b| b.len() != cout) {
+            bail!("cpu_ops: weight or bias does not fit a {cout}x{cin}x{kh}x{kw} convolution")
+        }
         let k = kh;
-        let src: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let nblk = cout.div_ceil(PB);
         let mut w = vec![0f32; nblk * cin * k * k * PB];
         for co in 0..cout {
@@ -234,9 +252,6 @@ impl PackedConv {
                 }
             }
         }
-        let bias = bias
-            .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
-            .transpose()?;
         Ok(Self {
             cout,
             cin,
@@ -1023,6 +1038,22 @@ pub fn conv2d(
     };
     keep_freed_memory();
     conv2d_isa(x, conv, input, residual, act.into(), isa)
+}
+
+/// [`conv2d`] of an NCHW input given as its values, no input transform or activation: for
+/// ops whose inputs are already slices (the training convolution's). Fails without a
+/// supported CPU.
+pub fn conv2d_slice(x: &[f32], dims: &[usize], conv: &PackedConv) -> Result<Vec<f32>> {
+    let Some(isa) = isa() else {
+        bail!("cpu_ops conv: no supported CPU")
+    };
+    let op = ConvOp {
+        conv,
+        input: &InputTransform::default(),
+        act: Act::None,
+        isa,
+    };
+    Ok(op.run(x, dims, None)?.0)
 }
 
 /// [`conv2d`] with the given instruction set, which the CPU must support.
