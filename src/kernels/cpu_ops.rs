@@ -19,7 +19,9 @@
 //! They are inference only (no backward): callers use them through [`usable`], which is
 //! false when any tensor involved tracks gradients, is not an `f32` CPU tensor, or the CPU
 //! lacks AVX2 + FMA (or `TOONBOT_CPU_OPS=0` is set). Otherwise the plain candle ops run, so
-//! training and CUDA are unchanged.
+//! training and CUDA are unchanged. The one exception: `train_ops`' training convolution
+//! runs the direct convolution through [`conv2d_slice`] for its forward and its input
+//! gradient where that beats its GEMM (its own backward wraps it).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};

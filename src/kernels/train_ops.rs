@@ -6,7 +6,9 @@
 //! strided by the whole image) and the weight gradient is a convolution whose kernel is
 //! the whole output gradient. Here the forward and both gradients are one im2col (or
 //! col2im) and one GEMM per band of output rows, with the padding (zeros or reflection)
-//! read in place. Instance norm (+ReLU) is one pass per channel plane each way.
+//! read in place; where the GEMM's inner dimension is short (few output channels, 7x7
+//! kernels) the forward and the input gradient run `cpu_ops`' direct convolution instead.
+//! Instance norm (+ReLU) is one pass per channel plane each way.
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
