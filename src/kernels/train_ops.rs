@@ -313,6 +313,8 @@ fn weight_grad_task(k: usize, rows: &[&[f32]], plane: &[f32], widths: (usize, us
 /// vectors.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+// The tile's `[t][kx]` indices, bounded by constants, keep it in registers.
+#[allow(clippy::needless_range_loop)]
 unsafe fn weight_grad_avx2<const K: usize, const T: usize>(
     rows: &[&[f32]],
     plane: &[f32],
