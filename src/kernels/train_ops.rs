@@ -7,7 +7,8 @@
 //! the whole output gradient. Here the forward and both gradients are one im2col (or
 //! col2im) and one GEMM per band of output rows, with the padding (zeros or reflection)
 //! read in place; where the GEMM's inner dimension is short (few output channels, 7x7
-//! kernels) the forward and the input gradient run `cpu_ops`' direct convolution instead.
+//! kernels) the forward and the input gradient run `cpu_ops`' direct convolution instead,
+//! and the weight gradient a direct kernel of its own.
 //! Instance norm (+ReLU) is one pass per channel plane each way.
 
 use candle_core::{
