@@ -219,7 +219,7 @@ const LANES: usize = 8;
 /// `dw[co, ci, ky, kx] += Σ_x grad[co, y, x] · padded[ci, y + ky, x + kx]`, each loaded
 /// input vector feeding every output channel of the task and each gradient vector every
 /// kernel column. The images' sums are added in order, so runs agree bit for bit.
-fn direct_weight_grad(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
+fn direct_weight_grad(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Result<Vec<f32>> {
     let p = g.pad.size();
     let padded = pad_planes(x, g.batch * g.cin, (g.height, g.width), g.pad);
     let tile = if g.kernel == 7 { 2 } else { 4 };
@@ -237,7 +237,7 @@ fn direct_weight_grad(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
                 .collect();
             weight_grad_task(g.kernel, &rows, plane, (g.width, wp))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut dw = vec![0f32; g.cout * g.cin * taps];
     for (task, part) in parts.iter().enumerate() {
         let (ci, t) = (task / tiles % g.cin, task % tiles);
@@ -247,7 +247,7 @@ fn direct_weight_grad(g: &ConvGeometry, x: &[f32], grad: &[f32]) -> Vec<f32> {
             dst.iter_mut().zip(sums).for_each(|(d, s)| *d += s);
         }
     }
-    dw
+    Ok(dw)
 }
 
 /// `planes` planes of `height x width` padded by `pad` on each side (zeros or reflection).
@@ -274,39 +274,33 @@ fn pad_planes(x: &[f32], planes: usize, (height, width): (usize, usize), pad: Pa
 
 /// The `rows.len() x k x k` weight-gradient sums of one task of [`direct_weight_grad`]:
 /// `rows` are the output channels' gradient planes (`width` wide), `plane` the padded input
-/// channel (`padded_width` wide).
-fn weight_grad_task(k: usize, rows: &[&[f32]], plane: &[f32], widths: (usize, usize)) -> Vec<f32> {
+/// channel (`padded_width` wide). Only what [`ConvGeometry::direct_weight_grad_pays`]
+/// admits runs here: AVX2 + FMA, 3x3 kernels in tiles of up to 4 outputs, 7x7 of up to 2.
+fn weight_grad_task(
+    k: usize,
+    rows: &[&[f32]],
+    plane: &[f32],
+    widths: (usize, usize),
+) -> Result<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if cpu_ops::isa().is_some() {
         // SAFETY: `isa()` is `Some` only where the CPU has AVX2 and FMA.
         unsafe {
             match (k, rows.len()) {
-                (3, 4) => return weight_grad_avx2::<3, 4>(rows, plane, widths),
-                (3, 3) => return weight_grad_avx2::<3, 3>(rows, plane, widths),
-                (3, 2) => return weight_grad_avx2::<3, 2>(rows, plane, widths),
-                (3, 1) => return weight_grad_avx2::<3, 1>(rows, plane, widths),
-                (7, 2) => return weight_grad_avx2::<7, 2>(rows, plane, widths),
-                (7, 1) => return weight_grad_avx2::<7, 1>(rows, plane, widths),
+                (3, 4) => return Ok(weight_grad_avx2::<3, 4>(rows, plane, widths)),
+                (3, 3) => return Ok(weight_grad_avx2::<3, 3>(rows, plane, widths)),
+                (3, 2) => return Ok(weight_grad_avx2::<3, 2>(rows, plane, widths)),
+                (3, 1) => return Ok(weight_grad_avx2::<3, 1>(rows, plane, widths)),
+                (7, 2) => return Ok(weight_grad_avx2::<7, 2>(rows, plane, widths)),
+                (7, 1) => return Ok(weight_grad_avx2::<7, 1>(rows, plane, widths)),
                 _ => {}
             }
         }
     }
-    let (width, padded_width) = widths;
-    let height = rows.first().map_or(0, |r| r.len() / width.max(1));
-    let mut sums = vec![0f32; rows.len() * k * k];
-    for (t, g) in rows.iter().enumerate() {
-        for ky in 0..k {
-            for y in 0..height {
-                let line = &plane[(y + ky) * padded_width..][..padded_width];
-                let g = &g[y * width..][..width];
-                for kx in 0..k {
-                    let dot: f32 = g.iter().zip(&line[kx..]).map(|(a, b)| a * b).sum();
-                    sums[(t * k + ky) * k + kx] += dot;
-                }
-            }
-        }
-    }
-    sums
+    bail!(
+        "train conv2d: no direct weight gradient for {k}x{k} with {} outputs on this CPU",
+        rows.len()
+    )
 }
 
 /// [`weight_grad_task`] for `T` output channels and a `K x K` kernel: `T x K` accumulator
@@ -827,7 +821,7 @@ impl CustomOp2 for ConvWeightGrad {
         g.check_output(gl.dims())?;
         let (x, grad) = (f32_slice(xs, xl)?, f32_slice(gs, gl)?);
         if g.direct_weight_grad_pays() {
-            let dw = direct_weight_grad(&g, x, grad);
+            let dw = direct_weight_grad(&g, x, grad)?;
             return Ok((CpuStorage::F32(dw), Shape::from(self.w_dims)));
         }
         let bands = Band::all(&g);
